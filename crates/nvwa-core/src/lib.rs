@@ -1,0 +1,21 @@
+//! nvwa: upgrade the kernel of a running server without losing its important processes.
+//!
+//! The update pipeline (`update`) is a persisted state machine (`journal`) driving one module per
+//! outside system: `criu` (checkpoint/restore), `kexec` (load and jump), `boot` (kernel files),
+//! `pidns` (keeping saved pids free), `pinmem` (openEuler kernel features). `server` and `client`
+//! speak the typed `protocol` over a unix socket.
+
+pub mod boot;
+pub mod check;
+pub mod client;
+pub mod config;
+pub mod criu;
+pub mod journal;
+pub mod kexec;
+pub mod pidns;
+pub mod pinmem;
+pub mod process;
+pub mod protocol;
+pub mod restore;
+pub mod server;
+pub mod update;
