@@ -1,1 +1,1009 @@
-//! TODO
+//! `nvwa check [<version>]`: a preflight that says, before anything is dumped, whether an
+//! update can work on this machine, and how to fix what would stop it.
+//!
+//! Everything read from the machine goes through [`System`], so the rules are unit-tested
+//! with a double. Kernel files are the exception: they are looked up under an explicit root.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::boot::{self, BootError};
+use crate::config::{Config, RESTORE_FILE, SERVER_FILE};
+use crate::pinmem::{self, KernelFeatures};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckLine {
+    pub requirement: String,
+    pub verdict: Verdict,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl CheckLine {
+    fn ok(requirement: impl Into<String>, detail: impl Into<String>) -> Self {
+        CheckLine {
+            requirement: requirement.into(),
+            verdict: Verdict::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn warn(
+        requirement: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        CheckLine {
+            verdict: Verdict::Warn,
+            fix: Some(fix.into()),
+            ..CheckLine::ok(requirement, detail)
+        }
+    }
+
+    fn fail(
+        requirement: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        CheckLine {
+            verdict: Verdict::Fail,
+            fix: Some(fix.into()),
+            ..CheckLine::ok(requirement, detail)
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    pub lines: Vec<CheckLine>,
+}
+
+impl CheckReport {
+    /// True if any requirement failed; warnings alone do not stop an update.
+    pub fn failed(&self) -> bool {
+        self.lines.iter().any(|l| l.verdict == Verdict::Fail)
+    }
+
+    /// One line per requirement, the verdict first so the output can be scanned or grepped.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for line in &self.lines {
+            let verdict = match line.verdict {
+                Verdict::Ok => "ok",
+                Verdict::Warn => "warn",
+                Verdict::Fail => "FAIL",
+            };
+            out.push_str(&format!(
+                "{verdict:<4} {}: {}",
+                line.requirement, line.detail
+            ));
+            if let (Some(fix), false) = (&line.fix, line.verdict == Verdict::Ok) {
+                out.push_str(&format!(" (fix: {fix})"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Everything `check` reads from the machine.
+pub trait System {
+    fn euid(&self) -> u32;
+    fn read_file(&self, path: &Path) -> io::Result<String>;
+    fn exists(&self, path: &Path) -> bool;
+    /// Exit code (-1 if killed by a signal) and stdout followed by stderr.
+    fn run(&self, program: &Path, args: &[&str]) -> io::Result<(i32, String)>;
+    /// Bytes available to unprivileged users on the filesystem holding `path`.
+    fn free_bytes(&self, path: &Path) -> io::Result<u64>;
+    fn is_dir_writable(&self, path: &Path) -> bool;
+}
+
+/// The machine nvwa runs on.
+pub struct RealSystem;
+
+impl System for RealSystem {
+    fn euid(&self) -> u32 {
+        nix::unistd::geteuid().as_raw()
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn run(&self, program: &Path, args: &[&str]) -> io::Result<(i32, String)> {
+        // `output()` gives the child a null stdin, so nothing here can wait for a terminal.
+        let out = Command::new(program).args(args).output()?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok((out.status.code().unwrap_or(-1), text))
+    }
+
+    fn free_bytes(&self, path: &Path) -> io::Result<u64> {
+        let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+        #[allow(clippy::unnecessary_cast)] // the field types differ between libcs
+        let bytes = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        Ok(bytes)
+    }
+
+    fn is_dir_writable(&self, path: &Path) -> bool {
+        use nix::unistd::{access, AccessFlags};
+        // access(2) also reports a read-only filesystem, which a mode check would miss.
+        path.is_dir() && access(path, AccessFlags::W_OK | AccessFlags::X_OK).is_ok()
+    }
+}
+
+const KEXEC_LOADED: &str = "/sys/kernel/kexec_loaded";
+const KEXEC_LOAD_DISABLED: &str = "/proc/sys/kernel/kexec_load_disabled";
+const LOCKDOWN: &str = "/sys/kernel/security/lockdown";
+const CMDLINE: &str = "/proc/cmdline";
+const SYSTEMCTL: &str = "systemctl";
+
+/// Run every preflight check. `root` is where kernel files are looked up ("/" in production).
+pub fn run_checks(
+    cfg: &Config,
+    version: Option<&str>,
+    root: &Path,
+    sys: &dyn System,
+) -> CheckReport {
+    let mut lines = vec![check_root(sys), check_kexec(sys), check_lockdown(sys)];
+    lines.extend(check_criu(cfg, sys));
+    lines.push(check_kexec_exe(cfg, sys));
+    if let Some(v) = version {
+        lines.push(check_kernel_files(root, v));
+    }
+
+    let mut targets = Vec::new();
+    for &pid in &cfg.restore.pids {
+        let line = check_pid(cfg, pid, sys);
+        if line.verdict != Verdict::Fail {
+            targets.push(pid);
+        }
+        lines.push(line);
+    }
+    for svc in &cfg.restore.services {
+        let (line, pid) = check_service(cfg, svc, sys);
+        targets.extend(pid);
+        lines.push(line);
+    }
+    if !cfg.restore.services.is_empty() {
+        lines.push(check_systemd_etc(cfg, sys));
+    }
+
+    lines.push(check_criu_dir(cfg, sys));
+    lines.push(check_space(cfg, &targets, sys));
+
+    let features = detect_features(sys);
+    lines.push(check_quick_kexec(cfg, &features));
+    lines.push(check_pin_memory(cfg, &features));
+    lines.push(check_cpu_park(&features));
+    CheckReport { lines }
+}
+
+fn restore_file(cfg: &Config) -> PathBuf {
+    cfg.dir.join(RESTORE_FILE)
+}
+
+fn server_file(cfg: &Config) -> PathBuf {
+    cfg.dir.join(SERVER_FILE)
+}
+
+fn check_root(sys: &dyn System) -> CheckLine {
+    const REQ: &str = "running as root";
+    match sys.euid() {
+        0 => CheckLine::ok(REQ, "euid 0"),
+        uid => CheckLine::fail(
+            REQ,
+            format!("running as uid {uid}; criu and kexec need root"),
+            "run as root, e.g. `sudo nvwa check`",
+        ),
+    }
+}
+
+fn check_kexec(sys: &dyn System) -> CheckLine {
+    const REQ: &str = "kexec supported";
+    if !sys.exists(Path::new(KEXEC_LOADED)) {
+        return CheckLine::fail(
+            REQ,
+            format!("{KEXEC_LOADED} is missing: the running kernel was built without kexec"),
+            "boot a kernel built with CONFIG_KEXEC or CONFIG_KEXEC_FILE (all distribution kernels are)",
+        );
+    }
+    // Older kernels lack the sysctl, which then cannot be disabling anything.
+    let disabled = sys
+        .read_file(Path::new(KEXEC_LOAD_DISABLED))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "0".to_string());
+    if disabled != "0" {
+        return CheckLine::fail(
+            REQ,
+            format!("{KEXEC_LOAD_DISABLED} is {disabled}: kexec was disabled, and this cannot be undone without a reboot"),
+            "remove kernel.kexec_load_disabled from /etc/sysctl.conf and /etc/sysctl.d/, then reboot once",
+        );
+    }
+    CheckLine::ok(REQ, "kexec is built in and not disabled")
+}
+
+fn check_lockdown(sys: &dyn System) -> CheckLine {
+    const REQ: &str = "kernel lockdown";
+    let Ok(text) = sys.read_file(Path::new(LOCKDOWN)) else {
+        return CheckLine::ok(REQ, "no lockdown support in this kernel");
+    };
+    // The file lists all modes with the active one in brackets: "[none] integrity confidentiality".
+    let mode = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+        .unwrap_or("unknown");
+    match mode {
+        "none" => CheckLine::ok(REQ, "none"),
+        _ => CheckLine::warn(
+            REQ,
+            format!("lockdown is {mode}: kexec_file_load refuses kernel images that are not signed with a trusted key"),
+            "use a signed distribution kernel, or boot with lockdown=none / disable Secure Boot",
+        ),
+    }
+}
+
+fn check_criu(cfg: &Config, sys: &dyn System) -> Vec<CheckLine> {
+    let criu = &cfg.server.criu_exe;
+    if !sys.exists(criu) {
+        return vec![CheckLine::fail(
+            "criu installed",
+            format!("{} not found", criu.display()),
+            format!(
+                "install criu (`dnf install criu` or `apt install criu`), or set criu_exe in {}",
+                server_file(cfg).display()
+            ),
+        )];
+    }
+    let installed = CheckLine::ok("criu installed", criu.display().to_string());
+    if sys.euid() != 0 {
+        // criu check as a user fails on permissions and would hide the real answer.
+        let skipped = CheckLine::warn(
+            "criu check",
+            "skipped: `criu check` needs root",
+            "run `nvwa check` as root",
+        );
+        return vec![installed, skipped];
+    }
+    let check = match sys.run(criu, &["check"]) {
+        Ok((0, _)) => CheckLine::ok("criu check", "passed"),
+        Ok((code, output)) => CheckLine::fail(
+            "criu check",
+            format!("`{} check` exited with {code}: {}", criu.display(), last_line(&output)),
+            format!("run `{} check` to see every missing kernel feature; boot a kernel with CONFIG_CHECKPOINT_RESTORE and the features it lists", criu.display()),
+        ),
+        Err(e) => CheckLine::fail(
+            "criu check",
+            format!("cannot run {}: {e}", criu.display()),
+            "make sure criu_exe is an executable criu binary",
+        ),
+    };
+    vec![installed, check]
+}
+
+fn last_line(output: &str) -> &str {
+    output
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("(no output)")
+}
+
+fn check_kexec_exe(cfg: &Config, sys: &dyn System) -> CheckLine {
+    const REQ: &str = "kexec tool";
+    let kexec = &cfg.server.kexec_exe;
+    if sys.exists(kexec) {
+        return CheckLine::ok(REQ, kexec.display().to_string());
+    }
+    let detail = format!("{} not found", kexec.display());
+    let fix = format!(
+        "install kexec-tools, or set kexec_exe in {}",
+        server_file(cfg).display()
+    );
+    if cfg.restore.enable_quick_kexec {
+        CheckLine::fail(
+            REQ,
+            format!("{detail}; enable_quick_kexec needs openEuler's kexec-tools"),
+            fix,
+        )
+    } else {
+        CheckLine::warn(
+            REQ,
+            format!("{detail}; only needed for quick kexec and as a fallback loader"),
+            fix,
+        )
+    }
+}
+
+fn check_kernel_files(root: &Path, version: &str) -> CheckLine {
+    let req = format!("kernel {version} files");
+    match boot::find_kernel(root, version) {
+        Ok(k) => CheckLine::ok(
+            req,
+            format!("image {}, initrd {}", k.image.display(), k.initrd.display()),
+        ),
+        Err(e) => {
+            let fix = match &e {
+                BootError::InvalidVersion { .. } | BootError::ImageNotFound { .. } => {
+                    "pass a version listed by `ls /boot/vmlinuz-*`, or install that kernel package".to_string()
+                }
+                BootError::InitrdNotFound { .. } | BootError::EmptyFile { .. } => format!(
+                    "`dracut --force --kver {version}` (openEuler, RHEL) or `update-initramfs -c -k {version}` (Debian, Ubuntu)"
+                ),
+            };
+            CheckLine::fail(req, e.to_string(), fix)
+        }
+    }
+}
+
+fn proc_dir(pid: i32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}"))
+}
+
+fn proc_path(pid: i32, file: &str) -> PathBuf {
+    proc_dir(pid).join(file)
+}
+
+fn comm(pid: i32, sys: &dyn System) -> String {
+    sys.read_file(&proc_path(pid, "comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".to_string())
+}
+
+fn check_pid(cfg: &Config, pid: i32, sys: &dyn System) -> CheckLine {
+    let req = format!("pid {pid}");
+    if !sys.exists(&proc_dir(pid)) {
+        return CheckLine::fail(
+            req,
+            "not running",
+            format!(
+                "start the process and update its pid, or remove it from pids in {}",
+                restore_file(cfg).display()
+            ),
+        );
+    }
+    if pid == 1 {
+        return CheckLine::fail(
+            req,
+            format!("is init ({}); criu cannot checkpoint pid 1", comm(1, sys)),
+            format!("remove 1 from pids in {}", restore_file(cfg).display()),
+        );
+    }
+    CheckLine::ok(req, format!("running ({})", comm(pid, sys)))
+}
+
+/// The line for `svc`, and its main pid when it runs (so its memory is counted).
+fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> (CheckLine, Option<i32>) {
+    let req = format!("service {svc}");
+    let args = ["show", "--property", "MainPID", "--value", svc];
+    let main_pid = match sys.run(Path::new(SYSTEMCTL), &args) {
+        Ok((0, out)) => out.trim().parse::<i32>().ok(),
+        _ => None,
+    };
+    match main_pid {
+        None => (
+            CheckLine::warn(
+                req,
+                "cannot ask systemd for its main pid; services are checked at update time",
+                format!("make sure `systemctl show --property MainPID --value {svc}` works"),
+            ),
+            None,
+        ),
+        Some(0) => (
+            CheckLine::fail(
+                req,
+                "not running (MainPID 0)",
+                format!(
+                    "`systemctl start {svc}`, or remove it from services in {}",
+                    restore_file(cfg).display()
+                ),
+            ),
+            None,
+        ),
+        Some(pid) if !sys.exists(&proc_dir(pid)) => (
+            CheckLine::fail(
+                req,
+                format!("systemd reports MainPID {pid}, but no such process exists"),
+                format!("`systemctl restart {svc}`"),
+            ),
+            None,
+        ),
+        Some(pid) => (
+            CheckLine::ok(req, format!("running, MainPID {pid} ({})", comm(pid, sys))),
+            Some(pid),
+        ),
+    }
+}
+
+fn check_systemd_etc(cfg: &Config, sys: &dyn System) -> CheckLine {
+    const REQ: &str = "systemd drop-in directory";
+    let dir = &cfg.server.systemd_etc;
+    if sys.is_dir_writable(dir) {
+        CheckLine::ok(REQ, format!("{} writable", dir.display()))
+    } else {
+        CheckLine::fail(
+            REQ,
+            format!(
+                "{} is not a writable directory; service drop-ins go there",
+                dir.display()
+            ),
+            format!(
+                "check the path, or set systemd_etc in {}",
+                server_file(cfg).display()
+            ),
+        )
+    }
+}
+
+fn check_criu_dir(cfg: &Config, sys: &dyn System) -> CheckLine {
+    const REQ: &str = "image directory";
+    let dir = &cfg.server.criu_dir;
+    if !sys.exists(dir) {
+        return CheckLine::warn(
+            REQ,
+            format!("{} does not exist", dir.display()),
+            format!("`mkdir -p {}`", dir.display()),
+        );
+    }
+    if sys.is_dir_writable(dir) {
+        CheckLine::ok(REQ, format!("{} writable", dir.display()))
+    } else {
+        CheckLine::fail(
+            REQ,
+            format!("{} is not a writable directory", dir.display()),
+            format!(
+                "make it a directory writable by root on a read-write filesystem, or set criu_dir in {}",
+                server_file(cfg).display()
+            ),
+        )
+    }
+}
+
+/// The existing directory nearest to `path`, whose filesystem will hold it.
+fn nearest_existing(path: &Path, sys: &dyn System) -> PathBuf {
+    path.ancestors()
+        .find(|p| !p.as_os_str().is_empty() && sys.exists(p))
+        .unwrap_or(Path::new("/"))
+        .to_path_buf()
+}
+
+/// Resident memory of `pid` in bytes, from the VmRSS line of /proc/<pid>/status.
+fn resident_bytes(pid: i32, sys: &dyn System) -> Option<u64> {
+    let status = sys.read_file(&proc_path(pid, "status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn check_space(cfg: &Config, targets: &[i32], sys: &dyn System) -> CheckLine {
+    const REQ: &str = "free space for images";
+    let dir = &cfg.server.criu_dir;
+    // Dumped images hold about the resident memory of each process; kernel threads and
+    // processes that vanished contribute nothing.
+    let needed: u64 = targets.iter().filter_map(|&p| resident_bytes(p, sys)).sum();
+    let at = nearest_existing(dir, sys);
+    let free = match sys.free_bytes(&at) {
+        Ok(free) => free,
+        Err(e) => {
+            return CheckLine::warn(
+                REQ,
+                format!("cannot measure free space at {}: {e}", at.display()),
+                format!("check `df {}` by hand", at.display()),
+            )
+        }
+    };
+    let detail = format!(
+        "{} free at {}, processes use {} resident",
+        human(free),
+        at.display(),
+        human(needed)
+    );
+    let fix = format!(
+        "free space on that filesystem, or point criu_dir in {} to a larger one",
+        server_file(cfg).display()
+    );
+    if free < needed {
+        CheckLine::fail(REQ, detail, fix)
+    } else if free - needed < needed / 10 {
+        CheckLine::warn(REQ, format!("{detail}; less than 10% to spare"), fix)
+    } else {
+        CheckLine::ok(REQ, detail)
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn detect_features(sys: &dyn System) -> KernelFeatures {
+    let cmdline = sys.read_file(Path::new(CMDLINE)).unwrap_or_default();
+    let device = Path::new(pinmem::DEV_ROOT).join(pinmem::PINMEM_DEVICE);
+    KernelFeatures {
+        pinmem_device: sys.exists(&device),
+        ..pinmem::parse_cmdline(&cmdline)
+    }
+}
+
+fn check_quick_kexec(cfg: &Config, f: &KernelFeatures) -> CheckLine {
+    const REQ: &str = "quick kexec";
+    match (&f.quick_kexec, cfg.restore.enable_quick_kexec) {
+        (Some(size), true) => CheckLine::ok(REQ, format!("enabled, quickkexec={size}")),
+        (Some(size), false) => CheckLine::ok(
+            REQ,
+            format!("available (quickkexec={size}) but not enabled in config"),
+        ),
+        (None, false) => CheckLine::ok(REQ, "stock kernel: quick kexec not available (not requested)"),
+        (None, true) => CheckLine::fail(
+            REQ,
+            "enable_quick_kexec is set but the running kernel has no quickkexec= boot parameter",
+            format!(
+                "boot an openEuler kernel with quickkexec=<size> (e.g. 350M), or set enable_quick_kexec: false in {}",
+                restore_file(cfg).display()
+            ),
+        ),
+    }
+}
+
+fn check_pin_memory(cfg: &Config, f: &KernelFeatures) -> CheckLine {
+    const REQ: &str = "pin memory";
+    let device = format!("{}/{}", pinmem::DEV_ROOT, pinmem::PINMEM_DEVICE);
+    let state = match (&f.pin_memory, f.pinmem_device) {
+        (Some(area), true) => Ok(format!("pinmemory={area}, {device} present")),
+        (Some(area), false) => Err(format!("pinmemory={area} but {device} is missing")),
+        (None, true) => Err(format!("{device} present but no pinmemory= boot parameter")),
+        (None, false) => Err("stock kernel: pin memory not available".to_string()),
+    };
+    match (state, cfg.restore.enable_pin_memory) {
+        (Ok(detail), true) => CheckLine::ok(REQ, format!("enabled, {detail}")),
+        (Ok(detail), false) => CheckLine::ok(REQ, format!("available ({detail}) but not enabled in config")),
+        (Err(why), false) => CheckLine::ok(REQ, format!("{why} (not requested)")),
+        (Err(why), true) => CheckLine::fail(
+            REQ,
+            format!("enable_pin_memory is set but {why}"),
+            format!(
+                "boot an openEuler kernel with pinmemory=<size>@<addr> and max_pin_pid_num=<n>, run `modprobe pin_memory`, or set enable_pin_memory: false in {}",
+                restore_file(cfg).display()
+            ),
+        ),
+    }
+}
+
+fn check_cpu_park(f: &KernelFeatures) -> CheckLine {
+    // Informational: CPU park only shortens the kexec; nothing in the config asks for it.
+    match &f.cpu_park {
+        Some(addr) => CheckLine::ok("cpu park", format!("cpuparkmem={addr}")),
+        None => CheckLine::ok(
+            "cpu park",
+            "stock kernel: cpu park not available (not needed)",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RestoreConfig, ServerConfig};
+    use std::cell::RefCell;
+    use std::collections::{HashMap, HashSet};
+
+    /// A machine where everything nvwa needs is in place.
+    struct FakeSystem {
+        euid: u32,
+        files: HashMap<PathBuf, String>,
+        paths: HashSet<PathBuf>,
+        runs: HashMap<String, (i32, String)>,
+        free: u64,
+        writable: HashSet<PathBuf>,
+        ran: RefCell<Vec<String>>,
+    }
+
+    const GIB: u64 = 1024 * 1024 * 1024;
+
+    impl FakeSystem {
+        fn healthy() -> Self {
+            let mut s = FakeSystem {
+                euid: 0,
+                files: HashMap::new(),
+                paths: HashSet::new(),
+                runs: HashMap::new(),
+                free: 100 * GIB,
+                writable: HashSet::new(),
+                ran: RefCell::new(Vec::new()),
+            };
+            s.file(KEXEC_LOADED, "0\n");
+            s.file(KEXEC_LOAD_DISABLED, "0\n");
+            s.file(LOCKDOWN, "[none] integrity confidentiality\n");
+            s.file(CMDLINE, "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro quiet\n");
+            s.path("/usr/sbin/criu");
+            s.path("/usr/sbin/kexec");
+            s.path("/var/nvwa/running/");
+            s.writable.insert("/var/nvwa/running/".into());
+            s.writable.insert("/etc/systemd/system/".into());
+            s.process(100, "redis-server", 1024 * 1024); // 1 GiB in KiB
+            s.process(200, "nginx", 512 * 1024);
+            s.runs
+                .insert("/usr/sbin/criu check".into(), (0, "Looks good.\n".into()));
+            s.runs.insert(
+                "systemctl show --property MainPID --value nginx".into(),
+                (0, "200\n".into()),
+            );
+            s
+        }
+
+        fn file(&mut self, path: &str, text: &str) {
+            self.files.insert(path.into(), text.into());
+        }
+
+        fn path(&mut self, path: &str) {
+            self.paths.insert(path.into());
+        }
+
+        fn process(&mut self, pid: i32, comm: &str, rss_kib: u64) {
+            self.path(&format!("/proc/{pid}"));
+            self.file(&format!("/proc/{pid}/comm"), &format!("{comm}\n"));
+            self.file(
+                &format!("/proc/{pid}/status"),
+                &format!("Name:\t{comm}\nVmPeak:\t 99999999 kB\nVmRSS:\t {rss_kib} kB\n"),
+            );
+        }
+    }
+
+    impl System for FakeSystem {
+        fn euid(&self) -> u32 {
+            self.euid
+        }
+        fn read_file(&self, path: &Path) -> io::Result<String> {
+            self.files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        }
+        fn exists(&self, path: &Path) -> bool {
+            // `proc_dir(pid)` ends in a slash; compare without it.
+            let path = PathBuf::from(path.to_string_lossy().trim_end_matches('/'));
+            self.files.contains_key(&path)
+                || self
+                    .paths
+                    .iter()
+                    .any(|p| p.components().eq(path.components()))
+        }
+        fn run(&self, program: &Path, args: &[&str]) -> io::Result<(i32, String)> {
+            let cmd = format!("{} {}", program.display(), args.join(" "));
+            self.ran.borrow_mut().push(cmd.clone());
+            self.runs
+                .get(&cmd)
+                .cloned()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        }
+        fn free_bytes(&self, _path: &Path) -> io::Result<u64> {
+            Ok(self.free)
+        }
+        fn is_dir_writable(&self, path: &Path) -> bool {
+            self.writable.contains(path)
+        }
+    }
+
+    struct Fixture {
+        root: tempfile::TempDir,
+        cfg: Config,
+    }
+
+    fn fixture() -> Fixture {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("boot")).unwrap();
+        std::fs::write(root.path().join("boot/vmlinuz-6.6.0"), b"image").unwrap();
+        std::fs::write(root.path().join("boot/initramfs-6.6.0.img"), b"initrd").unwrap();
+        let cfg = Config {
+            dir: PathBuf::from("/etc/nvwa"),
+            server: ServerConfig::default(),
+            restore: RestoreConfig {
+                pids: vec![100],
+                services: vec!["nginx".into()],
+                ..RestoreConfig::default()
+            },
+        };
+        Fixture { root, cfg }
+    }
+
+    fn run(fx: &Fixture, sys: &FakeSystem) -> CheckReport {
+        run_checks(&fx.cfg, Some("6.6.0"), fx.root.path(), sys)
+    }
+
+    fn line<'a>(report: &'a CheckReport, requirement: &str) -> &'a CheckLine {
+        report
+            .lines
+            .iter()
+            .find(|l| l.requirement == requirement)
+            .unwrap_or_else(|| panic!("no line {requirement:?} in\n{}", report.render()))
+    }
+
+    fn assert_fails(report: &CheckReport, requirement: &str, needle: &str) {
+        let l = line(report, requirement);
+        assert_eq!(l.verdict, Verdict::Fail, "{}", report.render());
+        assert!(l.fix.is_some(), "a failure needs a fix hint");
+        assert!(report.failed());
+        assert!(report.render().contains(needle), "{}", report.render());
+    }
+
+    #[test]
+    fn all_ok() {
+        let fx = fixture();
+        let report = run(&fx, &FakeSystem::healthy());
+        let text = report.render();
+        assert!(!report.failed(), "{text}");
+        assert!(
+            report.lines.iter().all(|l| l.verdict == Verdict::Ok),
+            "{text}"
+        );
+        assert!(text.contains("ok   running as root: euid 0"), "{text}");
+        assert!(text.contains("pid 100: running (redis-server)"), "{text}");
+        assert!(text.contains("MainPID 200 (nginx)"), "{text}");
+        assert!(
+            text.contains("stock kernel: quick kexec not available"),
+            "{text}"
+        );
+        assert!(!text.contains("fix:"), "{text}");
+    }
+
+    #[test]
+    fn not_root() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.euid = 1000;
+        let report = run(&fx, &sys);
+        assert_fails(&report, "running as root", "uid 1000");
+        assert_eq!(line(&report, "criu check").verdict, Verdict::Warn);
+        assert!(sys.ran.borrow().iter().all(|c| !c.contains("criu")));
+    }
+
+    #[test]
+    fn kexec_disabled() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.file(KEXEC_LOAD_DISABLED, "1\n");
+        assert_fails(
+            &run(&fx, &sys),
+            "kexec supported",
+            "kexec_load_disabled is 1",
+        );
+    }
+
+    #[test]
+    fn kexec_not_built_in() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.files.remove(Path::new(KEXEC_LOADED));
+        assert_fails(&run(&fx, &sys), "kexec supported", "CONFIG_KEXEC");
+    }
+
+    #[test]
+    fn lockdown_integrity_warns() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.file(LOCKDOWN, "none [integrity] confidentiality\n");
+        let report = run(&fx, &sys);
+        assert_eq!(line(&report, "kernel lockdown").verdict, Verdict::Warn);
+        assert!(!report.failed());
+        assert!(report
+            .render()
+            .contains("warn kernel lockdown: lockdown is integrity"));
+    }
+
+    #[test]
+    fn criu_missing() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.paths.remove(Path::new("/usr/sbin/criu"));
+        let report = run(&fx, &sys);
+        assert_fails(&report, "criu installed", "/usr/sbin/criu not found");
+        assert!(report.lines.iter().all(|l| l.requirement != "criu check"));
+        assert!(sys.ran.borrow().iter().all(|c| !c.contains("criu")));
+    }
+
+    #[test]
+    fn criu_check_failing_shows_last_line() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.runs.insert(
+            "/usr/sbin/criu check".into(),
+            (
+                1,
+                "Warn: something\nError: UFFD is not supported\n\n".into(),
+            ),
+        );
+        assert_fails(
+            &run(&fx, &sys),
+            "criu check",
+            "exited with 1: Error: UFFD is not supported",
+        );
+    }
+
+    #[test]
+    fn kexec_exe_missing_warns_unless_quick_kexec() {
+        let mut fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.paths.remove(Path::new("/usr/sbin/kexec"));
+        let report = run(&fx, &sys);
+        assert_eq!(line(&report, "kexec tool").verdict, Verdict::Warn);
+        assert!(!report.failed());
+        fx.cfg.restore.enable_quick_kexec = true;
+        sys.file(CMDLINE, "root=/dev/sda quickkexec=350M");
+        assert_fails(&run(&fx, &sys), "kexec tool", "enable_quick_kexec");
+    }
+
+    #[test]
+    fn missing_initrd() {
+        let fx = fixture();
+        std::fs::remove_file(fx.root.path().join("boot/initramfs-6.6.0.img")).unwrap();
+        assert_fails(
+            &run(&fx, &FakeSystem::healthy()),
+            "kernel 6.6.0 files",
+            "dracut",
+        );
+    }
+
+    #[test]
+    fn invalid_version_fails() {
+        let fx = fixture();
+        let report = run_checks(
+            &fx.cfg,
+            Some("../x"),
+            fx.root.path(),
+            &FakeSystem::healthy(),
+        );
+        assert_fails(&report, "kernel ../x files", "invalid kernel version");
+    }
+
+    #[test]
+    fn no_version_no_kernel_line() {
+        let fx = fixture();
+        let report = run_checks(&fx.cfg, None, fx.root.path(), &FakeSystem::healthy());
+        assert!(report
+            .lines
+            .iter()
+            .all(|l| !l.requirement.ends_with(" files")));
+        assert!(!report.failed());
+    }
+
+    #[test]
+    fn dead_pid() {
+        let mut fx = fixture();
+        fx.cfg.restore.pids.push(4242);
+        assert_fails(
+            &run(&fx, &FakeSystem::healthy()),
+            "pid 4242",
+            "pid 4242: not running",
+        );
+    }
+
+    #[test]
+    fn service_not_running() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.runs.insert(
+            "systemctl show --property MainPID --value nginx".into(),
+            (0, "0\n".into()),
+        );
+        assert_fails(&run(&fx, &sys), "service nginx", "MainPID 0");
+    }
+
+    #[test]
+    fn service_without_systemctl_warns() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.runs.clear();
+        sys.runs
+            .insert("/usr/sbin/criu check".into(), (0, String::new()));
+        let report = run(&fx, &sys);
+        assert_eq!(line(&report, "service nginx").verdict, Verdict::Warn);
+        assert!(report
+            .render()
+            .contains("services are checked at update time"));
+    }
+
+    #[test]
+    fn too_little_space() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.free = GIB; // needs 1.5 GiB: redis 1 GiB + nginx 0.5 GiB
+        assert_fails(&run(&fx, &sys), "free space for images", "1.5 GiB resident");
+    }
+
+    #[test]
+    fn space_within_ten_percent_warns() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.free = GIB + GIB / 2 + GIB / 20; // 1.55 GiB for 1.5 GiB
+        let report = run(&fx, &sys);
+        assert_eq!(
+            line(&report, "free space for images").verdict,
+            Verdict::Warn
+        );
+        assert!(!report.failed());
+    }
+
+    #[test]
+    fn criu_dir_not_writable_or_missing() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.writable.clear();
+        sys.writable.insert("/etc/systemd/system/".into());
+        assert_fails(
+            &run(&fx, &sys),
+            "image directory",
+            "not a writable directory",
+        );
+        sys.paths.remove(Path::new("/var/nvwa/running/"));
+        let report = run(&fx, &sys);
+        assert_eq!(line(&report, "image directory").verdict, Verdict::Warn);
+        assert!(report.render().contains("mkdir -p /var/nvwa/running/"));
+    }
+
+    #[test]
+    fn pin_memory_requested_but_absent() {
+        let mut fx = fixture();
+        fx.cfg.restore.enable_pin_memory = true;
+        let mut sys = FakeSystem::healthy();
+        assert_fails(&run(&fx, &sys), "pin memory", "stock kernel");
+        // Boot parameter alone is not enough: the device is needed too.
+        sys.file(CMDLINE, "ro pinmemory=100M@0x64000000 max_pin_pid_num=4096");
+        assert_fails(&run(&fx, &sys), "pin memory", "/dev/pinmem is missing");
+        sys.path("/dev/pinmem");
+        let report = run(&fx, &sys);
+        assert_eq!(line(&report, "pin memory").verdict, Verdict::Ok);
+        assert!(!report.failed(), "{}", report.render());
+    }
+
+    #[test]
+    fn quick_kexec_requested_but_absent() {
+        let mut fx = fixture();
+        fx.cfg.restore.enable_quick_kexec = true;
+        assert_fails(
+            &run(&fx, &FakeSystem::healthy()),
+            "quick kexec",
+            "quickkexec=",
+        );
+    }
+
+    #[test]
+    fn json_shape() {
+        let fx = fixture();
+        let report = run(&fx, &FakeSystem::healthy());
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["lines"][0]["verdict"], "ok");
+        assert!(json["lines"][0].get("fix").is_none());
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(3 * GIB), "3.0 GiB");
+    }
+}

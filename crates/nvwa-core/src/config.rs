@@ -1,1 +1,981 @@
-//! TODO
+//! The two YAML config files of the original nvwa, read with the original key names.
+//!
+//! Parsing is two-phase: the YAML is first read into a small, position-carrying tree
+//! ([`Node`]), then every key is checked by hand. Doing the checks ourselves (instead of
+//! `#[serde(deny_unknown_fields)]`) lets every error name the file, the line, the key and a fix,
+//! and lets us accept the original's quirks (pids as strings, `enbale_debug_mode`).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::{Location, Spanned};
+
+pub const SERVER_FILE: &str = "nvwa-server.yaml";
+pub const RESTORE_FILE: &str = "nvwa-restore.yaml";
+/// Searched in this order when no directory is given; relative entries are relative to the cwd.
+pub const SEARCH_PATH: [&str; 3] = [".", "./config", "/etc/nvwa"];
+
+const SERVER_KEYS: &[&str] = &[
+    "criu_dir",
+    "criu_exe",
+    "kexec_exe",
+    "systemd_etc",
+    "log_dir",
+    "socket",
+];
+/// Canonical restore keys; the original's misspelling `enbale_debug_mode` is accepted too
+/// but not advertised.
+const RESTORE_KEYS: &[&str] = &[
+    "pids",
+    "services",
+    "restore_net",
+    "enable_quick_kexec",
+    "enable_pin_memory",
+    "enable_debug_mode",
+];
+const DEBUG_KEY: &str = "enable_debug_mode";
+const DEBUG_KEY_ORIGINAL: &str = "enbale_debug_mode";
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServerConfig {
+    pub criu_dir: PathBuf,
+    pub criu_exe: PathBuf,
+    pub kexec_exe: PathBuf,
+    pub systemd_etc: PathBuf,
+    pub log_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            criu_dir: PathBuf::from("/var/nvwa/running/"),
+            criu_exe: PathBuf::from("/usr/sbin/criu"),
+            kexec_exe: PathBuf::from("/usr/sbin/kexec"),
+            systemd_etc: PathBuf::from("/etc/systemd/system/"),
+            log_dir: PathBuf::from("/etc/nvwa/log/"),
+            socket: PathBuf::from("/run/nvwa/nvwa.socket"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RestoreConfig {
+    pub pids: Vec<i32>,
+    pub services: Vec<String>,
+    pub restore_net: bool,
+    pub enable_quick_kexec: bool,
+    pub enable_pin_memory: bool,
+    pub enable_debug_mode: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The directory both files were read from; kept so that [`Config::reload`] re-reads the same files.
+    pub dir: PathBuf,
+    pub server: ServerConfig,
+    pub restore: RestoreConfig,
+}
+
+impl Config {
+    /// Re-read both files, so operator edits apply without restarting the server.
+    pub fn reload(&self) -> Result<Config, ConfigError> {
+        load(&self.dir)
+    }
+}
+
+/// A place in a config file. Line 0 means the parser could not tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub line: u64,
+    pub column: u64,
+}
+
+impl Position {
+    fn from_location(loc: Location) -> Self {
+        Position {
+            line: loc.line(),
+            column: loc.column(),
+        }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            f.write_str("unknown position")
+        } else {
+            write!(f, "line {}, column {}", self.line, self.column)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config directory {} does not exist or is not a directory; create it or pass an existing directory with --config-dir", .dir.display())]
+    DirMissing { dir: PathBuf },
+
+    #[error("no nvwa config found: none of {} contains {SERVER_FILE} or {RESTORE_FILE}; create /etc/nvwa/{SERVER_FILE} (an empty file means all defaults) or pass --config-dir <dir>", display_paths(.searched))]
+    NotFound { searched: Vec<PathBuf> },
+
+    #[error("cannot determine the current directory to search for config files: {source}; pass --config-dir <dir>")]
+    Cwd {
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("cannot read {}: {source}; make sure it is a regular file readable by the user running nvwa", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("{}: {at}: invalid YAML: {message}; fix the syntax (the file must be a mapping of `key: value` lines)", .path.display())]
+    Syntax {
+        path: PathBuf,
+        at: Position,
+        message: String,
+    },
+
+    #[error("{}: {at}: unknown key `{key}`{hint}; valid keys are: {}", .path.display(), .valid.join(", "))]
+    UnknownKey {
+        path: PathBuf,
+        at: Position,
+        key: String,
+        /// Already formatted, e.g. " (did you mean `pids`?)", or empty.
+        hint: String,
+        valid: &'static [&'static str],
+    },
+
+    #[error("{}: {at}: key `{key}`: {problem}", .path.display())]
+    InvalidValue {
+        path: PathBuf,
+        at: Position,
+        key: String,
+        problem: String,
+    },
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    shown.join(", ")
+}
+
+/// Find the config directory relative to the current directory; see [`find_config_dir_from`].
+pub fn find_config_dir(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    let cwd = std::env::current_dir().map_err(|source| ConfigError::Cwd { source })?;
+    find_config_dir_from(&cwd, explicit)
+}
+
+/// An explicit directory must exist (its files may be missing: defaults apply). Otherwise the
+/// first [`SEARCH_PATH`] entry (relative ones joined to `base`) holding either file wins.
+pub fn find_config_dir_from(base: &Path, explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    if let Some(dir) = explicit {
+        let dir = base.join(dir);
+        return if dir.is_dir() {
+            Ok(dir)
+        } else {
+            Err(ConfigError::DirMissing { dir })
+        };
+    }
+    let candidates: Vec<PathBuf> = SEARCH_PATH.iter().map(|p| base.join(p)).collect();
+    first_config_dir(&candidates)
+}
+
+fn first_config_dir(candidates: &[PathBuf]) -> Result<PathBuf, ConfigError> {
+    // `exists` rather than `is_file`: an unreadable or broken file should be reported by
+    // `load`, not silently skipped in favour of another directory.
+    candidates
+        .iter()
+        .find(|dir| dir.join(SERVER_FILE).exists() || dir.join(RESTORE_FILE).exists())
+        .cloned()
+        .ok_or_else(|| ConfigError::NotFound {
+            searched: candidates.to_vec(),
+        })
+}
+
+/// Read both files from `dir`. A missing file means defaults for that file.
+pub fn load(dir: &Path) -> Result<Config, ConfigError> {
+    // Checked so that a directory removed after startup is reported on reload rather than
+    // silently replaced by defaults.
+    if !dir.is_dir() {
+        return Err(ConfigError::DirMissing {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let server_path = dir.join(SERVER_FILE);
+    let restore_path = dir.join(RESTORE_FILE);
+    let server = match read_optional(&server_path)? {
+        Some(text) => parse_server(&text, &server_path)?,
+        None => ServerConfig::default(),
+    };
+    let restore = match read_optional(&restore_path)? {
+        Some(text) => parse_restore(&text, &restore_path)?,
+        None => RestoreConfig::default(),
+    };
+    Ok(Config {
+        dir: dir.to_path_buf(),
+        server,
+        restore,
+    })
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Parse `nvwa-server.yaml`; `path` is only used in error messages.
+pub fn parse_server(text: &str, path: &Path) -> Result<ServerConfig, ConfigError> {
+    let mut cfg = ServerConfig::default();
+    for entry in parse_entries(text, path)? {
+        let ctx = Ctx {
+            path,
+            entry: &entry,
+        };
+        let slot = match entry.key.as_str() {
+            "criu_dir" => &mut cfg.criu_dir,
+            "criu_exe" => &mut cfg.criu_exe,
+            "kexec_exe" => &mut cfg.kexec_exe,
+            "systemd_etc" => &mut cfg.systemd_etc,
+            "log_dir" => &mut cfg.log_dir,
+            "socket" => &mut cfg.socket,
+            _ => {
+                return Err(unknown_key(
+                    path,
+                    &entry,
+                    SERVER_KEYS,
+                    RESTORE_KEYS,
+                    RESTORE_FILE,
+                ))
+            }
+        };
+        if let Some(p) = ctx.absolute_path()? {
+            *slot = p;
+        }
+    }
+    Ok(cfg)
+}
+
+/// Parse `nvwa-restore.yaml`; `path` is only used in error messages.
+pub fn parse_restore(text: &str, path: &Path) -> Result<RestoreConfig, ConfigError> {
+    let mut cfg = RestoreConfig::default();
+    // The first debug-mode spelling seen, to detect the two spellings disagreeing.
+    let mut debug_seen: Option<(String, Position, bool)> = None;
+    for entry in parse_entries(text, path)? {
+        let ctx = Ctx {
+            path,
+            entry: &entry,
+        };
+        match entry.key.as_str() {
+            "pids" => cfg.pids = ctx.pids()?,
+            "services" => cfg.services = ctx.services()?,
+            "restore_net" => cfg.restore_net = ctx.bool()?,
+            "enable_quick_kexec" => cfg.enable_quick_kexec = ctx.bool()?,
+            "enable_pin_memory" => cfg.enable_pin_memory = ctx.bool()?,
+            DEBUG_KEY | DEBUG_KEY_ORIGINAL => {
+                let value = ctx.bool()?;
+                if let Some((other, at, previous)) = &debug_seen {
+                    if *previous != value {
+                        return Err(ctx.invalid(format!(
+                            "is {value} but `{other}` ({at}) is {previous}; both spellings set the same option, keep only `{DEBUG_KEY}`"
+                        )));
+                    }
+                }
+                debug_seen = Some((entry.key.clone(), entry.key_at, value));
+                cfg.enable_debug_mode = value;
+            }
+            _ => {
+                return Err(unknown_key(
+                    path,
+                    &entry,
+                    RESTORE_KEYS,
+                    SERVER_KEYS,
+                    SERVER_FILE,
+                ))
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+fn unknown_key(
+    path: &Path,
+    entry: &Entry,
+    valid: &'static [&'static str],
+    other_file_keys: &[&str],
+    other_file: &str,
+) -> ConfigError {
+    let hint = if other_file_keys.contains(&entry.key.as_str()) {
+        format!(" (`{}` belongs in {other_file})", entry.key)
+    } else {
+        match closest_key(&entry.key, valid) {
+            Some(k) => format!(" (did you mean `{k}`?)"),
+            None => String::new(),
+        }
+    };
+    ConfigError::UnknownKey {
+        path: path.to_path_buf(),
+        at: entry.key_at,
+        key: entry.key.clone(),
+        hint,
+        valid,
+    }
+}
+
+/// The valid key nearest to `key`, if it is close enough to be an obvious typo.
+fn closest_key(key: &str, valid: &[&'static str]) -> Option<&'static str> {
+    let key = key.to_ascii_lowercase();
+    let limit = (key.chars().count() / 3).max(1);
+    valid
+        .iter()
+        .map(|v| (edit_distance(&key, v), *v))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, v)| v)
+}
+
+/// Levenshtein distance; the inputs are short keys, so the simple O(n*m) version is fine.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 1: YAML into a position-carrying tree.
+
+/// A YAML value, reduced to what the config checks need to tell apart.
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    Null,
+    Bool(bool),
+    Int(i128),
+    Float(f64),
+    Str(String),
+    Seq(Vec<Spanned<Node>>),
+    /// Nested mappings are never valid in these files; their content is skipped.
+    Map,
+}
+
+impl Node {
+    /// How the value reads in an error message.
+    fn describe(&self) -> String {
+        match self {
+            Node::Null => "nothing".to_string(),
+            Node::Bool(b) => format!("`{b}`"),
+            Node::Int(n) => format!("the number {n}"),
+            Node::Float(x) => format!("the number {x}"),
+            Node::Str(s) => format!("the string {s:?}"),
+            Node::Seq(_) => "a list".to_string(),
+            Node::Map => "a mapping".to_string(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NodeVisitor)
+    }
+}
+
+struct NodeVisitor;
+
+impl<'de> Visitor<'de> for NodeVisitor {
+    type Value = Node;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
+        Ok(Node::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Node, E> {
+        Ok(Node::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+        Node::deserialize(d)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Node, E> {
+        Ok(Node::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Node, E> {
+        Ok(Node::Int(v.into()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
+        Ok(Node::Int(v.into()))
+    }
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Node, E> {
+        Ok(Node::Int(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
+        Ok(Node::Float(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Node, E> {
+        Ok(Node::Str(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Node, E> {
+        Ok(Node::Str(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Spanned<Node>>()? {
+            items.push(item);
+        }
+        Ok(Node::Seq(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Node::Map)
+    }
+}
+
+/// The top level of a config file: `key: value` pairs in file order.
+struct Document(Vec<(Spanned<String>, Spanned<Node>)>);
+
+impl<'de> Deserialize<'de> for Document {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct DocVisitor;
+        impl<'de> Visitor<'de> for DocVisitor {
+            type Value = Document;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping of `key: value` lines")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Document(entries))
+            }
+        }
+        d.deserialize_map(DocVisitor)
+    }
+}
+
+struct Entry {
+    key: String,
+    key_at: Position,
+    value: Node,
+    value_at: Position,
+}
+
+fn parse_entries(text: &str, path: &Path) -> Result<Vec<Entry>, ConfigError> {
+    // `Option` so that an empty or comment-only file is valid and means "all defaults".
+    let doc: Option<Document> = serde_saphyr::from_str(text).map_err(|e| syntax_error(path, &e))?;
+    let entries = doc.map(|d| d.0).unwrap_or_default();
+    Ok(entries
+        .into_iter()
+        .map(|(k, v)| Entry {
+            key: k.value,
+            key_at: Position::from_location(k.referenced),
+            value: v.value,
+            value_at: Position::from_location(v.referenced),
+        })
+        .collect())
+}
+
+fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
+    let at = e
+        .location()
+        .map(Position::from_location)
+        .unwrap_or(Position { line: 0, column: 0 });
+    // The plain message ends with " at line L, column C", which we already show in front.
+    let message = e.without_snippet().to_string();
+    let suffix = format!(" at line {}, column {}", at.line, at.column);
+    let message = message
+        .strip_suffix(&suffix)
+        .unwrap_or(&message)
+        .to_string();
+    ConfigError::Syntax {
+        path: path.to_path_buf(),
+        at,
+        message,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2: typed values, each error pointing at the key.
+
+struct Ctx<'a> {
+    path: &'a Path,
+    entry: &'a Entry,
+}
+
+impl Ctx<'_> {
+    fn invalid(&self, problem: String) -> ConfigError {
+        self.invalid_at(self.entry.value_at, problem)
+    }
+
+    fn invalid_at(&self, at: Position, problem: String) -> ConfigError {
+        ConfigError::InvalidValue {
+            path: self.path.to_path_buf(),
+            at,
+            key: self.entry.key.clone(),
+            problem,
+        }
+    }
+
+    /// `key:` with no value keeps the default, as the original's example files rely on it.
+    fn bool(&self) -> Result<bool, ConfigError> {
+        match &self.entry.value {
+            Node::Null => Ok(false),
+            Node::Bool(b) => Ok(*b),
+            other => Err(self.invalid(format!(
+                "expected true or false (unquoted), found {}",
+                other.describe()
+            ))),
+        }
+    }
+
+    /// `None` keeps the default.
+    fn absolute_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        match &self.entry.value {
+            Node::Null => Ok(None),
+            Node::Str(s) if s.is_empty() => Err(self.invalid(
+                "is an empty path; remove the line to use the default or give an absolute path"
+                    .to_string(),
+            )),
+            // The server runs from systemd with cwd "/", so a relative path would silently
+            // point somewhere other than where the operator meant.
+            Node::Str(s) if !s.starts_with('/') => Err(self.invalid(format!(
+                "`{s}` is not an absolute path; write it starting with `/`"
+            ))),
+            Node::Str(s) => Ok(Some(PathBuf::from(s))),
+            other => Err(self.invalid(format!(
+                "expected an absolute path, found {}",
+                other.describe()
+            ))),
+        }
+    }
+
+    fn list(&self, example: &str) -> Result<&[Spanned<Node>], ConfigError> {
+        match &self.entry.value {
+            Node::Null => Ok(&[]),
+            Node::Seq(items) => Ok(items),
+            other => Err(self.invalid(format!(
+                "expected a list (e.g. `{}: [{example}]` or one `- item` per line), found {}",
+                self.entry.key,
+                other.describe()
+            ))),
+        }
+    }
+
+    fn pids(&self) -> Result<Vec<i32>, ConfigError> {
+        let mut pids = Vec::new();
+        let mut seen = BTreeSet::new();
+        for item in self.list("1234, \"5678\"")? {
+            let at = Position::from_location(item.referenced);
+            let pid = parse_pid(&item.value).map_err(|p| self.invalid_at(at, p))?;
+            // Dumping one process twice would fail half-way through an update.
+            if !seen.insert(pid) {
+                return Err(self.invalid_at(at, format!("pid {pid} is listed twice")));
+            }
+            pids.push(pid);
+        }
+        Ok(pids)
+    }
+
+    fn services(&self) -> Result<Vec<String>, ConfigError> {
+        let mut services = Vec::new();
+        for item in self.list("nginx, redis")? {
+            let at = Position::from_location(item.referenced);
+            let name = parse_service(&item.value).map_err(|p| self.invalid_at(at, p))?;
+            if services.contains(&name) {
+                return Err(self.invalid_at(at, format!("service `{name}` is listed twice")));
+            }
+            services.push(name);
+        }
+        Ok(services)
+    }
+}
+
+/// A pid as a number or a numeric string (the original accepted both).
+fn parse_pid(node: &Node) -> Result<i32, String> {
+    let n: i128 = match node {
+        Node::Int(n) => *n,
+        Node::Str(s) => {
+            let digits = s.trim();
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!(
+                    "{s:?} is not a process id; write a positive number such as 1234"
+                ));
+            }
+            // Too many digits for i128 is out of range too.
+            digits.parse().unwrap_or(i128::MAX)
+        }
+        other => {
+            return Err(format!(
+                "expected a process id (a positive number), found {}",
+                other.describe()
+            ))
+        }
+    };
+    match i32::try_from(n) {
+        Ok(pid) if pid > 0 => Ok(pid),
+        _ => Err(format!(
+            "{n} is not a valid process id; pids are between 1 and {}",
+            i32::MAX
+        )),
+    }
+}
+
+/// A systemd service name; the `.service` suffix is optional.
+fn parse_service(node: &Node) -> Result<String, String> {
+    let Node::Str(raw) = node else {
+        return Err(format!(
+            "expected a service name, found {}; quote it if the name is a number",
+            node.describe()
+        ));
+    };
+    let name = raw.strip_suffix(".service").unwrap_or(raw);
+    let problem = if name.is_empty() {
+        Some("is empty")
+    } else if name.contains('/') {
+        Some("contains `/`")
+    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("contains whitespace or control characters")
+    } else if name.starts_with('-') {
+        // Would be taken as an option by systemctl.
+        Some("starts with `-`")
+    } else {
+        None
+    };
+    match problem {
+        Some(why) => Err(format!(
+            "service name {raw:?} {why}; write the unit name as shown by `systemctl list-units --type=service`, e.g. nginx"
+        )),
+        None => Ok(name.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::fs;
+
+    fn p() -> PathBuf {
+        PathBuf::from("/etc/nvwa/test.yaml")
+    }
+
+    const ORIGINAL_SERVER: &str = "\
+criu_dir: /var/nvwa/running/   # images, one subfolder per pid or service
+criu_exe: /usr/sbin/criu
+kexec_exe: /usr/sbin/kexec
+systemd_etc: /etc/systemd/system/
+log_dir: /etc/nvwa/log/
+";
+
+    const ORIGINAL_RESTORE: &str = "\
+pids:            # list of pids (as strings or numbers) to checkpoint
+services:        # list of systemd service names (without .service)
+restore_net: false
+enable_quick_kexec: false
+enable_pin_memory: false
+enbale_debug_mode: false   # sic
+";
+
+    #[test]
+    fn original_server_file_gives_defaults() {
+        let cfg = parse_server(ORIGINAL_SERVER, &p()).unwrap();
+        assert_eq!(cfg, ServerConfig::default());
+        assert_eq!(cfg.socket, PathBuf::from("/run/nvwa/nvwa.socket"));
+    }
+
+    #[test]
+    fn original_restore_file_gives_defaults() {
+        assert_eq!(
+            parse_restore(ORIGINAL_RESTORE, &p()).unwrap(),
+            RestoreConfig::default()
+        );
+    }
+
+    #[test]
+    fn original_tutorial_restore_file() {
+        let text = "pids:\nservices:\n  - nginx\nrestore_net: false\nenable_quick_kexec: false\nenable_pin_memory: false\nenbale_debug_mode: true\n";
+        let cfg = parse_restore(text, &p()).unwrap();
+        assert_eq!(cfg.services, vec!["nginx".to_string()]);
+        assert!(cfg.enable_debug_mode);
+    }
+
+    #[test]
+    fn server_overrides_and_socket_extension() {
+        let text = "criu_dir: /srv/images\nsocket: /run/other.sock\n";
+        let cfg = parse_server(text, &p()).unwrap();
+        assert_eq!(cfg.criu_dir, PathBuf::from("/srv/images"));
+        assert_eq!(cfg.socket, PathBuf::from("/run/other.sock"));
+        assert_eq!(cfg.criu_exe, ServerConfig::default().criu_exe);
+    }
+
+    #[test]
+    fn server_relative_path_is_refused() {
+        let err = parse_server("log_dir: log/\n", &p())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log_dir") && err.contains("absolute"), "{err}");
+    }
+
+    #[test]
+    fn misspelled_and_correct_debug_key() {
+        assert!(
+            parse_restore("enbale_debug_mode: true\n", &p())
+                .unwrap()
+                .enable_debug_mode
+        );
+        assert!(
+            parse_restore("enable_debug_mode: true\n", &p())
+                .unwrap()
+                .enable_debug_mode
+        );
+    }
+
+    #[test]
+    fn both_debug_spellings_agreeing_is_fine() {
+        let text = "enable_debug_mode: true\nenbale_debug_mode: true\n";
+        assert!(parse_restore(text, &p()).unwrap().enable_debug_mode);
+    }
+
+    #[test]
+    fn both_debug_spellings_disagreeing_is_an_error() {
+        let text = "enable_debug_mode: true\nenbale_debug_mode: false\n";
+        let err = parse_restore(text, &p()).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("enable_debug_mode") && err.contains("enbale_debug_mode"));
+    }
+
+    #[test]
+    fn pids_as_numbers_and_strings() {
+        let text = "pids:\n  - 12\n  - \"34\"\n  - '56'\nservices: [nginx.service, redis]\n";
+        let cfg = parse_restore(text, &p()).unwrap();
+        assert_eq!(cfg.pids, vec![12, 34, 56]);
+        assert_eq!(cfg.services, vec!["nginx".to_string(), "redis".to_string()]);
+    }
+
+    #[test]
+    fn bad_pids_are_refused_with_their_line() {
+        for (item, needle) in [
+            ("abc", "\"abc\""),
+            ("'12a'", "12a"),
+            ("0", "0 is not a valid"),
+            ("-5", "-5 is not a valid"),
+            ("'-5'", "-5"),
+            ("99999999999", "99999999999"),
+            ("1.5", "1.5"),
+            ("true", "`true`"),
+        ] {
+            let text = format!("pids:\n  - 1\n  - {item}\n");
+            let err = parse_restore(&text, &p()).unwrap_err().to_string();
+            assert!(err.contains("line 3"), "{item}: {err}");
+            assert!(err.contains("`pids`"), "{item}: {err}");
+            assert!(err.contains(needle), "{item}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_pid_is_refused() {
+        let err = parse_restore("pids: [7, '7']\n", &p()).unwrap_err();
+        assert!(err.to_string().contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn bad_service_names_are_refused() {
+        for name in ["'a/b'", "'a b'", "''", "'.service'", "'-x'", "42"] {
+            let text = format!("services:\n  - {name}\n");
+            let err = parse_restore(&text, &p()).unwrap_err().to_string();
+            assert!(
+                err.contains("line 2") && err.contains("services"),
+                "{name}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_path_line_key_and_suggestion() {
+        let text = "restore_net: true\npid:\n  - 1\n";
+        let err = parse_restore(text, Path::new("/etc/nvwa/nvwa-restore.yaml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/etc/nvwa/nvwa-restore.yaml"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(msg.contains("`pid`"), "{msg}");
+        assert!(msg.contains("did you mean `pids`"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_far_from_any_gets_no_suggestion() {
+        let msg = parse_server("colour: blue\n", &p())
+            .unwrap_err()
+            .to_string();
+        assert!(!msg.contains("did you mean"), "{msg}");
+        assert!(msg.contains("criu_dir"), "lists valid keys: {msg}");
+    }
+
+    #[test]
+    fn key_from_the_other_file_says_where_it_belongs() {
+        let msg = parse_restore("criu_dir: /x\n", &p())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("belongs in nvwa-server.yaml"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_types_are_errors_naming_the_key() {
+        for (text, key, line) in [
+            ("restore_net: maybe\n", "restore_net", "line 1"),
+            ("services: []\npids: 5\n", "pids", "line 2"),
+            ("enable_pin_memory: 'true'\n", "enable_pin_memory", "line 1"),
+            ("services: {a: 1}\n", "services", "line 1"),
+        ] {
+            let msg = parse_restore(text, &p()).unwrap_err().to_string();
+            assert!(msg.contains(key) && msg.contains(line), "{text}: {msg}");
+            assert!(msg.contains("/etc/nvwa/test.yaml"), "{msg}");
+        }
+        let msg = parse_server("criu_exe: [a]\n", &p())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("criu_exe") && msg.contains("a list"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_errors_name_path_and_line() {
+        for text in [
+            "pids: [1,\n",
+            "just a string\n",
+            "- 1\n",
+            "pids: []\npids: [2]\n",
+        ] {
+            let err = parse_restore(text, &p()).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, ConfigError::Syntax { .. }), "{text}: {msg}");
+            assert!(
+                msg.contains("/etc/nvwa/test.yaml") && msg.contains("line "),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_and_comment_only_files_are_defaults() {
+        for text in ["", "\n\n", "# nothing here\n  # indented comment\n"] {
+            assert_eq!(parse_restore(text, &p()).unwrap(), RestoreConfig::default());
+            assert_eq!(parse_server(text, &p()).unwrap(), ServerConfig::default());
+        }
+    }
+
+    #[test]
+    fn load_missing_files_are_defaults_and_reload_rereads() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = load(dir.path()).unwrap();
+        assert_eq!(cfg.server, ServerConfig::default());
+        assert_eq!(cfg.restore, RestoreConfig::default());
+        fs::write(dir.path().join(RESTORE_FILE), "pids: [42]\n").unwrap();
+        assert_eq!(cfg.reload().unwrap().restore.pids, vec![42]);
+        let gone = dir.path().join("gone");
+        assert!(matches!(load(&gone), Err(ConfigError::DirMissing { .. })));
+    }
+
+    #[test]
+    fn load_reports_invalid_file_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(SERVER_FILE), "criu_dri: /x\n").unwrap();
+        let msg = load(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains(&dir.path().join(SERVER_FILE).display().to_string()));
+        assert!(msg.contains("did you mean `criu_dir`"), "{msg}");
+    }
+
+    #[test]
+    fn unreadable_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be cannot be read even by root, unlike a chmod 000
+        // file, so this test also works when run as root.
+        fs::create_dir(dir.path().join(RESTORE_FILE)).unwrap();
+        let err = load(dir.path()).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        assert!(err.to_string().contains(RESTORE_FILE));
+    }
+
+    #[test]
+    fn search_path_order() {
+        let base = tempfile::tempdir().unwrap();
+        let b = base.path();
+        fs::create_dir(b.join("config")).unwrap();
+        fs::write(b.join("config").join(RESTORE_FILE), "").unwrap();
+        assert_eq!(find_config_dir_from(b, None).unwrap(), b.join("./config"));
+        fs::write(b.join(SERVER_FILE), "").unwrap();
+        assert_eq!(find_config_dir_from(b, None).unwrap(), b.join("."));
+    }
+
+    #[test]
+    fn explicit_dir_must_exist() {
+        let base = tempfile::tempdir().unwrap();
+        let b = base.path();
+        fs::create_dir(b.join("conf")).unwrap();
+        fs::write(b.join(SERVER_FILE), "").unwrap();
+        assert_eq!(
+            find_config_dir_from(b, Some(Path::new("conf"))).unwrap(),
+            b.join("conf")
+        );
+        let err = find_config_dir_from(b, Some(Path::new("nope"))).unwrap_err();
+        assert!(matches!(err, ConfigError::DirMissing { .. }));
+        assert!(err.to_string().contains("--config-dir"));
+    }
+
+    #[test]
+    fn nothing_found_lists_searched_dirs_and_fix() {
+        let base = tempfile::tempdir().unwrap();
+        let dirs = vec![base.path().join("a"), base.path().join("b")];
+        let msg = first_config_dir(&dirs).unwrap_err().to_string();
+        assert!(msg.contains(&dirs[0].display().to_string()));
+        assert!(msg.contains(&dirs[1].display().to_string()));
+        assert!(msg.contains("/etc/nvwa/nvwa-server.yaml") && msg.contains("--config-dir"));
+    }
+
+    #[test]
+    fn closest_key_suggestions() {
+        assert_eq!(closest_key("pid", RESTORE_KEYS), Some("pids"));
+        assert_eq!(
+            closest_key("RESTORE_NET", RESTORE_KEYS),
+            Some("restore_net")
+        );
+        assert_eq!(closest_key("sockets", SERVER_KEYS), Some("socket"));
+        assert_eq!(closest_key("zzz", RESTORE_KEYS), None);
+    }
+
+    proptest! {
+        #[test]
+        fn pids_round_trip(
+            pids in proptest::collection::hash_set(1..i32::MAX, 0..20)
+                .prop_map(|s| s.into_iter().collect::<Vec<i32>>()),
+            quote in proptest::collection::vec(0u8..3, 20),
+        ) {
+            let mut text = String::from("pids:\n");
+            for (pid, q) in pids.iter().zip(quote.iter()) {
+                match q {
+                    0 => text.push_str(&format!("  - {pid}\n")),
+                    1 => text.push_str(&format!("  - \"{pid}\"\n")),
+                    _ => text.push_str(&format!("  - '{pid}'\n")),
+                }
+            }
+            let cfg = parse_restore(&text, &p()).unwrap();
+            prop_assert_eq!(cfg.pids, pids);
+        }
+    }
+}

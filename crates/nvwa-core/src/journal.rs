@@ -71,6 +71,10 @@ impl Phase {
                 | (Booted, Failed)
                 | (Planned | KernelLoaded | Frozen | Dumped, RolledBack)
                 | (Committed, RolledBack)
+                // The machine went down before the commit: the processes died with it.
+                | (Planned | KernelLoaded | Frozen | Dumped, Failed)
+                // A retry of a failed or interrupted restore.
+                | (Failed, Booted)
         )
     }
 }
@@ -352,6 +356,9 @@ mod tests {
         assert!(Journal::load(dir.path()).unwrap().is_none());
         fs::write(dir.path().join(JOURNAL_FILE), "{not json").unwrap();
         let err = Journal::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("journal.json") && err.contains("nvwa init"), "{err}");
+        assert!(
+            err.contains("journal.json") && err.contains("nvwa init"),
+            "{err}"
+        );
     }
 }

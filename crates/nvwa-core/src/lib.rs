@@ -10,8 +10,10 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod criu;
+pub mod daemon;
 pub mod journal;
 pub mod kexec;
+pub mod machine;
 pub mod pidns;
 pub mod pinmem;
 pub mod process;
@@ -19,3 +21,8 @@ pub mod protocol;
 pub mod restore;
 pub mod server;
 pub mod update;
+
+#[cfg(test)]
+mod pipeline_tests;
+#[cfg(test)]
+mod testing;

@@ -94,10 +94,12 @@ pub fn read_message<T: for<'de> Deserialize<'de>>(
     input: &mut impl BufRead,
 ) -> Result<Option<T>, ProtocolError> {
     let mut line = String::new();
-    let n = input.read_line(&mut line).map_err(|source| ProtocolError::Io {
-        action: "read",
-        source,
-    })?;
+    let n = input
+        .read_line(&mut line)
+        .map_err(|source| ProtocolError::Io {
+            action: "read",
+            source,
+        })?;
     if n == 0 {
         return Ok(None);
     }
@@ -167,8 +169,8 @@ mod tests {
 
     #[test]
     fn garbage_is_a_malformed_error_naming_the_line() {
-        let err = read_message::<Request>(&mut Cursor::new(b"nvwa: update 6.1\n".to_vec()))
-            .unwrap_err();
+        let err =
+            read_message::<Request>(&mut Cursor::new(b"nvwa: update 6.1\n".to_vec())).unwrap_err();
         assert!(err.to_string().contains("nvwa: update 6.1"), "{err}");
     }
 

@@ -1,1 +1,224 @@
-fn main() {}
+//! nvwa-lab: rehearse real kernel live upgrades in a QEMU guest (Debian 6.1 → 6.12).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use nvwa_lab::prepare;
+use nvwa_lab::report::{self, ScenarioResult};
+use nvwa_lab::runner::Lab;
+use nvwa_lab::scenario::{self, Scenario};
+use nvwa_lab::vm::{Line, Stamped};
+
+#[derive(Parser)]
+#[command(
+    name = "nvwa-lab",
+    version,
+    about = "Rehearse kernel live upgrades with nvwa in a QEMU guest: Debian's 6.1 kernel → 6.12",
+    long_about = "Rehearse kernel live upgrades with nvwa in a QEMU guest.\n\nThe lab fetches two real Debian kernels (6.1 through linux-image-cloud-amd64, 6.12 through linux-image-6.12-amd64), criu, kexec-tools and busybox into a cache (NVWA_LAB_CACHE, default ~/.cache/nvwa-lab), builds nvwa from this checkout into an initramfs, boots the old kernel under QEMU (TCG) and runs scenarios: set a workload up, `nvwa update` to the new kernel, check what survived."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch and cache the kernels and packages (idempotent; a second run is offline)
+    Prepare,
+    /// List the scenarios shipped in lab/scenarios
+    List,
+    /// Run scenarios; exits 0 only if every check of every scenario passed
+    Run {
+        /// Scenario names from lab/scenarios
+        names: Vec<String>,
+        /// Run every shipped scenario
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+        /// A scenario file from anywhere (repeatable)
+        #[arg(long = "file", value_name = "PATH")]
+        files: Vec<PathBuf>,
+        /// Print one JSON object per scenario (name, passed, kernels, phase timeline in ms)
+        #[arg(long)]
+        json: bool,
+        /// Stream the guest's scenario output while it runs
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Upgrade the kernel under a running stateful workload and show that it survived
+    Demo,
+    /// Boot the lab guest with a shell on this terminal, for debugging
+    Shell {
+        #[arg(long, value_enum, default_value_t = Which::Old)]
+        kernel: Which,
+        /// Scenario whose setup files and config the guest gets
+        #[arg(long, default_value = "demo")]
+        scenario: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Which {
+    Old,
+    New,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("nvwa-lab: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn builtin(name: &str) -> Result<Scenario> {
+    let path = scenario::builtin_dir().join(format!("{name}.toml"));
+    if !path.exists() {
+        let known: Vec<String> = scenario::list(&scenario::builtin_dir())?
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        bail!(
+            "no scenario named {name:?}; known: {}; or pass a file with --file PATH",
+            known.join(", ")
+        );
+    }
+    Scenario::load(&path)
+}
+
+fn run() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Prepare => {
+            let ing = prepare::prepare(&prepare::cache_dir(), &[])?;
+            println!(
+                "old kernel: {}\nnew kernel: {}\ncache: {}",
+                ing.old.version,
+                ing.new.version,
+                ing.cache.display()
+            );
+            Ok(())
+        }
+        Cmd::List => {
+            for s in scenario::list(&scenario::builtin_dir())? {
+                let first = s.description.lines().next().unwrap_or_default();
+                println!("{:<12} {first}", s.name);
+            }
+            Ok(())
+        }
+        Cmd::Run {
+            names,
+            all,
+            files,
+            json,
+            verbose,
+        } => {
+            let mut scenarios = if all {
+                scenario::list(&scenario::builtin_dir())?
+            } else {
+                names
+                    .iter()
+                    .map(|n| builtin(n))
+                    .collect::<Result<Vec<_>>>()?
+            };
+            for f in &files {
+                scenarios.push(Scenario::load(f)?);
+            }
+            if scenarios.is_empty() {
+                bail!("name scenarios to run (see `nvwa-lab list`), --all, or --file PATH");
+            }
+            run_scenarios(&scenarios, json, verbose)
+        }
+        Cmd::Demo => demo(),
+        Cmd::Shell { kernel, scenario } => {
+            let s = builtin(&scenario)?;
+            let lab = Lab::open(std::slice::from_ref(&s))?;
+            let k = match kernel {
+                Which::Old => lab.ingredients.old.clone(),
+                Which::New => lab.ingredients.new.clone(),
+            };
+            lab.shell(&s, &k)
+        }
+    }
+}
+
+fn run_scenarios(scenarios: &[Scenario], json: bool, verbose: bool) -> Result<()> {
+    let lab = Lab::open(scenarios)?;
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    for s in scenarios {
+        eprintln!("nvwa-lab: running {} ...", s.name);
+        let mut live = |l: &Stamped| {
+            if verbose {
+                print_live(l)
+            }
+        };
+        let r = lab
+            .run(s, &mut live)
+            .with_context(|| format!("scenario {}", s.name))?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            print!("{}", report::render(&r));
+        }
+        std::io::stdout().flush()?;
+        results.push(r);
+    }
+    let passed = results.iter().filter(|r| r.passed).count();
+    let failed = results.len() - passed;
+    eprintln!("lab: {passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn print_live(l: &Stamped) {
+    let t = l.at_ms as f64 / 1000.0;
+    match &l.line {
+        Line::Event(v) => match v["event"].as_str() {
+            Some("boot") => println!(
+                "[{t:7.2}s] booted {} ({} kernel)",
+                v["kernel"].as_str().unwrap_or("?"),
+                v["stage"].as_str().unwrap_or("?")
+            ),
+            Some("check") => println!(
+                "[{t:7.2}s] check {} {}",
+                v["index"],
+                if v["rc"] == 0 { "passed" } else { "FAILED" }
+            ),
+            Some("update") => println!("[{t:7.2}s] nvwa update (#{})", v["index"]),
+            _ => {}
+        },
+        Line::Output { tag, text } if tag != "server" && tag != "config" => {
+            println!("[{t:7.2}s]   {tag}: {text}")
+        }
+        _ => {}
+    }
+}
+
+fn demo() -> Result<()> {
+    let s = builtin("demo")?;
+    let lab = Lab::open(std::slice::from_ref(&s))?;
+    println!(
+        "nvwa lab demo: a workload (4 threads, a 256 MiB buffer of known contents, an open log file)\nmoves from {} to {} with `nvwa update`, under QEMU.\n",
+        lab.ingredients.old.version, lab.ingredients.new.version
+    );
+    let mut live = |l: &Stamped| print_live(l);
+    let r = lab.run(&s, &mut live)?;
+    println!();
+    if r.passed {
+        println!(
+            "The workload survived {} → {}: same PID, intact memory, continuous log.\n\nTimeline (host clock):",
+            r.kernel_before.as_deref().unwrap_or("?"),
+            r.kernel_after.as_deref().unwrap_or("?")
+        );
+        print!("{}", report::render_timeline(&r));
+        Ok(())
+    } else {
+        print!("{}", report::render(&r));
+        bail!(
+            "the demo failed; the serial log is {}",
+            r.serial_log.display()
+        )
+    }
+}

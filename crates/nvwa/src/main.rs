@@ -1,1 +1,350 @@
-fn main() {}
+//! `nvwa`: the kernel live-upgrade server and its command-line client (a thin layer over
+//! `nvwa_core`).
+
+mod cli;
+mod completions;
+mod render;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use clap::Parser;
+
+use nvwa_core::client::{self, ClientError};
+use nvwa_core::journal::{Journal, Phase};
+use nvwa_core::protocol::{Progress, Request, DEFAULT_SOCKET};
+use nvwa_core::server::{self, Handler, Server};
+use nvwa_core::update::Daemon;
+use nvwa_core::{check, config};
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(cli::rewrite_legacy_args(std::env::args_os().collect()));
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nvwa: error: {}", error_text(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping a cause whose text an outer message already contains
+/// (our error types name their source in their own message).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if text.contains(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Server => {
+            init_logging("info");
+            run_server(cli)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Update { kernel } => {
+            init_logging("warn");
+            send(
+                cli,
+                Request::Update {
+                    version: kernel.clone(),
+                },
+            )
+        }
+        Command::Pre => {
+            match nvwa_core::pidns::apply_boot_reservation()? {
+                Some(n) => println!("pids up to {n} are kept for restores"),
+                None => println!("no pid reservation on the kernel command line"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init => {
+            init_logging("warn");
+            send(cli, Request::Init)
+        }
+        Command::Exit => {
+            init_logging("warn");
+            send(cli, Request::Exit)
+        }
+        Command::Restore { target } => {
+            init_logging("warn");
+            let code = send(
+                cli,
+                Request::Restore {
+                    service: target.service.clone(),
+                    pid: target.pid,
+                },
+            )?;
+            hand_over_to_systemd(target.pid);
+            Ok(code)
+        }
+        Command::Check { kernel, json } => {
+            init_logging("warn");
+            let cfg = load_config(cli.config_dir.as_deref())?;
+            let report =
+                check::run_checks(&cfg, kernel.as_deref(), Path::new("/"), &check::RealSystem);
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.failed() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Status { json } => {
+            init_logging("warn");
+            status(cli, *json)
+        }
+        Command::Completions { shell } => {
+            completions::completions(*shell, &mut std::io::stdout().lock())
+                .context("cannot write the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            completions::man(&mut std::io::stdout().lock())
+                .context("cannot write the manual page")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Logs to the journal when it is there (the server under systemd), else to stderr.
+/// `RUST_LOG` overrides `default_level`.
+fn init_logging(default_level: &str) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
+
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let registry = tracing_subscriber::registry().with(filter);
+    if default_level == "info" && Path::new("/run/systemd/journal/socket").exists() {
+        if let Ok(journald) = tracing_journald::layer() {
+            registry.with(journald).init();
+            return;
+        }
+    }
+    registry
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .init();
+}
+
+fn load_config(explicit: Option<&Path>) -> anyhow::Result<config::Config> {
+    // The config errors name the file, the line and the fix: no context needed.
+    let dir = config::find_config_dir(explicit)?;
+    Ok(config::load(&dir)?)
+}
+
+/// Adapts the update daemon to the socket server.
+struct DaemonHandler(Arc<Daemon>);
+
+impl Handler for DaemonHandler {
+    fn handle(
+        &self,
+        request: Request,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<String, String> {
+        self.0.handle(request, progress)
+    }
+}
+
+fn run_server(cli: &Cli) -> anyhow::Result<()> {
+    let cfg = load_config(cli.config_dir.as_deref())?;
+    let dir = cfg.dir.clone();
+    let socket = cli.socket.clone().unwrap_or(cfg.server.socket);
+    tracing::info!(config = %dir.display(), socket = %socket.display(), "starting the nvwa server");
+    let daemon = Arc::new(
+        Daemon::new(dir.clone())
+            .with_context(|| format!("cannot start the update daemon ({})", dir.display()))?,
+    );
+    let server = Server::bind(&socket)?;
+    server::notify_ready();
+
+    // Like the original: processes saved before the kexec are restored in the background while
+    // the server already answers (services are restored through `nvwa restore`).
+    let restorer = Arc::clone(&daemon);
+    std::thread::Builder::new()
+        .name("nvwa-restore".into())
+        .spawn(move || {
+            let outcome = restorer.restore_saved(&mut |p| {
+                tracing::info!("restore: {}", render::progress(&p));
+            });
+            match outcome {
+                Ok(message) => tracing::info!("restore of saved processes: {message}"),
+                Err(message) => tracing::error!("restore of saved processes failed: {message}"),
+            }
+        })
+        .context("cannot start the restore thread")?;
+
+    server.serve(Arc::new(DaemonHandler(daemon)))?;
+    tracing::info!("nvwa server stopped");
+    Ok(())
+}
+
+/// The socket to talk to: --socket, else the configuration's, else the default. A missing or
+/// broken configuration only matters when --config-dir named it.
+fn client_socket(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    match load_config(cli.config_dir.as_deref()) {
+        Ok(cfg) => Ok(cfg.server.socket),
+        Err(e) if cli.config_dir.is_none() => {
+            tracing::debug!(
+                "{}; using the default socket {DEFAULT_SOCKET}",
+                error_text(&e)
+            );
+            Ok(PathBuf::from(DEFAULT_SOCKET))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Prints progress lines (with a spinner on a terminal).
+struct Output {
+    start: Instant,
+    spinner: Option<indicatif::ProgressBar>,
+}
+
+impl Output {
+    fn new() -> Output {
+        let spinner = std::io::stdout().is_terminal().then(|| {
+            let pb = indicatif::ProgressBar::with_draw_target(
+                None,
+                indicatif::ProgressDrawTarget::stdout(),
+            );
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            {
+                pb.set_style(style);
+            }
+            pb.enable_steady_tick(Duration::from_millis(120));
+            pb
+        });
+        Output {
+            start: Instant::now(),
+            spinner,
+        }
+    }
+
+    fn event(&self, p: &Progress) {
+        let text = render::progress(p);
+        let line = format!("{} {text}", render::elapsed_prefix(self.start.elapsed()));
+        match &self.spinner {
+            Some(pb) => {
+                pb.println(&line);
+                pb.set_message(text);
+            }
+            None => println!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(pb) = &self.spinner {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+/// Sends one request to the server and renders its answer.
+fn send(cli: &Cli, req: Request) -> anyhow::Result<ExitCode> {
+    let socket = client_socket(cli)?;
+    let out = Output::new();
+    let mut last_phase = None;
+    let result = client::request(&socket, &req, &mut |p| {
+        if let Progress::Phase { phase } = p {
+            last_phase = Some(*phase);
+        }
+        out.event(p);
+    });
+    out.finish();
+    match result {
+        Ok(message) => {
+            println!("{message}");
+            Ok(ExitCode::SUCCESS)
+        }
+        // After the commit the server kexecs: the connection dying is the expected end.
+        Err(ClientError::Closed { .. })
+            if matches!(req, Request::Update { .. }) && last_phase == Some(Phase::Committed) =>
+        {
+            if let Request::Update { version } = &req {
+                println!(
+                    "switching to kernel {version}; once it is up, `nvwa status` shows the restore"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(anyhow!("{e}")),
+    }
+}
+
+/// After `nvwa restore SVC@PID` succeeded: make the restored process the unit's main process and
+/// let systemd forget the override the server removed.
+fn hand_over_to_systemd(pid: i32) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        let states = [
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::MainPid(pid as u32),
+        ];
+        if let Err(e) = sd_notify::notify(&states) {
+            eprintln!("nvwa: warning: cannot tell systemd that pid {pid} is the service's main process: {e}");
+        }
+    }
+    match std::process::Command::new("systemctl")
+        .arg("daemon-reload")
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!("nvwa: warning: `systemctl daemon-reload` failed ({s}); run it by hand so that systemd drops the nvwa override"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("nvwa: warning: systemctl not found; skipping `systemctl daemon-reload`")
+        }
+        Err(e) => eprintln!("nvwa: warning: cannot run `systemctl daemon-reload`: {e}"),
+    }
+}
+
+fn status(cli: &Cli, json: bool) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(cli.config_dir.as_deref())?;
+    let criu_dir = &cfg.server.criu_dir;
+    let Some(journal) = Journal::load(criu_dir)? else {
+        let text = format!("no update has run (no journal in {})", criu_dir.display());
+        if json {
+            println!("null");
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    if json {
+        let mut value = serde_json::to_value(&journal)?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("downtime_ms".into(), journal.downtime_ms().into());
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", render::status(&journal));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,124 @@
+//! Everything the update pipeline does to the machine, behind one trait, so the all-or-nothing
+//! logic can be tested with a recording double and run for real with [`RealMachine`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::boot::{self, BootError, KernelFiles};
+use crate::criu::{Criu, CriuError, DumpOptions};
+use crate::kexec::{self, KexecError};
+use crate::pidns::{self, PidError};
+use crate::process;
+
+pub trait Machine: Send + Sync {
+    fn running_kernel(&self) -> String;
+    fn find_kernel(&self, version: &str) -> Result<KernelFiles, BootError>;
+    /// Loads the kernel for kexec with the running command line.
+    fn load_kernel(
+        &self,
+        files: &KernelFiles,
+        kexec_exe: &Path,
+        quick: bool,
+    ) -> Result<(), KexecError>;
+    fn unload_kernel(&self);
+    fn alive(&self, pid: i32) -> bool;
+    fn describe(&self, pid: i32) -> String;
+    /// Whether `ancestor` is `pid` or one of its ancestors.
+    fn is_ancestor(&self, ancestor: i32, pid: i32) -> bool;
+    fn tree_ids(&self, pid: i32) -> Vec<i32>;
+    fn tree_rss_bytes(&self, pid: i32) -> u64;
+    /// Checkpoints and leaves the tree stopped; returns milliseconds spent.
+    fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError>;
+    fn resume(&self, ids: &[i32]) -> Result<(), nix::Error>;
+    /// Makes images durable before the point of no return.
+    fn sync(&self);
+    /// Jumps into the loaded kernel; returns only on failure.
+    fn kexec(&self) -> KexecError;
+    fn restore(&self, criu: &Criu, dir: &Path) -> Result<(i32, u64), CriuError>;
+    fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError>;
+    fn wait_pids_free(&self, ids: &[i32], timeout: Duration) -> Result<(), PidError>;
+    fn boot_id(&self) -> String;
+}
+
+/// The machine nvwa runs on.
+pub struct RealMachine {
+    /// "/" in production; lets `nvwa` find kernels under another root.
+    pub root: std::path::PathBuf,
+}
+
+impl Default for RealMachine {
+    fn default() -> Self {
+        RealMachine { root: "/".into() }
+    }
+}
+
+impl Machine for RealMachine {
+    fn running_kernel(&self) -> String {
+        boot::running_kernel()
+    }
+    fn find_kernel(&self, version: &str) -> Result<KernelFiles, BootError> {
+        boot::find_kernel(&self.root, version)
+    }
+    fn load_kernel(
+        &self,
+        files: &KernelFiles,
+        kexec_exe: &Path,
+        quick: bool,
+    ) -> Result<(), KexecError> {
+        let mut cmdline = kexec::current_cmdline()?;
+        if let Some(last) = pidns::next_boot_reservation() {
+            cmdline = pidns::cmdline_with_reservation(&cmdline, last);
+        }
+        if quick {
+            return kexec::load_with_tool(kexec_exe, files, &cmdline, true);
+        }
+        match kexec::load_native(files, &cmdline) {
+            Err(KexecError::Load { source, .. }) if source.raw_os_error() == Some(libc::ENOSYS) => {
+                kexec::load_with_tool(kexec_exe, files, &cmdline, false)
+            }
+            other => other,
+        }
+    }
+    fn unload_kernel(&self) {
+        kexec::unload()
+    }
+    fn alive(&self, pid: i32) -> bool {
+        process::alive(pid)
+    }
+    fn describe(&self, pid: i32) -> String {
+        process::describe(pid)
+    }
+    fn is_ancestor(&self, ancestor: i32, pid: i32) -> bool {
+        process::is_ancestor(ancestor, pid)
+    }
+    fn tree_ids(&self, pid: i32) -> Vec<i32> {
+        process::tree_ids(pid)
+    }
+    fn tree_rss_bytes(&self, pid: i32) -> u64 {
+        process::tree_rss_bytes(pid)
+    }
+    fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
+        criu.dump(pid, dir, opts)
+    }
+    fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
+        process::resume(ids)
+    }
+    fn sync(&self) {
+        nix::unistd::sync();
+    }
+    fn kexec(&self) -> KexecError {
+        kexec::execute()
+    }
+    fn restore(&self, criu: &Criu, dir: &Path) -> Result<(i32, u64), CriuError> {
+        criu.restore(dir)
+    }
+    fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
+        pidns::reserve_above(ids)
+    }
+    fn wait_pids_free(&self, ids: &[i32], timeout: Duration) -> Result<(), PidError> {
+        pidns::wait_free(ids, timeout)
+    }
+    fn boot_id(&self) -> String {
+        crate::journal::boot_id()
+    }
+}

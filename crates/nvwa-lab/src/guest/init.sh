@@ -1,0 +1,142 @@
+#!/bin/sh
+# /init of an nvwa lab guest (busybox sh). The same script runs on the old kernel, where it sets
+# the scenario up and runs `nvwa update`, and on the new kernel (after the kexec), where the nvwa
+# server restores the saved processes and the scenario's checks run.
+#
+# It talks to the host in lines on the console:
+#   NVWA-LAB {json}          a structured event
+#   NVWA-LAB-OUT tag: text   output of a scenario step, kept for the report
+# Persistent state (criu images, the journal, scenario variables) lives on /dev/pmem0: memory
+# reserved with memmap=, which the next kernel leaves alone.
+
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+umask 022
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm /run /tmp
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /dev/shm
+exec </dev/console >/dev/console 2>&1
+# nvwa-pre.service's job, before anything else can take a pid: honour the reservation an
+# update left on the kernel command line.
+nvwa pre >/dev/null
+
+K=$(uname -r)
+ev() { echo "NVWA-LAB $1"; }
+out() { tag=$1; while IFS= read -r line; do echo "NVWA-LAB-OUT $tag: $line"; done; }
+finish() {
+    sync
+    ev "{\"event\":\"finish\",\"kernel\":\"$K\",\"failed\":$1}"
+    if grep -q nvwa_lab.shell=1 /proc/cmdline; then
+        echo "nvwa lab shell on $K; 'poweroff -f' to leave"
+        setsid cttyhack sh -l
+    fi
+    poweroff -f
+}
+
+ev "{\"event\":\"init\",\"kernel\":\"$K\"}"
+
+# Kernel modules criu and the persistent memory need, in dependency order.
+while IFS= read -r m; do
+    insmod "$m" 2>/tmp/insmod.err || grep -q 'File exists' /tmp/insmod.err ||
+        { echo "insmod $m: $(cat /tmp/insmod.err)" | out modules; }
+done < "/lib/modules/$K/nvwa-lab/load-order"
+ip link set lo up
+
+i=0
+while [ ! -b /dev/pmem0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+if [ ! -b /dev/pmem0 ]; then
+    echo "no /dev/pmem0: is memmap= on the kernel command line?" | out init
+    { cat /proc/cmdline; grep -i persistent /proc/iomem; dmesg | grep -iE 'pmem|nvdimm|e820|memmap' | tail -20; } 2>&1 | out init
+    finish 1
+fi
+mkdir -p /var/nvwa
+# Busybox prefers its own applets to $PATH: e2fsprogs' mke2fs is called by its full path.
+if ! mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null && ! mount -t ext4 /dev/pmem0 /var/nvwa 2>/dev/null; then
+    /usr/sbin/mke2fs -q -F -t ext4 -b 4096 /dev/pmem0 2>&1 | out init
+    mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null || mount -t ext4 /dev/pmem0 /var/nvwa 2>&1 | out init
+fi
+if ! grep -q ' /var/nvwa ' /proc/mounts; then
+    echo "cannot mount /dev/pmem0 on /var/nvwa: nothing would survive the kexec" | out init
+    finish 1
+fi
+grep ' /var/nvwa ' /proc/mounts | out init
+export LAB_STATE=/var/nvwa/lab
+mkdir -p "$LAB_STATE" /var/nvwa/log
+touch "$LAB_STATE/vars"
+
+. /lab/scenario.sh
+
+start_server() {
+    nvwa server >>"/var/nvwa/log/server-$K.log" 2>&1 &
+    i=0
+    while [ ! -S /run/nvwa/nvwa.socket ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+    [ -S /run/nvwa/nvwa.socket ] || { echo "the nvwa server did not start" | out server; cat "/var/nvwa/log/server-$K.log" | out server; finish 1; }
+}
+
+# lab_save NAME VALUE: keep a variable for the checks after the kernel switch.
+lab_save() { echo "$1='$2'" >> "$LAB_STATE/vars"; eval "$1='$2'"; export "$1"; }
+
+failed=0
+run_checks() {
+    n=0
+    while [ $n -lt "$LAB_CHECKS" ]; do
+        n=$((n + 1))
+        ( set -e; . "$LAB_STATE/vars"; "lab_check_$n" ) >/tmp/check.out 2>&1
+        rc=$?
+        out "check$n" </tmp/check.out
+        ev "{\"event\":\"check\",\"index\":$n,\"rc\":$rc,\"kernel\":\"$K\"}"
+        [ $rc -eq 0 ] || failed=1
+    done
+}
+
+if [ ! -f "$LAB_STATE/update-started" ]; then
+    # --- old kernel ---
+    ev "{\"event\":\"boot\",\"stage\":\"old\",\"kernel\":\"$K\"}"
+    # A server that has been up for a while runs its services far above the pids that the next
+    # boot's kernel threads take (a few hundred at most), which no reservation can move.
+    echo 1000 > /proc/sys/kernel/ns_last_pid
+    start_server
+    (
+        set -e
+        lab_setup
+        lab_render_config > /etc/nvwa/nvwa-restore.yaml
+    ) >/tmp/setup.out 2>&1
+    rc=$?
+    out setup </tmp/setup.out
+    cat /etc/nvwa/nvwa-restore.yaml | out config
+    ev "{\"event\":\"setup\",\"rc\":$rc}"
+    [ $rc -eq 0 ] || finish 1
+    n=0
+    while [ $n -lt "$LAB_UPDATES" ]; do
+        n=$((n + 1))
+        if [ "$(lab_update_expect_$n)" = success ]; then touch "$LAB_STATE/update-started"; sync; fi
+        ev "{\"event\":\"update\",\"index\":$n}"
+        { nvwa update "$(lab_update_version_$n)" 2>&1; echo "exit $?"; } | tee "/tmp/update$n.out" | out "update$n"
+        rc=$(tail -n 1 "/tmp/update$n.out" | sed 's/^exit //')
+        ev "{\"event\":\"update-returned\",\"index\":$n,\"rc\":$rc}"
+    done
+    run_checks
+    cat "/var/nvwa/log/server-$K.log" | out server
+    finish $failed
+else
+    # --- new kernel: the server restores what the old one saved ---
+    ev "{\"event\":\"boot\",\"stage\":\"new\",\"kernel\":\"$K\"}"
+    start_server
+    i=0
+    while [ $i -lt 1800 ]; do
+        phase=$(nvwa status --json 2>/dev/null | tr -d ' \n' | sed -n 's/.*"phase":"\([a-z_]*\)".*/\1/p')
+        case "$phase" in restored|failed|rolled_back) break ;; esac
+        sleep 0.1
+        i=$((i + 1))
+    done
+    ev "{\"event\":\"restored\",\"phase\":\"$phase\"}"
+    echo "NVWA-LAB {\"event\":\"journal\",\"journal\":$(nvwa status --json | tr -d '\n')}"
+    run_checks
+    cat "/var/nvwa/log/server-$K.log" | out server
+    finish $failed
+fi

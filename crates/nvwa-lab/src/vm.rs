@@ -1,0 +1,257 @@
+//! Running a lab guest in QEMU (TCG: no KVM is needed) and reading what it says.
+//!
+//! The serial console goes to our stdout pipe; every line is stamped with the host's monotonic
+//! clock (so phase durations are measured across the kexec by one clock), appended to the serial
+//! log, and classified: `NVWA-LAB {json}` lines are structured events, `NVWA-LAB-OUT tag: text`
+//! lines are step output, everything else is console noise kept only in the log.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+/// Persistent memory for the images: 768 MiB at 2 GiB in a 3 GiB guest, clear of the BIOS area
+/// at the top (a region that crosses it is "misaligned" for nd_pmem). It must not overlap the
+/// initramfs, which QEMU loads just below 2 GiB (the bzImage's initrd_addr_max).
+pub const MEMMAP: &str = "memmap=768M!2G";
+
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub serial_log: PathBuf,
+    pub timeout: Duration,
+    /// (host port, guest port) TCP forwards on 127.0.0.1.
+    pub forwards: Vec<(u16, u16)>,
+}
+
+impl VmSpec {
+    pub fn new(kernel: &Path, initrd: &Path, serial_log: &Path, timeout: Duration) -> VmSpec {
+        VmSpec {
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            append: format!("console=ttyS0 {MEMMAP} panic=-1 quiet loglevel=3"),
+            memory_mib: 3072,
+            cpus: 2,
+            serial_log: serial_log.to_path_buf(),
+            timeout,
+            forwards: Vec::new(),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut netdev = "user,id=n0".to_string();
+        for (host, guest) in &self.forwards {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        ["-accel", "tcg", "-cpu", "max", "-m"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([
+                self.memory_mib.to_string(),
+                "-smp".into(),
+                self.cpus.to_string(),
+                "-kernel".into(),
+                self.kernel.display().to_string(),
+                "-initrd".into(),
+                self.initrd.display().to_string(),
+                "-append".into(),
+                self.append.clone(),
+                "-netdev".into(),
+                netdev,
+                "-device".into(),
+                "virtio-net-pci,netdev=n0".into(),
+                "-display".into(),
+                "none".into(),
+                "-no-reboot".into(),
+            ])
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Line {
+    Event(serde_json::Value),
+    Output { tag: String, text: String },
+    Console(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Stamped {
+    pub at_ms: u64,
+    pub line: Line,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub lines: Vec<Stamped>,
+    pub timed_out: bool,
+}
+
+pub fn classify(raw: &str) -> Line {
+    let raw = raw.trim_end_matches(['\r', '\n']);
+    if let Some(i) = raw.find("NVWA-LAB-OUT ") {
+        let rest = &raw[i + "NVWA-LAB-OUT ".len()..];
+        if let Some((tag, text)) = rest.split_once(": ") {
+            return Line::Output {
+                tag: tag.to_string(),
+                text: text.to_string(),
+            };
+        }
+        if let Some(tag) = rest.strip_suffix(':') {
+            return Line::Output {
+                tag: tag.to_string(),
+                text: String::new(),
+            };
+        }
+    }
+    if let Some(i) = raw.find("NVWA-LAB {") {
+        if let Ok(v) = serde_json::from_str(&raw[i + "NVWA-LAB ".len()..]) {
+            return Line::Event(v);
+        }
+    }
+    Line::Console(raw.to_string())
+}
+
+/// Fails with an install hint when QEMU is missing.
+pub fn require_qemu() -> Result<()> {
+    match Command::new(QEMU).arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => bail!("{QEMU} is not installed: run `apt-get install qemu-system-x86` (the lab needs it to boot its guest kernels)"),
+    }
+}
+
+/// Boots the guest and collects its lines until it powers off or the timeout strikes.
+/// `on_line` sees each line as it arrives (for live output).
+pub fn run(spec: &VmSpec, on_line: &mut dyn FnMut(&Stamped)) -> Result<Outcome> {
+    require_qemu()?;
+    let mut log = std::fs::File::create(&spec.serial_log)
+        .with_context(|| format!("cannot create {}", spec.serial_log.display()))?;
+    let start = Instant::now();
+    let mut child = Command::new(QEMU)
+        .args(spec.args())
+        .args(["-serial", "stdio", "-monitor", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {QEMU}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel::<(u64, String)>();
+    let tx_err = tx.clone();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        while r
+            .read_until(b'\n', &mut buf)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            let at = start.elapsed().as_millis() as u64;
+            if tx
+                .send((at, String::from_utf8_lossy(&buf).into_owned()))
+                .is_err()
+            {
+                break;
+            }
+            buf.clear();
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let at = start.elapsed().as_millis() as u64;
+            let _ = tx_err.send((at, format!("qemu: {line}\n")));
+        }
+    });
+
+    let mut lines = Vec::new();
+    let deadline = start + spec.timeout;
+    let mut timed_out = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(Duration::from_millis(500))) {
+            Ok((at_ms, raw)) => {
+                let _ = write!(log, "[{:>9.3}] {}", at_ms as f64 / 1000.0, raw);
+                let stamped = Stamped {
+                    at_ms,
+                    line: classify(&raw),
+                };
+                on_line(&stamped);
+                lines.push(stamped);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if Instant::now() >= deadline {
+                    timed_out = true;
+                    let _ = child.kill();
+                    let _ = writeln!(log, "nvwa-lab: timed out after {:?}", spec.timeout);
+                    break;
+                }
+            }
+        }
+    }
+    let _ = child.wait();
+    Ok(Outcome { lines, timed_out })
+}
+
+/// Boots the guest with the console on this terminal, for an operator to poke around.
+pub fn run_interactive(spec: &VmSpec) -> Result<()> {
+    require_qemu()?;
+    let status = Command::new(QEMU)
+        .args(spec.args())
+        .args(["-serial", "mon:stdio"])
+        .status()
+        .with_context(|| format!("cannot start {QEMU}"))?;
+    if !status.success() {
+        bail!("{QEMU} exited with {status}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_classified() {
+        match classify("NVWA-LAB {\"event\":\"boot\",\"kernel\":\"6.1\"}\r\n") {
+            Line::Event(v) => assert_eq!(v["kernel"], "6.1"),
+            other => panic!("{other:?}"),
+        }
+        match classify("[  1.2] junk NVWA-LAB-OUT check1: pid 7 ok\n") {
+            Line::Output { tag, text } => {
+                assert_eq!(tag, "check1");
+                assert_eq!(text, "pid 7 ok");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(classify("NVWA-LAB {broken"), Line::Console(_)));
+        assert!(matches!(
+            classify("[    0.000000] Linux version"),
+            Line::Console(_)
+        ));
+    }
+
+    #[test]
+    fn forwards_become_hostfwd_rules() {
+        let mut spec = VmSpec::new(
+            Path::new("k"),
+            Path::new("i"),
+            Path::new("l"),
+            Duration::from_secs(1),
+        );
+        spec.forwards.push((8080, 80));
+        let args = spec.args().join(" ");
+        assert!(args.contains("hostfwd=tcp:127.0.0.1:8080-:80"), "{args}");
+        assert!(args.contains("-accel tcg -cpu max"), "{args}");
+        assert!(args.contains(MEMMAP), "{args}");
+    }
+}

@@ -1,0 +1,279 @@
+//! The command line: clap definitions and the rewrite of the original's `nvwa -server 1`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+const ABOUT: &str = "Upgrade the kernel of a running server without losing its important processes";
+
+const LONG_ABOUT: &str = "\
+Upgrade the kernel of a running server without losing its important processes.
+
+nvwa checkpoints the configured processes and services with CRIU, kexecs into the new kernel, and
+restores them there. The work is done by the nvwa server (`nvwa server`, normally the systemd unit
+nvwa.service); the other commands talk to it over its unix socket, except `check` and `status`,
+which run locally.
+
+Configuration is read from nvwa-server.yaml and nvwa-restore.yaml, searched in `.`, `./config` and
+`/etc/nvwa` (or only in --config-dir).";
+
+const AFTER_HELP: &str = "\
+Typical use:
+  nvwa check 6.6.0-28.oe2403.x86_64     # is this machine ready to switch to that kernel?
+  nvwa update 6.6.0-28.oe2403.x86_64    # checkpoint, kexec, restore
+  nvwa status                           # what the last update did, and the downtime
+
+Compatibility: `nvwa -server 1` (the original's way to start the server) means `nvwa server`.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nvwa",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Read the configuration from DIR only, instead of searching `.`, `./config`, `/etc/nvwa`
+    #[arg(long, global = true, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// The server's unix socket (default: `socket` in nvwa-server.yaml, else /run/nvwa/nvwa.socket)
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the nvwa server (normally started by nvwa.service)
+    ///
+    /// Loads the configuration, listens on the socket, tells systemd it is ready, and restores
+    /// in the background the processes saved by an update before the kexec. Stops on `nvwa exit`.
+    Server,
+
+    /// Checkpoint the configured processes and services, then kexec into kernel VERSION
+    ///
+    /// VERSION is the suffix of an installed /boot/vmlinuz-VERSION (see `nvwa check` and shell
+    /// completion). If anything fails before the jump, every process is resumed on the current
+    /// kernel. Progress is printed as it happens; the machine then switches kernels and the
+    /// server restores the processes when it starts again.
+    Update {
+        /// Kernel version to switch to, e.g. 6.6.0-28.oe2403.x86_64
+        #[arg(value_name = "VERSION")]
+        kernel: String,
+    },
+
+    /// Early-boot step (nvwa-pre.service): keep the pids of saved processes free
+    ///
+    /// An update passes `nvwa.last_pid=N` to the new kernel; this moves the pid counter past N
+    /// before services start, so none of them lands on a pid that a restore needs.
+    Pre,
+
+    /// Forget a previous update: remove saved images, systemd overrides and pinned memory
+    Init,
+
+    /// Stop the nvwa server (refused while an update is in progress)
+    Exit,
+
+    /// Restore one service checkpointed by an update (run by systemd through the unit override)
+    ///
+    /// During `update`, each configured service gets a drop-in whose ExecStart is
+    /// `nvwa restore SERVICE@PID`; after the kexec systemd runs it, the server restores the
+    /// process with its old pid, and this command hands that pid to systemd as the unit's main pid.
+    Restore {
+        /// The service and its pid before the update, e.g. redis@1234
+        #[arg(value_name = "SERVICE@PID", value_parser = parse_service_at_pid)]
+        target: ServiceAtPid,
+    },
+
+    /// Check whether this machine is ready to update (to VERSION, if given); runs locally
+    ///
+    /// Checks the configuration, the tools (criu, kexec), the kernel files, the targets, free
+    /// space, and the optional openEuler kernel features. Exits 1 when a check fails.
+    Check {
+        /// Kernel version to check, e.g. 6.6.0-28.oe2403.x86_64
+        #[arg(value_name = "VERSION")]
+        kernel: Option<String>,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Show the journal of the last update: phases, targets, timings and downtime; runs locally
+    Status {
+        /// Print the journal as JSON (with a `downtime_ms` field)
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Print a shell completion script (bash also completes installed kernel versions)
+    ///
+    /// For example: `nvwa completions bash > /etc/bash_completion.d/nvwa`
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the manual page (roff) to standard output
+    ///
+    /// For example: `nvwa man > /usr/share/man/man8/nvwa.8`
+    Man,
+}
+
+/// `SERVICE@PID`, as written by the unit overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAtPid {
+    pub service: String,
+    pub pid: i32,
+}
+
+pub fn parse_service_at_pid(s: &str) -> Result<ServiceAtPid, String> {
+    let Some((service, pid)) = s.rsplit_once('@') else {
+        return Err(format!(
+            "expected SERVICE@PID (e.g. redis@1234), got {s:?} without '@'"
+        ));
+    };
+    if service.is_empty() {
+        return Err(format!(
+            "expected SERVICE@PID (e.g. redis@1234), the service name before '@' is empty in {s:?}"
+        ));
+    }
+    if service.contains('/') || service.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "{service:?} is not a systemd service name (no '/' or spaces allowed)"
+        ));
+    }
+    let pid: i32 = pid.parse().map_err(|_| {
+        format!("expected SERVICE@PID (e.g. redis@1234), {pid:?} after '@' is not a pid")
+    })?;
+    if pid <= 0 {
+        return Err(format!("{pid} is not a valid pid (must be positive)"));
+    }
+    let service = service.strip_suffix(".service").unwrap_or(service);
+    Ok(ServiceAtPid {
+        service: service.to_string(),
+        pid,
+    })
+}
+
+/// Rewrites the original's `nvwa [global flags] -server 1 [...]` into `nvwa [global flags] server
+/// [...]`, so that unit files written for it keep working. Anything else is left alone.
+pub fn rewrite_legacy_args(args: Vec<OsString>) -> Vec<OsString> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--config-dir" || a == "--socket" {
+            i += 2;
+        } else if a.starts_with("--config-dir=") || a.starts_with("--socket=") {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    let arg = |k: usize| args.get(k).map(|a| a.to_string_lossy().into_owned());
+    let (skip, matched) = match (arg(i).as_deref(), arg(i + 1).as_deref()) {
+        (Some("-server" | "--server"), Some("1")) => (2, true),
+        (Some("-server=1" | "--server=1"), _) => (1, true),
+        _ => (0, false),
+    };
+    if !matched {
+        return args;
+    }
+    let mut out = args[..i].to_vec();
+    out.push("server".into());
+    out.extend_from_slice(&args[i + skip..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_original_server_flag_means_server() {
+        assert_eq!(
+            rewrite_legacy_args(os(&["nvwa", "-server", "1"])),
+            os(&["nvwa", "server"])
+        );
+        assert_eq!(
+            rewrite_legacy_args(os(&["nvwa", "--config-dir", "/c", "-server", "1"])),
+            os(&["nvwa", "--config-dir", "/c", "server"])
+        );
+        assert_eq!(
+            rewrite_legacy_args(os(&["nvwa", "--socket=/s", "-server=1"])),
+            os(&["nvwa", "--socket=/s", "server"])
+        );
+        assert_eq!(
+            rewrite_legacy_args(os(&["nvwa", "-server", "1", "--help"])),
+            os(&["nvwa", "server", "--help"])
+        );
+        let cli = Cli::try_parse_from(rewrite_legacy_args(os(&[
+            "nvwa",
+            "--config-dir",
+            "/c",
+            "-server",
+            "1",
+        ])))
+        .unwrap();
+        assert!(matches!(cli.command, Command::Server));
+        assert_eq!(cli.config_dir, Some(PathBuf::from("/c")));
+    }
+
+    #[test]
+    fn other_arguments_are_left_alone() {
+        for v in [
+            &["nvwa", "update", "1"][..],
+            &["nvwa", "-server", "0"],
+            &["nvwa", "update", "-server", "1"],
+            &["nvwa"],
+            &["nvwa", "--socket"],
+        ] {
+            assert_eq!(rewrite_legacy_args(os(v)), os(v));
+        }
+    }
+
+    #[test]
+    fn service_at_pid() {
+        assert_eq!(
+            parse_service_at_pid("redis@1234").unwrap(),
+            ServiceAtPid {
+                service: "redis".into(),
+                pid: 1234
+            }
+        );
+        assert_eq!(
+            parse_service_at_pid("redis.service@7").unwrap().service,
+            "redis"
+        );
+        assert_eq!(
+            parse_service_at_pid("getty@tty1@99").unwrap().service,
+            "getty@tty1"
+        );
+        for (bad, why) in [
+            ("redis", "without '@'"),
+            ("@12", "empty"),
+            ("redis@", "not a pid"),
+            ("redis@x", "not a pid"),
+            ("redis@-3", "must be positive"),
+            ("a/b@3", "not a systemd service name"),
+        ] {
+            let err = parse_service_at_pid(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The `nvwa` binary as an operator sees it. Nothing here talks to a real server or touches the
+//! machine: client commands are pointed at sockets in temporary directories.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use assert_cmd::Command;
+use nvwa_core::journal::{Journal, Phase, Target, TargetKind, TargetState};
+
+fn nvwa() -> Command {
+    let mut cmd = Command::cargo_bin("nvwa").unwrap();
+    cmd.env_remove("NOTIFY_SOCKET").env_remove("RUST_LOG");
+    cmd
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A config dir whose criu_dir is inside it.
+fn config_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let criu = dir.path().join("running");
+    std::fs::write(
+        dir.path().join("nvwa-server.yaml"),
+        format!(
+            "criu_dir: {}\ncriu_exe: /usr/sbin/criu\nkexec_exe: /usr/sbin/kexec\n\
+             systemd_etc: {}\nlog_dir: {}\n",
+            criu.display(),
+            dir.path().join("systemd").display(),
+            dir.path().join("log").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("nvwa-restore.yaml"),
+        "pids: []\nservices: []\nrestore_net: false\nenable_quick_kexec: false\n\
+         enable_pin_memory: false\nenbale_debug_mode: false\n",
+    )
+    .unwrap();
+    (dir, criu)
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let out = nvwa().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = stdout(&out);
+    for sub in [
+        "server",
+        "update",
+        "init",
+        "exit",
+        "restore",
+        "check",
+        "status",
+        "completions",
+        "man",
+        "--config-dir",
+        "--socket",
+    ] {
+        assert!(text.contains(sub), "--help lacks {sub}:\n{text}");
+    }
+    let out = nvwa().args(["help", "update"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("VERSION"), "{}", stdout(&out));
+}
+
+#[test]
+fn restore_without_a_pid_is_refused_clearly() {
+    let out = nvwa().args(["restore", "foo"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("SERVICE@PID") && err.contains("foo"),
+        "unclear error:\n{err}"
+    );
+}
+
+#[test]
+fn no_server_names_the_socket_and_how_to_start_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nowhere.socket");
+    let out = nvwa()
+        .args(["--socket", sock.to_str().unwrap(), "update", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.starts_with("nvwa: error: "), "{err}");
+    assert!(
+        err.contains(sock.to_str().unwrap())
+            && err.contains("systemctl start nvwa")
+            && err.contains("nvwa server"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("No such file").count(),
+        1,
+        "cause repeated:\n{err}"
+    );
+}
+
+/// A server that answers one request with `lines`; returns the request line it got.
+fn answer_once(sock: &Path, lines: &'static str) -> std::thread::JoinHandle<String> {
+    let listener = UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut req = String::new();
+        BufReader::new(&s).read_line(&mut req).unwrap();
+        (&s).write_all(lines.as_bytes()).unwrap();
+        req
+    })
+}
+
+#[test]
+fn progress_is_printed_with_elapsed_time_then_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nvwa.socket");
+    let server = answer_once(
+        &sock,
+        "{\"response\":\"progress\",\"event\":\"phase\",\"phase\":\"kernel_loaded\"}\n\
+         {\"response\":\"progress\",\"event\":\"target\",\"target\":\"1234\",\"pid\":1234,\"state\":\"dumped\",\"detail\":\"3 MiB\"}\n\
+         {\"response\":\"done\",\"message\":\"all restored\"}\n",
+    );
+    let out = nvwa()
+        .args(["--socket", sock.to_str().unwrap(), "init"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with('[') && lines[0].ends_with("s] phase kernel_loaded"),
+        "{text}"
+    );
+    assert!(lines[1].ends_with("s] 1234 (pid) dumped: 3 MiB"), "{text}");
+    assert_eq!(lines[2], "all restored");
+    assert_eq!(server.join().unwrap(), "{\"request\":\"init\"}\n");
+}
+
+#[test]
+fn a_server_error_is_printed_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nvwa.socket");
+    let server = answer_once(
+        &sock,
+        "{\"response\":\"error\",\"message\":\"kernel 9.9 is not installed: no /boot/vmlinuz-9.9\"}\n",
+    );
+    let out = nvwa()
+        .args(["--socket", sock.to_str().unwrap(), "update", "9.9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "nvwa: error: kernel 9.9 is not installed: no /boot/vmlinuz-9.9\n"
+    );
+    assert_eq!(
+        server.join().unwrap(),
+        "{\"request\":\"update\",\"version\":\"9.9\"}\n"
+    );
+}
+
+#[test]
+fn restore_sends_service_and_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nvwa.socket");
+    let server = answer_once(
+        &sock,
+        "{\"response\":\"error\",\"message\":\"no saved images\"}\n",
+    );
+    let out = nvwa()
+        .args(["--socket", sock.to_str().unwrap(), "restore", "redis@4321"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        server.join().unwrap(),
+        "{\"request\":\"restore\",\"service\":\"redis\",\"pid\":4321}\n"
+    );
+}
+
+#[test]
+fn status_without_a_journal() {
+    let (dir, criu) = config_dir();
+    let out = nvwa()
+        .args(["--config-dir", dir.path().to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("no update has run") && text.contains(criu.to_str().unwrap()),
+        "{text}"
+    );
+}
+
+fn journal() -> Journal {
+    let mut j = Journal::new(
+        "6.1.0",
+        "6.6.0",
+        vec![Target {
+            name: "777".into(),
+            kind: TargetKind::Pid,
+            pid: 777,
+            tree_ids: vec![777],
+            rss_bytes: 4096,
+            state: TargetState::Resumed,
+            dump_ms: Some(120),
+            restore_ms: None,
+            running_again_wall_ms: None,
+        }],
+    );
+    j.advance(Phase::KernelLoaded).unwrap();
+    j.advance(Phase::Frozen).unwrap();
+    j.advance(Phase::RolledBack).unwrap();
+    j.error = Some("criu dump of 777 failed".into());
+    j
+}
+
+#[test]
+fn status_as_text() {
+    let (dir, criu) = config_dir();
+    journal().save(&criu).unwrap();
+    let out = nvwa()
+        .args(["--config-dir", dir.path().to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for want in [
+        "6.1.0 -> 6.6.0",
+        "rolled_back",
+        "criu dump of 777 failed",
+        "777",
+        "resumed",
+        "120 ms",
+        "kernel_loaded",
+        "downtime:",
+    ] {
+        assert!(text.contains(want), "missing {want:?}:\n{text}");
+    }
+}
+
+#[test]
+fn status_as_json_has_the_journal_and_the_downtime() {
+    let (dir, criu) = config_dir();
+    let j = journal();
+    j.save(&criu).unwrap();
+    let out = nvwa()
+        .args([
+            "--config-dir",
+            dir.path().to_str().unwrap(),
+            "status",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["from_kernel"], "6.1.0");
+    assert_eq!(v["to_kernel"], "6.6.0");
+    assert_eq!(v["phase"], "rolled_back");
+    assert_eq!(v["targets"][0]["pid"], 777);
+    assert_eq!(v["downtime_ms"], serde_json::json!(j.downtime_ms()));
+    assert!(v["downtime_ms"].is_u64());
+}
+
+#[test]
+fn completions_and_man_page() {
+    let out = nvwa().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(
+        text.contains("_nvwa") && text.contains("/boot/vmlinuz-"),
+        "{text}"
+    );
+    for shell in ["zsh", "fish"] {
+        let out = nvwa().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
+    }
+    let out = nvwa().arg("man").output().unwrap();
+    assert!(out.status.success());
+    assert!(stdout(&out).contains(".TH nvwa"), "{}", stdout(&out));
+}
+
+/// The real server over a temporary config (empty criu_dir: nothing to restore, nothing touched),
+/// driven by the real client: it answers, `nvwa exit` stops it and its socket goes away.
+#[test]
+fn server_answers_then_exits_on_request() {
+    use nvwa_core::protocol::Request;
+    use std::time::{Duration, Instant};
+
+    let (dir, _criu) = config_dir();
+    let sock = dir.path().join("run").join("nvwa.socket");
+    let mut server = KillOnDrop(
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("nvwa"))
+            .args(["--config-dir", dir.path().to_str().unwrap()])
+            .args(["--socket", sock.to_str().unwrap(), "-server", "1"])
+            .env_remove("NOTIFY_SOCKET")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let server = &mut server.0;
+
+    // Ready when a ping is answered (the socket file alone may exist a moment before listen).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pong = loop {
+        match nvwa_core::client::request(&sock, &Request::Ping, &mut |_| {}) {
+            Ok(pong) => break pong,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "server never answered: {e}");
+                assert!(server.try_wait().unwrap().is_none(), "server died: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    assert!(pong.contains("running"), "{pong}");
+
+    let out = nvwa()
+        .args(["--socket", sock.to_str().unwrap(), "exit"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(server.wait().unwrap().success());
+    assert!(!sock.exists(), "the socket must be removed on exit");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(sock.parent().unwrap())
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700);
+}
+
+/// Ends a spawned server if the test fails before it exits.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
