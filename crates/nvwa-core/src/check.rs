@@ -241,6 +241,14 @@ fn check_kexec(sys: &dyn System) -> CheckLine {
 fn check_lockdown(sys: &dyn System) -> CheckLine {
     const REQ: &str = "kernel lockdown";
     let Ok(text) = sys.read_file(Path::new(LOCKDOWN)) else {
+        // Without securityfs the file is absent whether or not the kernel has lockdown.
+        if !sys.exists(Path::new("/sys/kernel/security/lsm")) {
+            return CheckLine::warn(
+                REQ,
+                "cannot tell: securityfs is not mounted",
+                "mount -t securityfs securityfs /sys/kernel/security",
+            );
+        }
         return CheckLine::ok(REQ, "no lockdown support in this kernel");
     };
     // The file lists all modes with the active one in brackets: "[none] integrity confidentiality".

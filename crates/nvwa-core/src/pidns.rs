@@ -69,8 +69,8 @@ pub fn reservation_in(cmdline: &str) -> Option<i32> {
     let prefix = format!("{CMDLINE_KEY}=");
     cmdline
         .split_whitespace()
-        .filter_map(|w| w.strip_prefix(&prefix))
-        .last()
+        .rev()
+        .find_map(|w| w.strip_prefix(&prefix))
         .and_then(|v| v.parse().ok())
         .filter(|&v| v > 0)
 }

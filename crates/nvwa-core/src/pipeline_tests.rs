@@ -129,7 +129,7 @@ fn the_new_boot_restores_every_target_and_computes_the_downtime() {
     let old = FakeMachine::with_pids(&[100, 300]);
     // Commit on the old boot: simulate the jump by stopping before kexec's failure handling.
     let mut j = Journal::new("6.1-old", "6.12-new", vec![]);
-    j.targets = crate::update::tests_support::targets(&old, &[100, 300]);
+    j.targets = crate::testing::targets(&old, &[100, 300]);
     for p in [
         Phase::KernelLoaded,
         Phase::Frozen,
@@ -168,7 +168,7 @@ fn a_held_pid_fails_that_target_by_name_and_keeps_its_images() {
     let cfg = config(dir.path(), &[100]);
     let old = FakeMachine::with_pids(&[100]);
     let mut j = Journal::new("6.1-old", "6.12-new", vec![]);
-    j.targets = crate::update::tests_support::targets(&old, &[100]);
+    j.targets = crate::testing::targets(&old, &[100]);
     for p in [
         Phase::KernelLoaded,
         Phase::Frozen,
@@ -206,7 +206,7 @@ fn a_server_restart_on_the_same_boot_resumes_instead_of_restoring() {
     let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[100]);
     let mut j = Journal::new("6.1-old", "6.12-new", vec![]);
-    j.targets = crate::update::tests_support::targets(&m, &[100]);
+    j.targets = crate::testing::targets(&m, &[100]);
     j.timeline[0].boot_id = "boot-1".into();
     j.advance(Phase::KernelLoaded).unwrap();
     j.advance(Phase::Frozen).unwrap();

@@ -167,3 +167,9 @@ pub fn config(dir: &Path, pids: &[i32]) -> Config {
         },
     }
 }
+
+/// Targets as the update plans them, for tests that start from a saved journal.
+pub fn targets(m: &dyn Machine, pids: &[i32]) -> Vec<crate::journal::Target> {
+    let dir = tempfile::tempdir().unwrap();
+    crate::update::plan_targets(m, &config(dir.path(), pids)).unwrap()
+}

@@ -91,7 +91,7 @@ fn advance(j: &mut Journal, cfg: &Config, phase: Phase, r: &Reporter) -> Result<
 }
 
 /// Turns the configured pids into targets, refusing anything that cannot be preserved.
-fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateError> {
+pub(crate) fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateError> {
     let file = cfg.dir.join(crate::config::RESTORE_FILE);
     if !cfg.restore.services.is_empty() {
         return Err(UpdateError::ServicesUnsupported(
@@ -145,17 +145,6 @@ fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateErro
             running_again_wall_ms: None,
         })
         .collect())
-}
-
-#[cfg(test)]
-pub(crate) mod tests_support {
-    use super::*;
-    /// Targets as `plan_targets` makes them, for tests that start from a saved journal.
-    pub fn targets(m: &dyn Machine, pids: &[i32]) -> Vec<Target> {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = crate::testing::config(dir.path(), pids);
-        plan_targets(m, &cfg).unwrap()
-    }
 }
 
 /// Refuses to start while another update owns the machine or saved images await a restore.

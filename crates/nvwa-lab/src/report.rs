@@ -237,7 +237,7 @@ fn timeline(f: &Facts, s: &Scenario) -> Vec<PhaseTime> {
     put("restored", f.first("restored").map(|e| e.0));
     put("finish", f.events("finish").last().map(|e| e.0));
 
-    let span = |a: &str, b: &str| Some(marks.get(b)?.checked_sub(*marks.get(a)?)?);
+    let span = |a: &str, b: &str| marks.get(b)?.checked_sub(*marks.get(a)?);
     let rows: [(&str, Option<u64>); 9] = [
         ("boot (old kernel)", marks.get("boot_old").copied()),
         ("setup", span("boot_old", "setup")),

@@ -67,7 +67,8 @@ impl VmSpec {
                 "-netdev".into(),
                 netdev,
                 "-device".into(),
-                "virtio-net-pci,netdev=n0".into(),
+                // No option ROM: iPXE is not needed (we boot with -kernel) nor always installed.
+                "virtio-net-pci,netdev=n0,romfile=".into(),
                 "-display".into(),
                 "none".into(),
                 "-no-reboot".into(),
