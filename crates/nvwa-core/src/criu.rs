@@ -147,6 +147,17 @@ pub fn summarize(log: &str) -> String {
             None => l.trim(),
         })
         .collect();
+    // "exited, status=1" only says that a helper criu ran failed; the specific lines say why.
+    let specific: Vec<&str> = errors
+        .iter()
+        .copied()
+        .filter(|l| !l.contains("exited, status="))
+        .collect();
+    let errors = if specific.is_empty() {
+        errors
+    } else {
+        specific
+    };
     let picked: Vec<&str> = if errors.is_empty() {
         log.lines()
             .rev()
@@ -177,6 +188,19 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("Dumping FAILED"));
+    }
+
+    #[test]
+    fn helper_exit_lines_give_way_to_specific_ones() {
+        let log = "Error (criu/util.c:642): exited, status=1\nError (criu/pie/parasite.c:504): send_fds failed (-22)\n";
+        assert_eq!(
+            summarize(log),
+            "Error (criu/pie/parasite.c:504): send_fds failed (-22)"
+        );
+        assert_eq!(
+            summarize("Error (criu/util.c:642): exited, status=1\n"),
+            "Error (criu/util.c:642): exited, status=1"
+        );
     }
 
     #[test]

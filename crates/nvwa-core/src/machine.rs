@@ -8,6 +8,7 @@ use crate::boot::{self, BootError, KernelFiles};
 use crate::criu::{Criu, CriuError, DumpOptions};
 use crate::kexec::{self, KexecError};
 use crate::pidns::{self, PidError};
+use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
 use crate::process;
 
 pub trait Machine: Send + Sync {
@@ -38,6 +39,15 @@ pub trait Machine: Send + Sync {
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError>;
     fn wait_pids_free(&self, ids: &[i32], timeout: Duration) -> Result<(), PidError>;
     fn boot_id(&self) -> String;
+    /// openEuler's pin memory (`/dev/pinmem`): keeps the targets' pages where the next kernel
+    /// finds them. `Clear` before the dumps, `Finish` after them.
+    fn pin_memory(&self, op: PinOp) -> Result<(), PinMemError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinOp {
+    Clear,
+    Finish,
 }
 
 /// The machine nvwa runs on.
@@ -120,5 +130,12 @@ impl Machine for RealMachine {
     }
     fn boot_id(&self) -> String {
         crate::journal::boot_id()
+    }
+    fn pin_memory(&self, op: PinOp) -> Result<(), PinMemError> {
+        let dev = PinMem::open(&Path::new(DEV_ROOT).join(PINMEM_DEVICE))?;
+        match op {
+            PinOp::Clear => dev.clear(),
+            PinOp::Finish => dev.finish_dump(),
+        }
     }
 }

@@ -240,3 +240,25 @@ fn init_refuses_during_an_update_and_cleans_otherwise() {
     assert!(msg.contains("removed 1 image set"), "{msg}");
     assert!(!d.exists());
 }
+
+#[test]
+fn pin_memory_brackets_the_dumps_and_its_absence_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &[100]);
+    cfg.restore.enable_pin_memory = true;
+    let m = FakeMachine::with_pids(&[100]);
+    let _ = run_update(&m, &cfg, "6.12-new");
+    let calls = m.calls();
+    let pos = |c: &str| calls.iter().position(|x| x == c).unwrap();
+    assert!(
+        pos("pin Clear") < pos("dump 100") && pos("dump 100") < pos("pin Finish"),
+        "{calls:?}"
+    );
+
+    let mut m = FakeMachine::with_pids(&[100]);
+    m.no_pinmem = true;
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    assert!(res.unwrap_err().contains("pin memory failed"));
+    assert!(!m.calls().iter().any(|c| c.starts_with("dump")));
+    assert!(m.calls().contains(&"unload".to_string()));
+}

@@ -9,8 +9,9 @@ use crate::boot::{BootError, KernelFiles};
 use crate::config::{Config, RestoreConfig, ServerConfig};
 use crate::criu::{Criu, CriuError, DumpOptions};
 use crate::kexec::KexecError;
-use crate::machine::Machine;
+use crate::machine::{Machine, PinOp};
 use crate::pidns::PidError;
+use crate::pinmem::PinMemError;
 
 #[derive(Default)]
 pub struct FakeMachine {
@@ -18,6 +19,7 @@ pub struct FakeMachine {
     pub stopped: Mutex<BTreeSet<i32>>,
     pub fail_dump: BTreeSet<i32>,
     pub fail_load: bool,
+    pub no_pinmem: bool,
     pub held_pids: BTreeSet<i32>,
     pub boot: String,
     pub calls: Mutex<Vec<String>>,
@@ -147,6 +149,16 @@ impl Machine for FakeMachine {
     }
     fn boot_id(&self) -> String {
         self.boot.clone()
+    }
+    fn pin_memory(&self, op: PinOp) -> Result<(), PinMemError> {
+        self.log(format!("pin {op:?}"));
+        if self.no_pinmem {
+            return Err(PinMemError::Open {
+                path: "/dev/pinmem".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -15,7 +15,7 @@ use crate::config::{Config, ConfigError};
 use crate::criu::{Criu, CriuError, DumpOptions};
 use crate::journal::{Journal, JournalError, Phase, Target, TargetKind, TargetState};
 use crate::kexec::KexecError;
-use crate::machine::Machine;
+use crate::machine::{Machine, PinOp};
 use crate::protocol::Progress;
 
 pub use crate::daemon::{Daemon, DaemonError};
@@ -47,6 +47,11 @@ pub enum UpdateError {
         version: String,
         target: String,
         why: String,
+    },
+    #[error("update to {version} abandoned, every target is running again on the old kernel: pin memory failed: {source}; load openEuler's pin_memory module or set enable_pin_memory: false")]
+    PinMemory {
+        version: String,
+        source: crate::pinmem::PinMemError,
     },
     #[error("update to {version} abandoned, every target is running again on the old kernel: the jump into the new kernel failed: {source}")]
     Jump { version: String, source: KexecError },
@@ -201,6 +206,16 @@ pub fn run(
         return Err(err);
     }
     advance(&mut j, cfg, Phase::KernelLoaded, r)?;
+    if cfg.restore.enable_pin_memory {
+        if let Err(e) = m.pin_memory(PinOp::Clear) {
+            let err = UpdateError::PinMemory {
+                version: version.into(),
+                source: e,
+            };
+            roll_back(m, cfg, &mut j, &err.to_string(), r)?;
+            return Err(err);
+        }
+    }
     advance(&mut j, cfg, Phase::Frozen, r)?;
 
     let criu = Criu::new(&cfg.server.criu_exe);
@@ -232,6 +247,16 @@ pub fn run(
         };
         roll_back(m, cfg, &mut j, &err.to_string(), r)?;
         return Err(err);
+    }
+    if cfg.restore.enable_pin_memory {
+        if let Err(e) = m.pin_memory(PinOp::Finish) {
+            let err = UpdateError::PinMemory {
+                version: version.into(),
+                source: e,
+            };
+            roll_back(m, cfg, &mut j, &err.to_string(), r)?;
+            return Err(err);
+        }
     }
     advance(&mut j, cfg, Phase::Dumped, r)?;
     m.sync();

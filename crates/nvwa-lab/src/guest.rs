@@ -33,6 +33,7 @@ pub const MODULES: &[&str] = &[
     "nd_pmem",
     "nd_e820",
     "ext4",
+    "virtio_pci?",
     "virtio_net?",
 ];
 

@@ -105,12 +105,13 @@ impl Lab {
         let dir = self.run_dir(&s.name)?;
         let (outer, _) = self.build_images(s, &dir)?;
         let log = dir.join("serial.log");
-        let spec = VmSpec::new(
+        let mut spec = VmSpec::new(
             &self.ingredients.old.vmlinuz,
             &outer,
             &log,
             Duration::from_secs(s.timeout_s),
         );
+        spec.forwards = s.forwards.iter().map(|f| (f.host, f.guest)).collect();
         let outcome = vm::run(&spec, live)?;
         let mut result = report::judge(s, &self.ingredients.new.version, &outcome, log.clone());
         let events = dir.join("events.json");

@@ -23,6 +23,9 @@ pub struct Scenario {
     /// Debian packages whose files are added to the guest.
     #[serde(default)]
     pub packages: Vec<String>,
+    /// TCP ports of the guest reachable from the host on 127.0.0.1.
+    #[serde(default)]
+    pub forwards: Vec<Forward>,
     #[serde(default)]
     pub files: Vec<GuestFile>,
     /// `nvwa-restore.yaml`, with `$VARS` of the setup script expanded.
@@ -46,6 +49,13 @@ pub struct Scenario {
 
 fn default_timeout() -> u64 {
     900
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    pub host: u16,
+    pub guest: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]

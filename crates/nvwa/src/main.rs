@@ -72,6 +72,13 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 Some(n) => println!("pids up to {n} are kept for restores"),
                 None => println!("no pid reservation on the kernel command line"),
             }
+            // openEuler's pin memory: let the restore read the pinned pages (nvwa-pin's job).
+            let pinmem = std::path::Path::new(nvwa_core::pinmem::DEV_ROOT)
+                .join(nvwa_core::pinmem::PINMEM_DEVICE);
+            if pinmem.exists() {
+                nvwa_core::pinmem::PinMem::open(&pinmem)?.init_pagemap_read()?;
+                println!("pin memory: pagemap read enabled");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Init => {

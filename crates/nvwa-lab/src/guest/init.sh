@@ -32,10 +32,6 @@ out() { tag=$1; while IFS= read -r line; do echo "NVWA-LAB-OUT $tag: $line"; don
 finish() {
     sync
     ev "{\"event\":\"finish\",\"kernel\":\"$K\",\"failed\":$1}"
-    if grep -q nvwa_lab.shell=1 /proc/cmdline; then
-        echo "nvwa lab shell on $K; 'poweroff -f' to leave"
-        setsid cttyhack sh -l
-    fi
     poweroff -f
 }
 
@@ -47,6 +43,10 @@ while IFS= read -r m; do
         { echo "insmod $m: $(cat /tmp/insmod.err)" | out modules; }
 done < "/lib/modules/$K/nvwa-lab/load-order"
 ip link set lo up
+# QEMU's user-mode network: the host reaches the guest through the scenario's port forwards.
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+fi
 
 i=0
 while [ ! -b /dev/pmem0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -81,6 +81,13 @@ start_server() {
 
 # lab_save NAME VALUE: keep a variable for the checks after the kernel switch.
 lab_save() { echo "$1='$2'" >> "$LAB_STATE/vars"; eval "$1='$2'"; export "$1"; }
+
+if grep -q nvwa_lab.shell=1 /proc/cmdline; then
+    start_server
+    echo "nvwa lab shell on $K (nvwa server running, state on /var/nvwa); 'poweroff -f' to leave"
+    setsid cttyhack sh -l
+    poweroff -f
+fi
 
 failed=0
 run_checks() {
