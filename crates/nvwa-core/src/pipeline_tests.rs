@@ -19,6 +19,26 @@ fn run_update(
     (res, events)
 }
 
+/// The journal and images an update leaves behind when it jumps into the new kernel.
+fn committed_on_old_boot(cfg: &crate::config::Config, pids: &[i32]) {
+    let old = FakeMachine::with_pids(pids);
+    let mut j = Journal::new("6.1-old", "6.12-new", crate::testing::targets(&old, pids));
+    for p in [
+        Phase::KernelLoaded,
+        Phase::Frozen,
+        Phase::Dumped,
+        Phase::Committed,
+    ] {
+        j.advance(p).unwrap();
+    }
+    for t in &j.targets {
+        let d = cfg.server.criu_dir.join(&t.name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("inventory.img"), "x").unwrap();
+    }
+    j.save(&cfg.server.criu_dir).unwrap();
+}
+
 #[test]
 fn one_failing_dump_resumes_every_other_target_and_removes_all_images() {
     let dir = tempfile::tempdir().unwrap();
@@ -126,24 +146,7 @@ fn success_commits_before_the_jump_and_a_failed_jump_resumes() {
 fn the_new_boot_restores_every_target_and_computes_the_downtime() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &[100, 300]);
-    let old = FakeMachine::with_pids(&[100, 300]);
-    // Commit on the old boot: simulate the jump by stopping before kexec's failure handling.
-    let mut j = Journal::new("6.1-old", "6.12-new", vec![]);
-    j.targets = crate::testing::targets(&old, &[100, 300]);
-    for p in [
-        Phase::KernelLoaded,
-        Phase::Frozen,
-        Phase::Dumped,
-        Phase::Committed,
-    ] {
-        j.advance(p).unwrap();
-    }
-    for t in &j.targets {
-        let d = cfg.server.criu_dir.join(&t.name);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("inventory.img"), "x").unwrap();
-    }
-    j.save(&cfg.server.criu_dir).unwrap();
+    committed_on_old_boot(&cfg, &[100, 300]);
 
     let mut new = FakeMachine::with_pids(&[]);
     new.boot = "boot-2".into();
@@ -166,21 +169,8 @@ fn the_new_boot_restores_every_target_and_computes_the_downtime() {
 fn a_held_pid_fails_that_target_by_name_and_keeps_its_images() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &[100]);
-    let old = FakeMachine::with_pids(&[100]);
-    let mut j = Journal::new("6.1-old", "6.12-new", vec![]);
-    j.targets = crate::testing::targets(&old, &[100]);
-    for p in [
-        Phase::KernelLoaded,
-        Phase::Frozen,
-        Phase::Dumped,
-        Phase::Committed,
-    ] {
-        j.advance(p).unwrap();
-    }
+    committed_on_old_boot(&cfg, &[100]);
     let d = cfg.server.criu_dir.join("100");
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("inventory.img"), "x").unwrap();
-    j.save(&cfg.server.criu_dir).unwrap();
 
     let mut new = FakeMachine::with_pids(&[]);
     new.boot = "boot-2".into();

@@ -44,7 +44,7 @@ pub fn restore_saved(m: &dyn Machine, cfg: &Config, r: &Reporter) -> Result<Stri
             );
             j.advance(Phase::Failed)?;
             j.save(dir)?;
-            Err(UpdateError::Busy(j.error.clone().unwrap_or_default()))
+            Err(UpdateError::Restore(j.error.clone().unwrap_or_default()))
         }
         Phase::Committed if committed_here => {
             resume_in_place(m, cfg, &mut j, r, "the kernel switch did not happen")
@@ -198,5 +198,5 @@ fn restore_all(
     j.advance(Phase::Failed)?;
     j.save(&cfg.server.criu_dir)?;
     r.phase(Phase::Failed);
-    Err(UpdateError::Busy(j.error.clone().unwrap_or_default()))
+    Err(UpdateError::Restore(j.error.clone().unwrap_or_default()))
 }

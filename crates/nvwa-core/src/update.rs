@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::boot::{self, BootError};
+use crate::boot::{self, BootError, KernelFiles};
 use crate::config::{Config, ConfigError};
 use crate::criu::{Criu, CriuError, DumpOptions};
 use crate::journal::{Journal, JournalError, Phase, Target, TargetKind, TargetState};
@@ -30,6 +30,8 @@ pub enum UpdateError {
     Journal(#[from] JournalError),
     #[error("{0}")]
     Busy(String),
+    #[error("{0}")]
+    Restore(String),
     #[error("pid {pid} listed in {file} is not running; remove it from the file or start the process, then retry")]
     TargetGone { pid: i32, file: PathBuf },
     #[error("pid {pid} listed in {file} cannot be checkpointed: {why}")]
@@ -40,21 +42,25 @@ pub enum UpdateError {
     },
     #[error("systemd services ({0}) are not supported by this nvwa yet; list their main pids under `pids:` or remove them from `services:`")]
     ServicesUnsupported(String),
-    #[error("update to {version} abandoned, every target is running again on the old kernel: the kernel could not be loaded: {source}")]
-    Kernel { version: String, source: KexecError },
-    #[error("update to {version} abandoned, every target is running again on the old kernel: {target} could not be checkpointed: {why}")]
-    Dump {
-        version: String,
-        target: String,
-        why: String,
-    },
-    #[error("update to {version} abandoned, every target is running again on the old kernel: pin memory failed: {source}; load openEuler's pin_memory module or set enable_pin_memory: false")]
-    PinMemory {
-        version: String,
-        source: crate::pinmem::PinMemError,
-    },
-    #[error("update to {version} abandoned, every target is running again on the old kernel: the jump into the new kernel failed: {source}")]
-    Jump { version: String, source: KexecError },
+    #[error(
+        "update to {version} abandoned, every target is running again on the old kernel: {cause}"
+    )]
+    Abandoned { version: String, cause: Abort },
+}
+
+/// Why an update stopped before the kernel switch. Every one of these ends in a rollback.
+#[derive(Debug, thiserror::Error)]
+pub enum Abort {
+    #[error("the kernel could not be loaded: {0}")]
+    Kernel(KexecError),
+    #[error("pin memory failed: {0}; load openEuler's pin_memory module or set enable_pin_memory: false")]
+    PinMemory(crate::pinmem::PinMemError),
+    #[error("{target} could not be checkpointed: {why}")]
+    Dump { target: String, why: String },
+    #[error("{0}")]
+    Journal(#[from] JournalError),
+    #[error("the jump into the new kernel failed: {0}")]
+    Jump(KexecError),
 }
 
 /// Streams progress events from the pipeline (possibly from several dump threads).
@@ -88,7 +94,7 @@ pub fn image_dir(cfg: &Config, t: &Target) -> PathBuf {
     cfg.server.criu_dir.join(&t.name)
 }
 
-fn advance(j: &mut Journal, cfg: &Config, phase: Phase, r: &Reporter) -> Result<(), UpdateError> {
+fn advance(j: &mut Journal, cfg: &Config, phase: Phase, r: &Reporter) -> Result<(), JournalError> {
     j.advance(phase)?;
     j.save(&cfg.server.criu_dir)?;
     r.phase(phase);
@@ -193,31 +199,45 @@ pub fn run(
         j.targets.len()
     ));
 
-    if let Err(source) = m.load_kernel(
-        &files,
-        &cfg.server.kexec_exe,
-        cfg.restore.enable_quick_kexec,
-    ) {
-        let err = UpdateError::Kernel {
-            version: version.into(),
-            source,
-        };
-        roll_back(m, cfg, &mut j, &err.to_string(), r)?;
-        return Err(err);
-    }
-    advance(&mut j, cfg, Phase::KernelLoaded, r)?;
-    if cfg.restore.enable_pin_memory {
-        if let Err(e) = m.pin_memory(PinOp::Clear) {
-            let err = UpdateError::PinMemory {
-                version: version.into(),
-                source: e,
-            };
-            roll_back(m, cfg, &mut j, &err.to_string(), r)?;
-            return Err(err);
-        }
-    }
-    advance(&mut j, cfg, Phase::Frozen, r)?;
+    let Err(cause) = switch(m, cfg, &mut j, &files, r);
+    let err = UpdateError::Abandoned {
+        version: version.into(),
+        cause,
+    };
+    roll_back(m, cfg, &mut j, &err.to_string(), r)?;
+    Err(err)
+}
 
+/// Everything from loading the kernel to the jump. It only returns if something failed, with
+/// every target still alive (stopped or running) for the rollback to resume.
+fn switch(
+    m: &dyn Machine,
+    cfg: &Config,
+    j: &mut Journal,
+    files: &KernelFiles,
+    r: &Reporter,
+) -> Result<std::convert::Infallible, Abort> {
+    m.load_kernel(files, &cfg.server.kexec_exe, cfg.restore.enable_quick_kexec)
+        .map_err(Abort::Kernel)?;
+    advance(j, cfg, Phase::KernelLoaded, r)?;
+    if cfg.restore.enable_pin_memory {
+        m.pin_memory(PinOp::Clear).map_err(Abort::PinMemory)?;
+    }
+    advance(j, cfg, Phase::Frozen, r)?;
+    dump_targets(m, cfg, j, r)?;
+    if cfg.restore.enable_pin_memory {
+        m.pin_memory(PinOp::Finish).map_err(Abort::PinMemory)?;
+    }
+    advance(j, cfg, Phase::Dumped, r)?;
+    m.sync();
+    advance(j, cfg, Phase::Committed, r)?;
+    m.sync();
+    r.message(format!("switching to {} now", files.version));
+    Err(Abort::Jump(m.kexec()))
+}
+
+/// Dumps every target, recording each result; the first failure aborts the update.
+fn dump_targets(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter) -> Result<(), Abort> {
     let criu = Criu::new(&cfg.server.criu_exe);
     let opts = DumpOptions {
         pin_memory: cfg.restore.enable_pin_memory,
@@ -235,43 +255,14 @@ pub fn run(
             Err(e) => {
                 let why = describe_dump_failure(cfg, t, &e);
                 t.state = TargetState::Failed(why.clone());
-                first_failure.get_or_insert((format!("{} (pid {})", t.name, t.pid), why));
+                first_failure.get_or_insert(Abort::Dump {
+                    target: format!("{} (pid {})", t.name, t.pid),
+                    why,
+                });
             }
         }
     }
-    if let Some((target, why)) = first_failure {
-        let err = UpdateError::Dump {
-            version: version.into(),
-            target,
-            why,
-        };
-        roll_back(m, cfg, &mut j, &err.to_string(), r)?;
-        return Err(err);
-    }
-    if cfg.restore.enable_pin_memory {
-        if let Err(e) = m.pin_memory(PinOp::Finish) {
-            let err = UpdateError::PinMemory {
-                version: version.into(),
-                source: e,
-            };
-            roll_back(m, cfg, &mut j, &err.to_string(), r)?;
-            return Err(err);
-        }
-    }
-    advance(&mut j, cfg, Phase::Dumped, r)?;
-    m.sync();
-    advance(&mut j, cfg, Phase::Committed, r)?;
-    m.sync();
-    r.message(format!("switching to {version} now"));
-
-    // Only returns if the jump failed: the targets are still stopped, so nothing is lost.
-    let source = m.kexec();
-    let err = UpdateError::Jump {
-        version: version.into(),
-        source,
-    };
-    roll_back(m, cfg, &mut j, &err.to_string(), r)?;
-    Err(err)
+    first_failure.map_or(Ok(()), Err)
 }
 
 fn dump_all(
@@ -378,7 +369,7 @@ fn roll_back(
     }
     m.unload_kernel();
     j.error = Some(reason.to_string());
-    advance(j, cfg, Phase::RolledBack, r)
+    Ok(advance(j, cfg, Phase::RolledBack, r)?)
 }
 
 /// `nvwa init`: discard saved images and the journal.

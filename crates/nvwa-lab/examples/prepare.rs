@@ -6,30 +6,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use nvwa_lab::guest::MODULES;
 use nvwa_lab::image::GuestImage;
 use nvwa_lab::modules::resolve_modules;
 use nvwa_lab::prepare::{cache_dir, prepare};
-
-const MODULES: &[&str] = &[
-    "crc32c_generic?",
-    "libcrc32c",
-    "nfnetlink",
-    "nf_tables",
-    "unix_diag",
-    "inet_diag",
-    "tcp_diag",
-    "udp_diag",
-    "netlink_diag",
-    "af_packet_diag?",
-    "tun",
-    "veth",
-    "libnvdimm",
-    "nd_btt",
-    "nd_pmem",
-    "nd_e820",
-    "ext4",
-    "virtio_console?",
-];
 
 fn main() -> anyhow::Result<()> {
     let extra: Vec<String> = std::env::args().skip(1).collect();
