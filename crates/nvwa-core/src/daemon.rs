@@ -80,7 +80,9 @@ impl Daemon {
             Request::Update { version } => self.exclusive("update", |cfg| {
                 update::run(self.machine.as_ref(), cfg, &version, &r)
             }),
-            Request::Init => self.exclusive("init", update::init),
+            Request::Init => {
+                self.exclusive("init", |cfg| update::init(self.machine.as_ref(), cfg))
+            }
             Request::Restore { service, pid } => Err(format!(
                 "cannot restore {service}@{pid}: systemd services are not supported by this nvwa yet"
             )),

@@ -217,7 +217,8 @@ fn init_refuses_during_an_update_and_cleans_otherwise() {
     let cfg = config(dir.path(), &[100]);
     let mut j = Journal::new("a", "b", vec![]);
     j.save(&cfg.server.criu_dir).unwrap();
-    assert!(update::init(&cfg)
+    let m = FakeMachine::with_pids(&[]);
+    assert!(update::init(&m, &cfg)
         .unwrap_err()
         .to_string()
         .contains("in progress"));
@@ -226,7 +227,7 @@ fn init_refuses_during_an_update_and_cleans_otherwise() {
     let d = cfg.server.criu_dir.join("100");
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join("inventory.img"), "x").unwrap();
-    let msg = update::init(&cfg).unwrap();
+    let msg = update::init(&m, &cfg).unwrap();
     assert!(msg.contains("removed 1 image set"), "{msg}");
     assert!(!d.exists());
 }

@@ -372,8 +372,8 @@ fn roll_back(
     Ok(advance(j, cfg, Phase::RolledBack, r)?)
 }
 
-/// `nvwa init`: discard saved images and the journal.
-pub fn init(cfg: &Config) -> Result<String, UpdateError> {
+/// `nvwa init`: discard saved images, the journal and pinned memory.
+pub fn init(m: &dyn Machine, cfg: &Config) -> Result<String, UpdateError> {
     let dir = &cfg.server.criu_dir;
     if let Some(j) = Journal::load(dir)? {
         if j.phase.in_progress() {
@@ -396,8 +396,15 @@ pub fn init(cfg: &Config) -> Result<String, UpdateError> {
         }
     }
     let _ = std::fs::remove_file(Journal::path(dir));
+    let pinned = if cfg.restore.enable_pin_memory {
+        m.pin_memory(PinOp::Clear)
+            .map_err(|e| UpdateError::Busy(format!("cannot clear pinned memory: {e}")))?;
+        ", cleared pinned memory"
+    } else {
+        ""
+    };
     Ok(format!(
-        "removed {removed} image set(s) and the journal from {}",
+        "removed {removed} image set(s) and the journal from {}{pinned}",
         dir.display()
     ))
 }

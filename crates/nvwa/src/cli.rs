@@ -74,7 +74,7 @@ pub enum Command {
     /// before services start, so none of them lands on a pid that a restore needs.
     Pre,
 
-    /// Forget a previous update: remove saved images, systemd overrides and pinned memory
+    /// Forget a previous update: remove saved images, the journal and pinned memory
     Init,
 
     /// Stop the nvwa server (refused while an update is in progress)
