@@ -224,9 +224,13 @@ fn verify(args: &[String]) -> Result<(), String> {
                 .and_then(|p| p.trim().parse::<u64>().ok())
         });
     let size = std::fs::metadata(&log_path).map(|m| m.len()).ok();
+    let show = |v: Option<u64>| v.map_or("?".to_string(), |n| n.to_string());
     println!(
-        "pid {pid}: buffer ok, {} ticks without a gap, kernels {kernels:?}, log offset {pos:?} of {size:?}",
-        facts.ticks.len()
+        "pid {pid}: buffer ok, {} ticks without a gap, kernels {}, log offset {} of {} bytes",
+        facts.ticks.len(),
+        kernels.join(" → "),
+        show(pos),
+        show(size)
     );
     Ok(())
 }

@@ -149,7 +149,7 @@ fn run_scenarios(scenarios: &[Scenario], json: bool, verbose: bool) -> Result<()
         eprintln!("nvwa-lab: running {} ...", s.name);
         let mut live = |l: &Stamped| {
             if verbose {
-                print_live(l)
+                print_live(l, s)
             }
         };
         let r = lab
@@ -172,8 +172,13 @@ fn run_scenarios(scenarios: &[Scenario], json: bool, verbose: bool) -> Result<()
     Ok(())
 }
 
-fn print_live(l: &Stamped) {
+fn print_live(l: &Stamped, s: &Scenario) {
     let t = l.at_ms as f64 / 1000.0;
+    let check_name = |v: &serde_json::Value| {
+        v.as_u64()
+            .and_then(|n| s.check.get(n as usize - 1))
+            .map_or("?", |c| c.name.as_str())
+    };
     match &l.line {
         Line::Event(v) => match v["event"].as_str() {
             Some("boot") => println!(
@@ -182,9 +187,9 @@ fn print_live(l: &Stamped) {
                 v["stage"].as_str().unwrap_or("?")
             ),
             Some("check") => println!(
-                "[{t:7.2}s] check {} {}",
-                v["index"],
-                if v["rc"] == 0 { "passed" } else { "FAILED" }
+                "[{t:7.2}s] {} check: {}",
+                if v["rc"] == 0 { "passed" } else { "FAILED" },
+                check_name(&v["index"])
             ),
             Some("update") => println!("[{t:7.2}s] nvwa update (#{})", v["index"]),
             _ => {}
@@ -203,7 +208,7 @@ fn demo() -> Result<()> {
         "nvwa lab demo: a workload (4 threads, a 256 MiB buffer of known contents, an open log file)\nmoves from {} to {} with `nvwa update`, under QEMU.\n",
         lab.ingredients.old.version, lab.ingredients.new.version
     );
-    let mut live = |l: &Stamped| print_live(l);
+    let mut live = |l: &Stamped| print_live(l, &s);
     let r = lab.run(&s, &mut live)?;
     println!();
     if r.passed {
