@@ -86,8 +86,33 @@ impl Daemon {
             Request::Restore { service, pid } => Err(format!(
                 "cannot restore {service}@{pid}: systemd services are not supported by this nvwa yet"
             )),
-            Request::Exit => Ok("nvwa server stopping".into()),
+            // Stopping mid-update would leave frozen processes without anyone to resume them.
+            Request::Exit => match self.busy.try_lock() {
+                Err(TryLockError::WouldBlock) => Err(
+                    "cannot stop: an update or restore is running; wait for it (see `nvwa status`)"
+                        .into(),
+                ),
+                _ => Ok("nvwa server stopping".into()),
+            },
             Request::Ping => Ok("pong".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeMachine;
+
+    #[test]
+    fn exit_is_refused_while_a_request_owns_the_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Daemon::with_machine(dir.path().into(), Arc::new(FakeMachine::with_pids(&[])));
+        let mut sink = |_p: Progress| {};
+        let guard = d.busy.lock().unwrap();
+        let err = d.handle(Request::Exit, &mut sink).unwrap_err();
+        assert!(err.contains("cannot stop"), "{err}");
+        drop(guard);
+        assert!(d.handle(Request::Exit, &mut sink).is_ok());
     }
 }

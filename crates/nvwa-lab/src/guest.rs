@@ -50,6 +50,18 @@ log_dir: /var/nvwa/log/
 pub struct Binaries {
     pub nvwa: PathBuf,
     pub workload: PathBuf,
+    /// pid 1 of the guest: runs /lab/init.sh and reaps orphans.
+    pub init: PathBuf,
+}
+
+impl Binaries {
+    pub fn in_dir(dir: &Path) -> Binaries {
+        Binaries {
+            nvwa: dir.join("nvwa"),
+            workload: dir.join("nvwa-lab-workload"),
+            init: dir.join("nvwa-lab-init"),
+        }
+    }
 }
 
 /// Userland tools from the Debian packages: (guest path, path inside the sysroot).
@@ -90,7 +102,8 @@ pub fn image_for(
     img.add_binary("/usr/sbin/nvwa", &bins.nvwa, &roots)?;
     img.add_binary("/usr/bin/nvwa-lab-workload", &bins.workload, &roots)?;
     img.add_kernel_modules(kernel, MODULES)?;
-    img.add_bytes("/init", INIT.as_bytes().to_vec(), 0o755);
+    img.add_binary("/init", &bins.init, &roots)?;
+    img.add_bytes("/lab/init.sh", INIT.as_bytes().to_vec(), 0o755);
     img.add_bytes("/etc/nvwa/nvwa-server.yaml", SERVER_YAML.into(), 0o644);
     img.add_bytes("/etc/nvwa/nvwa-restore.yaml", b"pids: []\n".to_vec(), 0o644);
     img.add_bytes(

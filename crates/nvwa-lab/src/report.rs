@@ -159,10 +159,23 @@ pub fn judge(s: &Scenario, new_kernel: &str, out: &Outcome, serial_log: PathBuf)
             None if failures.is_empty() => failures.push("the new kernel never booted".into()),
             None => {}
         }
-        if let Some((_, v)) = f.first("restored") {
-            if v["phase"] != "restored" {
+        if let Some((_, v)) = f.first("before-restore") {
+            if v["rc"] != 0 {
                 failures.push(format!(
-                    "the restore ended in phase {}:\n{}",
+                    "before_restore failed (exit {}):\n{}",
+                    v["rc"],
+                    tail(&f.output("before_restore"), 20)
+                ));
+            }
+        }
+        let want = match s.expect_restore {
+            Expect::Success => "restored",
+            Expect::Failure => "failed",
+        };
+        if let Some((_, v)) = f.first("restored") {
+            if v["phase"] != want {
+                failures.push(format!(
+                    "the restore ended in phase {} instead of {want}:\n{}",
                     v["phase"],
                     tail(&f.output("server"), 30)
                 ));

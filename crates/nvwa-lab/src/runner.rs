@@ -24,10 +24,7 @@ pub struct Lab {
 pub fn build_binaries() -> Result<Binaries> {
     if let Some(dir) = std::env::var_os("NVWA_LAB_BIN_DIR") {
         let dir = PathBuf::from(dir);
-        return Ok(Binaries {
-            nvwa: dir.join("nvwa"),
-            workload: dir.join("nvwa-lab-workload"),
-        });
+        return Ok(Binaries::in_dir(&dir));
     }
     let root = crate::workspace_root();
     eprintln!("nvwa-lab: building nvwa from {}", root.display());
@@ -47,11 +44,7 @@ pub fn build_binaries() -> Result<Binaries> {
     if !status.success() {
         bail!("building nvwa for the guest failed (cargo build --release -p nvwa)");
     }
-    let dir = root.join("target/release");
-    Ok(Binaries {
-        nvwa: dir.join("nvwa"),
-        workload: dir.join("nvwa-lab-workload"),
-    })
+    Ok(Binaries::in_dir(&root.join("target/release")))
 }
 
 impl Lab {

@@ -37,6 +37,12 @@ pub struct Scenario {
     pub setup: String,
     #[serde(default)]
     pub update: Vec<Update>,
+    /// Shell run on the new kernel before the nvwa server starts (e.g. to take a saved pid).
+    #[serde(default)]
+    pub before_restore: String,
+    /// How the restore on the new kernel must end.
+    #[serde(default = "default_expect")]
+    pub expect_restore: Expect,
     /// Shell snippets that must exit 0: on the new kernel after a successful update, else on the
     /// old one.
     #[serde(default)]
@@ -45,6 +51,21 @@ pub struct Scenario {
     /// LAB_EVENTS (a JSON file) in the environment.
     #[serde(default)]
     pub host_check: Vec<Check>,
+}
+
+const TOP_LEVEL: &[&str] = &[
+    "description",
+    "timeout_s",
+    "packages",
+    "forwards",
+    "config",
+    "setup",
+    "before_restore",
+    "expect_restore",
+];
+
+fn default_expect() -> Expect {
+    Expect::Success
 }
 
 fn default_timeout() -> u64 {
@@ -109,8 +130,17 @@ pub struct Check {
 
 impl Scenario {
     pub fn parse(text: &str, path: &Path) -> Result<Scenario> {
-        let mut s: Scenario =
-            toml::from_str(text).with_context(|| format!("invalid scenario {}", path.display()))?;
+        let mut s: Scenario = toml::from_str(text).map_err(|e| {
+            let msg = e.to_string();
+            // A top-level key written after a [[table]] belongs to that table in TOML.
+            let misplaced = TOP_LEVEL
+                .iter()
+                .find(|k| msg.contains(&format!("unknown field `{k}`")));
+            let hint = misplaced.map_or(String::new(), |k| {
+                format!("\n`{k}` is a top-level key: move it above the first [[...]] table")
+            });
+            anyhow::anyhow!("invalid scenario {}: {msg}{hint}", path.display())
+        })?;
         s.name = path
             .file_stem()
             .map(|n| n.to_string_lossy().into_owned())
@@ -181,6 +211,7 @@ impl Scenario {
             self.update.len()
         ));
         s.push_str(&function("lab_setup", &self.setup));
+        s.push_str(&function("lab_before_restore", &self.before_restore));
         let marker = "NVWA_LAB_CONFIG_EOF";
         s.push_str(&format!(
             "lab_render_config() {{\ncat <<{marker}\n{}\n{marker}\n}}\n",
@@ -300,6 +331,19 @@ run = "kill -0 $A"
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("must be the last"), "{e:#}");
+    }
+
+    #[test]
+    fn a_top_level_key_after_a_table_gets_a_hint() {
+        let e = Scenario::parse(
+            "description = \"x\"\n[[update]]\nexpect = \"success\"\nsetup = \"true\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("move it above the first"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -173,7 +173,18 @@ impl Handler for DaemonHandler {
         request: Request,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<String, String> {
-        self.0.handle(request, progress)
+        // The operator's terminal may be gone; the server's log keeps the whole story.
+        let what = format!("{request:?}");
+        tracing::info!("request: {what}");
+        let outcome = self.0.handle(request, &mut |p: Progress| {
+            tracing::info!("{}", render::progress(&p));
+            progress(p)
+        });
+        match &outcome {
+            Ok(message) => tracing::info!("{what}: {message}"),
+            Err(message) => tracing::error!("{what} failed: {message}"),
+        }
+        outcome
     }
 }
 

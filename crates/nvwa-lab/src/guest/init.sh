@@ -1,7 +1,7 @@
 #!/bin/sh
-# /init of an nvwa lab guest (busybox sh). The same script runs on the old kernel, where it sets
-# the scenario up and runs `nvwa update`, and on the new kernel (after the kexec), where the nvwa
-# server restores the saved processes and the scenario's checks run.
+# The lab guest's init script (busybox sh, run by nvwa-lab-init as pid 1). The same script runs
+# on the old kernel, where it sets the scenario up and runs `nvwa update`, and on the new kernel
+# (after the kexec), where the nvwa server restores the saved processes and the checks run.
 #
 # It talks to the host in lines on the console:
 #   NVWA-LAB {json}          a structured event
@@ -79,6 +79,32 @@ start_server() {
     [ -S /run/nvwa/nvwa.socket ] || { echo "the nvwa server did not start" | out server; cat "/var/nvwa/log/server-$K.log" | out server; finish 1; }
 }
 
+# lab_wait_restore [N]: wait until the server has started restoring N times (default 1) and the
+# restore is over; prints the journal's phase. Scenarios use it after lab_restart_server.
+lab_wait_restore() {
+    want=${1:-1}
+    i=0
+    while [ $i -lt 1800 ]; do
+        j=$(nvwa status --json 2>/dev/null | tr -d ' \n')
+        boots=$(echo "$j" | grep -o '"phase":"booted"' | wc -l)
+        phase=$(echo "$j" | sed -n 's/.*"phase":"\([a-z_]*\)".*/\1/p')
+        if [ "$boots" -ge "$want" ]; then
+            case "$phase" in restored|failed|rolled_back) echo "$phase"; return 0 ;; esac
+        fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+    echo "$phase"
+    return 1
+}
+
+lab_restart_server() {
+    nvwa exit >/dev/null
+    i=0
+    while [ -S /run/nvwa/nvwa.socket ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    start_server
+}
+
 # lab_save NAME VALUE: keep a variable for the checks after the kernel switch.
 lab_save() { echo "$1='$2'" >> "$LAB_STATE/vars"; eval "$1='$2'"; export "$1"; }
 
@@ -134,14 +160,12 @@ if [ ! -f "$LAB_STATE/update-started" ]; then
 else
     # --- new kernel: the server restores what the old one saved ---
     ev "{\"event\":\"boot\",\"stage\":\"new\",\"kernel\":\"$K\"}"
+    ( set -e; . "$LAB_STATE/vars"; lab_before_restore ) >/tmp/before.out 2>&1
+    rc=$?
+    out before_restore </tmp/before.out
+    ev "{\"event\":\"before-restore\",\"rc\":$rc}"
     start_server
-    i=0
-    while [ $i -lt 1800 ]; do
-        phase=$(nvwa status --json 2>/dev/null | tr -d ' \n' | sed -n 's/.*"phase":"\([a-z_]*\)".*/\1/p')
-        case "$phase" in restored|failed|rolled_back) break ;; esac
-        sleep 0.1
-        i=$((i + 1))
-    done
+    phase=$(lab_wait_restore)
     ev "{\"event\":\"restored\",\"phase\":\"$phase\"}"
     echo "NVWA-LAB {\"event\":\"journal\",\"journal\":$(nvwa status --json | tr -d '\n')}"
     run_checks
