@@ -118,20 +118,28 @@ fn answer_once(sock: &Path, lines: &'static str) -> std::thread::JoinHandle<Stri
     })
 }
 
-#[test]
-fn progress_is_printed_with_elapsed_time_then_the_result() {
+/// Runs `nvwa --socket S ARGS` against a server that answers `lines`; returns the client's
+/// output and the request line the server got.
+fn against_server(lines: &'static str, args: &[&str]) -> (std::process::Output, String) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nvwa.socket");
-    let server = answer_once(
-        &sock,
+    let server = answer_once(&sock, lines);
+    let out = nvwa()
+        .args(["--socket", sock.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    (out, server.join().unwrap())
+}
+
+#[test]
+fn progress_is_printed_with_elapsed_time_then_the_result() {
+    let (out, request) = against_server(
         "{\"response\":\"progress\",\"event\":\"phase\",\"phase\":\"kernel_loaded\"}\n\
          {\"response\":\"progress\",\"event\":\"target\",\"target\":\"1234\",\"pid\":1234,\"state\":\"dumped\",\"detail\":\"3 MiB\"}\n\
          {\"response\":\"done\",\"message\":\"all restored\"}\n",
+        &["init"],
     );
-    let out = nvwa()
-        .args(["--socket", sock.to_str().unwrap(), "init"])
-        .output()
-        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
@@ -142,47 +150,32 @@ fn progress_is_printed_with_elapsed_time_then_the_result() {
     );
     assert!(lines[1].ends_with("s] 1234 (pid) dumped: 3 MiB"), "{text}");
     assert_eq!(lines[2], "all restored");
-    assert_eq!(server.join().unwrap(), "{\"request\":\"init\"}\n");
+    assert_eq!(request, "{\"request\":\"init\"}\n");
 }
 
 #[test]
 fn a_server_error_is_printed_and_exits_1() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("nvwa.socket");
-    let server = answer_once(
-        &sock,
+    let (out, request) = against_server(
         "{\"response\":\"error\",\"message\":\"kernel 9.9 is not installed: no /boot/vmlinuz-9.9\"}\n",
+        &["update", "9.9"],
     );
-    let out = nvwa()
-        .args(["--socket", sock.to_str().unwrap(), "update", "9.9"])
-        .output()
-        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         stderr(&out),
         "nvwa: error: kernel 9.9 is not installed: no /boot/vmlinuz-9.9\n"
     );
-    assert_eq!(
-        server.join().unwrap(),
-        "{\"request\":\"update\",\"version\":\"9.9\"}\n"
-    );
+    assert_eq!(request, "{\"request\":\"update\",\"version\":\"9.9\"}\n");
 }
 
 #[test]
 fn restore_sends_service_and_pid() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("nvwa.socket");
-    let server = answer_once(
-        &sock,
+    let (out, request) = against_server(
         "{\"response\":\"error\",\"message\":\"no saved images\"}\n",
+        &["restore", "redis@4321"],
     );
-    let out = nvwa()
-        .args(["--socket", sock.to_str().unwrap(), "restore", "redis@4321"])
-        .output()
-        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
-        server.join().unwrap(),
+        request,
         "{\"request\":\"restore\",\"service\":\"redis\",\"pid\":4321}\n"
     );
 }
