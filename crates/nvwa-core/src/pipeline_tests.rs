@@ -109,6 +109,21 @@ fn bad_versions_and_dead_pids_are_refused_before_anything_happens() {
 }
 
 #[test]
+fn options_this_nvwa_cannot_honour_are_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = FakeMachine::with_pids(&[100]);
+    let mut cfg = config(dir.path(), &[100]);
+    cfg.restore.restore_net = true;
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    assert!(res.unwrap_err().contains("restore_net"));
+    let mut cfg = config(dir.path(), &[100]);
+    cfg.restore.services = vec!["redis".into()];
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    assert!(res.unwrap_err().contains("redis"));
+    assert!(m.calls().is_empty(), "{:?}", m.calls());
+}
+
+#[test]
 fn success_commits_before_the_jump_and_a_failed_jump_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &[100, 300]);

@@ -42,6 +42,8 @@ pub enum UpdateError {
     },
     #[error("systemd services ({0}) are not supported by this nvwa yet; list their main pids under `pids:` or remove them from `services:`")]
     ServicesUnsupported(String),
+    #[error("restore_net: true in {0} is not supported by this nvwa yet (the network configuration would not be carried over); set it to false")]
+    RestoreNetUnsupported(PathBuf),
     #[error(
         "update to {version} abandoned, every target is running again on the old kernel: {cause}"
     )]
@@ -104,6 +106,9 @@ fn advance(j: &mut Journal, cfg: &Config, phase: Phase, r: &Reporter) -> Result<
 /// Turns the configured pids into targets, refusing anything that cannot be preserved.
 pub(crate) fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateError> {
     let file = cfg.dir.join(crate::config::RESTORE_FILE);
+    if cfg.restore.restore_net {
+        return Err(UpdateError::RestoreNetUnsupported(file));
+    }
     if !cfg.restore.services.is_empty() {
         return Err(UpdateError::ServicesUnsupported(
             cfg.restore.services.join(", "),
