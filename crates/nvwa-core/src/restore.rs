@@ -138,20 +138,19 @@ fn restore_all(
     for (&i, mut res) in ready.iter().zip(first) {
         let t = &mut j.targets[i];
         let mut tries = 0;
-        while matches!(&res, Err(e) if e.is_pid_collision()) && tries < COLLISION_RETRIES {
-            tries += 1;
-            r.target(t, "retrying", Some("a saved pid was taken".into()));
-            res = m
-                .wait_pids_free(&t.tree_ids, PID_WAIT)
-                .map_err(|e| crate::criu::CriuError::Failed {
-                    action: "restore",
-                    object: t.name.clone(),
-                    code: -1,
-                    summary: e.to_string(),
-                    log: image_dir(cfg, t).join(crate::criu::RESTORE_LOG),
-                })
-                .and_then(|()| m.restore(&criu, &image_dir(cfg, t)));
-        }
+        let res = loop {
+            match res {
+                Err(e) if e.is_pid_collision() && tries < COLLISION_RETRIES => {
+                    tries += 1;
+                    r.target(t, "retrying", Some("a saved pid was taken".into()));
+                    if let Err(held) = m.wait_pids_free(&t.tree_ids, PID_WAIT) {
+                        break Err(held.to_string());
+                    }
+                    res = m.restore(&criu, &image_dir(cfg, t));
+                }
+                other => break other.map_err(|e| e.to_string()),
+            }
+        };
         match res {
             Ok((pid, ms)) => {
                 t.state = TargetState::Restored;
@@ -162,9 +161,9 @@ fn restore_all(
                     let _ = std::fs::remove_dir_all(image_dir(cfg, t));
                 }
             }
-            Err(e) => {
-                r.target(t, "failed", Some(e.to_string()));
-                t.state = TargetState::Failed(e.to_string());
+            Err(why) => {
+                r.target(t, "failed", Some(why.clone()));
+                t.state = TargetState::Failed(why);
             }
         }
     }

@@ -32,6 +32,13 @@ pub enum UpdateError {
     Busy(String),
     #[error("{0}")]
     Restore(String),
+    #[error("cannot remove the image set {path}: {source}")]
+    RemoveImages {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot clear pinned memory: {0}")]
+    ClearPinned(crate::pinmem::PinMemError),
     #[error("pid {pid} listed in {file} is not running; remove it from the file or start the process, then retry")]
     TargetGone { pid: i32, file: PathBuf },
     #[error("pid {pid} listed in {file} cannot be checkpointed: {why}")]
@@ -393,9 +400,8 @@ pub fn init(m: &dyn Machine, cfg: &Config) -> Result<String, UpdateError> {
         for e in entries.flatten() {
             let p = e.path();
             if p.join("inventory.img").exists() || p.join(crate::criu::DUMP_LOG).exists() {
-                std::fs::remove_dir_all(&p).map_err(|source| {
-                    UpdateError::Busy(format!("cannot remove {}: {source}", p.display()))
-                })?;
+                std::fs::remove_dir_all(&p)
+                    .map_err(|source| UpdateError::RemoveImages { path: p, source })?;
                 removed += 1;
             }
         }
@@ -403,7 +409,7 @@ pub fn init(m: &dyn Machine, cfg: &Config) -> Result<String, UpdateError> {
     let _ = std::fs::remove_file(Journal::path(dir));
     let pinned = if cfg.restore.enable_pin_memory {
         m.pin_memory(PinOp::Clear)
-            .map_err(|e| UpdateError::Busy(format!("cannot clear pinned memory: {e}")))?;
+            .map_err(UpdateError::ClearPinned)?;
         ", cleared pinned memory"
     } else {
         ""
