@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod criu;
 pub mod daemon;
+pub mod exec;
 pub mod journal;
 pub mod kexec;
 pub mod machine;

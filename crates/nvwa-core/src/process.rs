@@ -126,6 +126,22 @@ pub fn resume(pids: &[i32]) -> Result<(), nix::Error> {
     first_err.map_or(Ok(()), Err)
 }
 
+/// Processes whose command line contains `args` as consecutive arguments (e.g. `-D DIR`).
+pub fn running_with_args(args: &[&std::ffi::OsStr]) -> Vec<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    all_pids()
+        .into_iter()
+        .filter(|&p| {
+            let Ok(raw) = fs::read(format!("/proc/{p}/cmdline")) else {
+                return false;
+            };
+            let argv: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+            argv.windows(args.len())
+                .any(|w| w.iter().zip(args).all(|(a, b)| *a == b.as_bytes()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +160,29 @@ mod tests {
         assert!(rss_bytes(me) > 0);
         assert!(is_ancestor(1, me));
         assert!(!alive(0) && !alive(-5));
+    }
+
+    #[test]
+    fn processes_are_found_by_their_arguments() {
+        use std::io::BufRead;
+        // The shell says "ready" once it runs: its command line is its own from then on.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "echo ready; read x", "nvwa-test-marker-arg", "second"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n");
+        let found = running_with_args(&["nvwa-test-marker-arg".as_ref(), "second".as_ref()]);
+        let reversed = running_with_args(&["second".as_ref(), "nvwa-test-marker-arg".as_ref()]);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, vec![child.id() as i32]);
+        assert!(reversed.is_empty());
     }
 
     #[test]

@@ -17,7 +17,10 @@ use std::time::Duration;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
-use crate::protocol::{read_message, write_message, Progress, ProtocolError, Request, Response};
+use crate::protocol::{
+    self as protocol, read_message, write_message, Failure, Progress, ProtocolError, Request,
+    Response,
+};
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,7 +41,7 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         request: Request,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<String, String>;
+    ) -> Result<String, Failure>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,9 @@ pub enum ServerError {
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
+    /// Writing to `wake_tx` makes `serve` stop accepting and return.
+    wake_rx: UnixStream,
+    wake_tx: Arc<UnixStream>,
     /// (device, inode) of the socket file we created: only that file is removed at the end.
     identity: (u64, u64),
 }
@@ -149,9 +155,15 @@ impl Server {
                     source,
                 }
             })?;
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(|source| ServerError::Bind {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Server {
             listener,
             path,
+            wake_rx,
+            wake_tx: Arc::new(wake_tx),
             identity: (meta.dev(), meta.ino()),
         })
     }
@@ -159,6 +171,11 @@ impl Server {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A handle that makes [`Server::serve`] return, from another thread (a signal handler's).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(Arc::clone(&self.wake_tx))
     }
 
     /// Accepts connections until a [`Request::Exit`] is answered successfully, then removes the
@@ -172,8 +189,7 @@ impl Server {
             path: self.path.clone(),
             source,
         };
-        let (wake_rx, wake_tx) = UnixStream::pair().map_err(accept_err)?;
-        let wake_tx = Arc::new(wake_tx);
+        let (wake_rx, wake_tx) = (&self.wake_rx, &self.wake_tx);
         self.listener.set_nonblocking(true).map_err(accept_err)?;
         let euid = nix::unistd::geteuid().as_raw();
         tracing::info!(socket = %self.path.display(), "nvwa server listening");
@@ -196,7 +212,7 @@ impl Server {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     let handler = Arc::clone(&handler);
-                    let wake = Arc::clone(&wake_tx);
+                    let wake = Arc::clone(wake_tx);
                     let spawned =
                         std::thread::Builder::new()
                             .name("nvwa-conn".into())
@@ -222,6 +238,16 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// Stops a serving [`Server`].
+#[derive(Clone)]
+pub struct Stopper(Arc<UnixStream>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        let _ = (&*self.0).write_all(b"x");
     }
 }
 
@@ -317,17 +343,15 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler, euid: u32) -> boo
     let (peer_uid, peer_pid) = match creds {
         Ok(c) => (c.uid(), c.pid()),
         Err(e) => {
-            reply.send(&Response::Error {
-                message: format!("cannot identify the client (SO_PEERCRED: {e}); refused"),
-            });
+            reply.send(&refused(format!(
+                "cannot identify the client (SO_PEERCRED: {e}); refused"
+            )));
             return false;
         }
     };
     if !peer_allowed(peer_uid, euid) {
         tracing::warn!(peer_uid, peer_pid, "refused a client");
-        reply.send(&Response::Error {
-            message: refusal(peer_uid, peer_pid, euid),
-        });
+        reply.send(&refused(refusal(peer_uid, peer_pid, euid)));
         return false;
     }
 
@@ -337,7 +361,7 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler, euid: u32) -> boo
         Err(e) => {
             let message = malformed(&e);
             tracing::warn!(peer_uid, peer_pid, "{message}");
-            reply.send(&Response::Error { message });
+            reply.send(&refused(message));
             return false;
         }
     };
@@ -368,8 +392,11 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler, euid: u32) -> boo
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        Err(format!(
-            "internal error in the nvwa server ({what}); see its log (`journalctl -u nvwa`)"
+        Err(Failure::new(
+            protocol::ErrorKind::Internal,
+            format!(
+                "internal error in the nvwa server ({what}); see its log (`journalctl -u nvwa`)"
+            ),
         ))
     });
     let stop = is_exit && outcome.is_ok();
@@ -378,13 +405,18 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler, euid: u32) -> boo
             tracing::info!(peer_pid, "done: {message}");
             reply.send(&Response::Done { message });
         }
-        Err(message) => {
-            tracing::warn!(peer_pid, "failed: {message}");
-            reply.send(&Response::Error { message });
+        Err(failure) => {
+            tracing::warn!(peer_pid, kind = failure.kind.name(), "failed: {failure}");
+            reply.send(&failure.into());
         }
     }
     let _ = reply.stream.flush();
     stop
+}
+
+/// The answer to a request refused before anything was done.
+fn refused(message: String) -> Response {
+    Failure::new(protocol::ErrorKind::Refused, message).into()
 }
 
 /// Tells systemd the server is ready (`READY=1`), only when started by it (`NOTIFY_SOCKET` set):
@@ -424,7 +456,7 @@ mod tests {
             &self,
             request: Request,
             progress: &mut dyn FnMut(Progress),
-        ) -> Result<String, String> {
+        ) -> Result<String, Failure> {
             match request {
                 Request::Update { version } => {
                     progress(Progress::Phase {
@@ -441,8 +473,14 @@ mod tests {
                     });
                     Ok(format!("updated to {version}"))
                 }
-                Request::Init => Err("cannot remove /x: busy; try again".into()),
-                Request::Exit if self.refuse_exit => Err("an update is in progress".into()),
+                Request::Init => Err(Failure::new(
+                    protocol::ErrorKind::Busy,
+                    "cannot remove /x: busy; try again",
+                )),
+                Request::Exit if self.refuse_exit => Err(Failure::new(
+                    protocol::ErrorKind::Busy,
+                    "an update is in progress",
+                )),
                 Request::Exit => Ok("bye".into()),
                 Request::Restore { pid, .. } => {
                     if let Some(rx) = self.go.lock().unwrap().take() {
@@ -542,6 +580,7 @@ mod tests {
         assert_eq!(
             send(&sock, &Request::Init),
             vec![Response::Error {
+                kind: protocol::ErrorKind::Busy,
                 message: "cannot remove /x: busy; try again".into()
             }]
         );
@@ -566,7 +605,7 @@ mod tests {
             },
         );
         assert!(
-            matches!(&r[..], [Response::Error { message }] if message.contains("pid zero")),
+            matches!(&r[..], [Response::Error { message, .. }] if message.contains("pid zero")),
             "{r:?}"
         );
         stop(&sock, t);
@@ -643,12 +682,12 @@ mod tests {
         let t = start(&sock, Fake::new());
         let r = exchange(&sock, "nvwa: update 5.10\n");
         assert!(
-            matches!(&r[..], [Response::Error { message }] if message.contains("upgrade the nvwa client")),
+            matches!(&r[..], [Response::Error { message, .. }] if message.contains("upgrade the nvwa client")),
             "{r:?}"
         );
         let r = exchange(&sock, "{\"request\":\"reboot\"}\n");
         assert!(
-            matches!(&r[..], [Response::Error { message }] if message.contains("malformed request") && message.contains("reboot")),
+            matches!(&r[..], [Response::Error { message, .. }] if message.contains("malformed request") && message.contains("reboot")),
             "{r:?}"
         );
         stop(&sock, t);
