@@ -192,10 +192,7 @@ pub fn run_checks(
         lines.push(match verdict {
             Ok(()) => {
                 targets.push(pid);
-                CheckLine::ok(
-                    req,
-                    format!("can be preserved: {}", sys.procs().describe(pid)),
-                )
+                CheckLine::ok(req, format!("running: {}", sys.procs().describe(pid)))
             }
             Err(r) => CheckLine::fail(req, r.problem(), r.fix()),
         });
@@ -480,7 +477,9 @@ fn check_criu_dir(cfg: &Config, sys: &dyn System) -> CheckLine {
 /// Where the images go, by the policy `update` applies before freezing: not a memory
 /// filesystem, and room for the resident memory of every preservable target plus a margin.
 fn check_image_storage(cfg: &Config, targets: &[i32], sys: &dyn System) -> CheckLine {
-    const REQ: &str = "image storage";
+    // One line for both rules: space on a memory filesystem is no space. The name predates
+    // the tmpfs rule and lab/scenarios/check.toml greps for it.
+    const REQ: &str = "free space for images";
     let dir = &cfg.server.criu_dir;
     let rss: u64 = targets.iter().map(|&p| sys.procs().tree_rss_bytes(p)).sum();
     let needed = policy::bytes_needed(rss);
@@ -734,11 +733,11 @@ mod tests {
         assert!(text.starts_with("ok   config: /etc/nvwa\n"), "{text}");
         assert!(text.contains("ok   running as root: euid 0"), "{text}");
         assert!(
-            text.contains("pid 100: can be preserved: redis-server (pid 100)"),
+            text.contains("ok   pid 100: running: redis-server (pid 100)"),
             "{text}"
         );
         assert!(
-            text.contains("image storage: 100.0 GiB free for /var/nvwa/running/, the images need about 1.1 GiB"),
+            text.contains("free space for images: 100.0 GiB free for /var/nvwa/running/, the images need about 1.1 GiB"),
             "{text}"
         );
         assert!(
@@ -934,11 +933,14 @@ mod tests {
         let mut sys = FakeSystem::healthy();
         sys.fs = FakeFs::disk(GIB); // redis has 1 GiB resident; the margin makes it 1.1 GiB
         let report = run(&fx, &sys);
-        assert_fails(&report, "image storage", "need about 1.1 GiB");
+        assert_fails(&report, "free space for images", "need about 1.1 GiB");
         assert!(report.render().contains("only 1.0 GiB is free"));
         // The margin is what update asks for, not a warning: just enough is ok.
         sys.fs = FakeFs::disk(policy::bytes_needed(GIB));
-        assert_eq!(line(&run(&fx, &sys), "image storage").verdict, Verdict::Ok);
+        assert_eq!(
+            line(&run(&fx, &sys), "free space for images").verdict,
+            Verdict::Ok
+        );
     }
 
     #[test]
@@ -949,9 +951,16 @@ mod tests {
         sys.procs.add(101, 100, "redis-child", GIB);
         // 2 GiB for redis and its child; the dead pid adds nothing.
         sys.fs = FakeFs::disk(policy::bytes_needed(2 * GIB) - 1);
-        assert_fails(&run(&fx, &sys), "image storage", "need about 2.2 GiB");
+        assert_fails(
+            &run(&fx, &sys),
+            "free space for images",
+            "need about 2.2 GiB",
+        );
         sys.fs = FakeFs::disk(policy::bytes_needed(2 * GIB));
-        assert_eq!(line(&run(&fx, &sys), "image storage").verdict, Verdict::Ok);
+        assert_eq!(
+            line(&run(&fx, &sys), "free space for images").verdict,
+            Verdict::Ok
+        );
     }
 
     #[test]
@@ -961,7 +970,7 @@ mod tests {
         sys.fs.magic = Ok(policy::TMPFS_MAGIC);
         assert_fails(
             &run(&fx, &sys),
-            "image storage",
+            "free space for images",
             "/var/nvwa/running/ is on tmpfs: its contents are lost at the kernel switch",
         );
     }
