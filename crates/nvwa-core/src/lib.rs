@@ -17,6 +17,7 @@ pub mod kexec;
 pub mod machine;
 pub mod pidns;
 pub mod pinmem;
+pub mod policy;
 pub mod process;
 pub mod protocol;
 pub mod restore;
