@@ -117,6 +117,9 @@ pub trait System {
     fn own_pid(&self) -> i32;
 }
 
+/// How long `criu check` or `systemctl` may take before the check gives up on them.
+const CHECK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The machine nvwa runs on.
 pub struct RealSystem;
 
@@ -134,11 +137,14 @@ impl System for RealSystem {
     }
 
     fn run(&self, program: &Path, args: &[&str]) -> io::Result<(i32, String)> {
-        // `output()` gives the child a null stdin, so nothing here can wait for a terminal.
-        let out = Command::new(program).args(args).output()?;
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        Ok((out.status.code().unwrap_or(-1), text))
+        // A null stdin and a deadline: nothing here can wait for a terminal or hang the check.
+        let out = crate::exec::run(Command::new(program).args(args), CHECK_DEADLINE).map_err(
+            |e| match e {
+                crate::exec::ExecError::Spawn { source, .. } => source,
+                other => io::Error::new(io::ErrorKind::TimedOut, other.to_string()),
+            },
+        )?;
+        Ok((out.code(), out.output_text()))
     }
 
     fn is_dir_writable(&self, path: &Path) -> bool {

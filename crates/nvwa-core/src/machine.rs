@@ -11,6 +11,7 @@ use crate::criu::{Criu, CriuError, DumpOptions};
 use crate::kexec::{self, KexecError};
 use crate::pidns::{self, PidError};
 use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
+use crate::policy::{FsView, ProcView, RealFs, RealProcs};
 use crate::process;
 
 pub trait Machine: Send + Sync {
@@ -24,12 +25,12 @@ pub trait Machine: Send + Sync {
         quick: bool,
     ) -> Result<(), KexecError>;
     fn unload_kernel(&self) -> Result<(), KexecError>;
-    fn alive(&self, pid: i32) -> bool;
-    fn describe(&self, pid: i32) -> String;
-    /// Whether `ancestor` is `pid` or one of its ancestors.
-    fn is_ancestor(&self, ancestor: i32, pid: i32) -> bool;
+    /// The processes, as the policy sees them (`/proc` on the real machine).
+    fn procs(&self) -> &dyn ProcView;
+    /// The file systems, as the policy sees them.
+    fn fs(&self) -> &dyn FsView;
+    /// Every pid and thread id of the tree rooted at `pid`.
     fn tree_ids(&self, pid: i32) -> Vec<i32>;
-    fn tree_rss_bytes(&self, pid: i32) -> u64;
     /// Checkpoints and leaves the tree stopped; returns milliseconds spent.
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError>;
     /// SIGCONT to every id (a stopped tree runs again).
@@ -100,20 +101,14 @@ impl Machine for RealMachine {
     fn unload_kernel(&self) -> Result<(), KexecError> {
         kexec::unload()
     }
-    fn alive(&self, pid: i32) -> bool {
-        process::alive(pid)
+    fn procs(&self) -> &dyn ProcView {
+        &RealProcs
     }
-    fn describe(&self, pid: i32) -> String {
-        process::describe(pid)
-    }
-    fn is_ancestor(&self, ancestor: i32, pid: i32) -> bool {
-        process::is_ancestor(ancestor, pid)
+    fn fs(&self) -> &dyn FsView {
+        &RealFs
     }
     fn tree_ids(&self, pid: i32) -> Vec<i32> {
         process::tree_ids(pid)
-    }
-    fn tree_rss_bytes(&self, pid: i32) -> u64 {
-        process::tree_rss_bytes(pid)
     }
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
         criu.dump(pid, dir, opts)

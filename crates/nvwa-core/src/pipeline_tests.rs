@@ -448,7 +448,7 @@ fn one_failed_restore_leaves_the_others_running() {
     let j = journal(&cfg);
     assert_eq!(j.targets[0].state, TargetState::Restored);
     assert!(matches!(j.targets[1].state, TargetState::Failed(_)));
-    assert!(crate::machine::Machine::alive(&new, 100));
+    assert!(crate::policy::ProcView::alive(&new, 100));
     assert!(cfg.server.criu_dir.join("300").exists());
 }
 
@@ -551,4 +551,25 @@ fn pin_memory_brackets_the_dumps_and_its_absence_rolls_back() {
     assert!(res.unwrap_err().to_string().contains("pin memory failed"));
     assert_eq!(m.dumps(), 0);
     assert!(m.called(&Call::Unload));
+}
+
+#[test]
+fn too_little_room_for_the_images_or_nothing_listed_is_refused_before_anything_happens() {
+    // Finding 9: free space was never checked before freezing.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &[100]);
+    let mut m = FakeMachine::with_pids(&[100]);
+    m.fs = crate::policy::fake::FakeFs::disk(1 << 20);
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Refused);
+    assert!(err.to_string().contains("free"), "{err}");
+    assert!(m.calls().is_empty(), "{:?}", m.calls());
+
+    let cfg = config(dir.path(), &[]);
+    let m = FakeMachine::with_pids(&[100]);
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("nothing to preserve"), "{err}");
+    assert!(m.calls().is_empty(), "{:?}", m.calls());
 }

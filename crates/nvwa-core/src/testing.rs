@@ -14,6 +14,8 @@ use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
 use crate::pidns::PidError;
 use crate::pinmem::PinMemError;
+use crate::policy::fake::FakeFs;
+use crate::policy::{FsView, ProcView};
 
 /// What the pipeline asked of the machine, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,13 +51,13 @@ pub enum Fault {
     PinClear,
 }
 
-#[derive(Default)]
 pub struct FakeMachine {
     pub alive: Mutex<BTreeSet<i32>>,
     pub stopped: Mutex<BTreeSet<i32>>,
     pub faults: Mutex<BTreeSet<Fault>>,
     pub held_pids: BTreeSet<i32>,
     pub boot: String,
+    pub fs: FakeFs,
     pub calls: Mutex<Vec<Call>>,
     /// Runs at every dump (after the fault handling): lets a test act mid-update.
     #[allow(clippy::type_complexity)]
@@ -66,8 +68,13 @@ impl FakeMachine {
     pub fn with_pids(pids: &[i32]) -> FakeMachine {
         FakeMachine {
             alive: Mutex::new(pids.iter().copied().collect()),
+            stopped: Mutex::default(),
+            faults: Mutex::default(),
+            held_pids: BTreeSet::new(),
             boot: "0f5e1a8c-boot-one".into(),
-            ..Default::default()
+            fs: FakeFs::disk(1 << 40),
+            calls: Mutex::default(),
+            on_dump: None,
         }
     }
     pub fn inject(&self, f: Fault) {
@@ -146,20 +153,14 @@ impl Machine for FakeMachine {
         }
         Ok(())
     }
-    fn alive(&self, pid: i32) -> bool {
-        self.alive.lock().unwrap().contains(&pid)
+    fn procs(&self) -> &dyn ProcView {
+        self
     }
-    fn describe(&self, pid: i32) -> String {
-        format!("fake (pid {pid})")
-    }
-    fn is_ancestor(&self, ancestor: i32, pid: i32) -> bool {
-        ancestor == pid
+    fn fs(&self) -> &dyn FsView {
+        &self.fs
     }
     fn tree_ids(&self, pid: i32) -> Vec<i32> {
         vec![pid, pid + 1]
-    }
-    fn tree_rss_bytes(&self, _: i32) -> u64 {
-        4096
     }
     fn dump(&self, _: &Criu, pid: i32, dir: &Path, o: DumpOptions) -> Result<u64, CriuError> {
         self.log(Call::Dump(pid));
@@ -263,6 +264,28 @@ impl Machine for FakeMachine {
             });
         }
         Ok(())
+    }
+}
+
+/// Flat processes: every listed pid is a lone thread-group leader of 4 KiB.
+impl ProcView for FakeMachine {
+    fn alive(&self, pid: i32) -> bool {
+        self.alive.lock().unwrap().contains(&pid)
+    }
+    fn parent(&self, _: i32) -> Option<i32> {
+        None
+    }
+    fn tgid(&self, pid: i32) -> Option<i32> {
+        Some(pid)
+    }
+    fn is_kernel_thread(&self, _: i32) -> bool {
+        false
+    }
+    fn describe(&self, pid: i32) -> String {
+        format!("fake (pid {pid})")
+    }
+    fn tree_rss_bytes(&self, _: i32) -> u64 {
+        4096
     }
 }
 

@@ -20,6 +20,7 @@ use crate::criu::{Criu, CriuError, DumpOptions};
 use crate::journal::{Journal, JournalError, Phase, Target, TargetKind, TargetState};
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
+use crate::policy::{self, Refusal};
 use crate::protocol::{ErrorKind, Progress};
 
 pub use crate::daemon::{Daemon, DaemonError};
@@ -56,18 +57,8 @@ pub enum UpdateError {
     },
     #[error("cannot clear pinned memory: {0}")]
     ClearPinned(crate::pinmem::PinMemError),
-    #[error("pid {pid} listed in {file} is not running; remove it from the file or start the process, then retry")]
-    TargetGone { pid: i32, file: PathBuf },
-    #[error("pid {pid} listed in {file} cannot be checkpointed: {why}")]
-    BadTarget {
-        pid: i32,
-        file: PathBuf,
-        why: String,
-    },
-    #[error("systemd services ({0}) are not supported by this nvwa yet; list their main pids under `pids:` or remove them from `services:`")]
-    ServicesUnsupported(String),
-    #[error("restore_net: true in {0} is not supported by this nvwa yet (the network configuration would not be carried over); set it to false")]
-    RestoreNetUnsupported(PathBuf),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("update to {version} rolled back: {cause}; {undone}")]
     RolledBack {
         version: String,
@@ -86,12 +77,9 @@ impl UpdateError {
             UpdateError::Busy(_) | UpdateError::Stopping(_) => ErrorKind::Busy,
             UpdateError::RolledBack { .. } | UpdateError::Abandoned(_) => ErrorKind::RolledBack,
             UpdateError::RestoreFailed(_) => ErrorKind::RestoreFailed,
-            UpdateError::Config(_)
-            | UpdateError::Boot(_)
-            | UpdateError::TargetGone { .. }
-            | UpdateError::BadTarget { .. }
-            | UpdateError::ServicesUnsupported(_)
-            | UpdateError::RestoreNetUnsupported(_) => ErrorKind::Refused,
+            UpdateError::Config(_) | UpdateError::Boot(_) | UpdateError::Refused(_) => {
+                ErrorKind::Refused
+            }
             UpdateError::Journal(_)
             | UpdateError::RemoveImages { .. }
             | UpdateError::ImageDir { .. }
@@ -165,64 +153,29 @@ pub fn criu_deadline(configured: Option<u64>, rss_bytes: u64) -> Duration {
     }
 }
 
-/// Turns the configured pids into targets, refusing anything that cannot be preserved.
+/// Turns the configured pids into targets, refusing anything that cannot be preserved (the
+/// rules are the policy's, shared with `nvwa check`), and checks that their images fit where
+/// they go.
 pub(crate) fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateError> {
-    let file = cfg.dir.join(crate::config::RESTORE_FILE);
-    if cfg.restore.restore_net {
-        return Err(UpdateError::RestoreNetUnsupported(file));
-    }
-    if !cfg.restore.services.is_empty() {
-        return Err(UpdateError::ServicesUnsupported(
-            cfg.restore.services.join(", "),
-        ));
-    }
-    let me = std::process::id() as i32;
-    let mut pids = cfg.restore.pids.clone();
-    pids.sort_unstable();
-    pids.dedup();
-    for &pid in &pids {
-        let bad = |why: String| UpdateError::BadTarget {
-            pid,
-            file: file.clone(),
-            why,
-        };
-        if !m.alive(pid) {
-            return Err(UpdateError::TargetGone {
-                pid,
-                file: file.clone(),
-            });
-        }
-        if pid == 1 {
-            return Err(bad(
-                "it is init; only its descendants can be preserved".into()
-            ));
-        }
-        if m.is_ancestor(pid, me) {
-            return Err(bad(format!(
-                "it is the nvwa server or one of its ancestors ({})",
-                m.describe(pid)
-            )));
-        }
-        if let Some(&outer) = pids.iter().find(|&&o| o != pid && m.is_ancestor(o, pid)) {
-            return Err(bad(format!(
-                "it is inside the tree of pid {outer}, which is listed too and already includes it; list only the root"
-            )));
-        }
-    }
-    Ok(pids
+    let procs = m.procs();
+    let pids = policy::preservable_pids(cfg, procs, std::process::id() as i32)?;
+    let targets: Vec<Target> = pids
         .into_iter()
         .map(|pid| Target {
             name: pid.to_string(),
             kind: TargetKind::Pid,
             pid,
             tree_ids: m.tree_ids(pid),
-            rss_bytes: m.tree_rss_bytes(pid),
+            rss_bytes: procs.tree_rss_bytes(pid),
             state: TargetState::Pending,
             dump_ms: None,
             restore_ms: None,
             running_again_wall_ms: None,
         })
-        .collect())
+        .collect();
+    let rss = targets.iter().map(|t| t.rss_bytes).sum();
+    policy::image_store(&cfg.server.criu_dir, policy::bytes_needed(rss), m.fs())?;
+    Ok(targets)
 }
 
 /// Refuses to start while another update owns the machine or saved images await a restore.
@@ -485,7 +438,7 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
     for t in j.targets.iter_mut() {
         let dir = image_dir(cfg, t);
         wait_for_criu(m, &dir, r, t);
-        if m.alive(t.pid) {
+        if m.procs().alive(t.pid) {
             let mut ids = t.tree_ids.clone();
             ids.extend(m.tree_ids(t.pid));
             ids.push(t.pid);
