@@ -208,12 +208,17 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        // The background sleep was in the group: it is gone (or a zombie awaiting its reaper).
-        let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-        assert!(
-            state.is_empty() || state.contains(") Z "),
-            "child {child} survived: {state}"
-        );
+        // The background sleep was in the group: it dies (signals are delivered asynchronously,
+        // so give it a moment), leaving at most a zombie for its reaper.
+        let gone = || {
+            let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            state.is_empty() || state.contains(") Z ")
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while !gone() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone(), "child {child} survived");
     }
 
     #[test]
