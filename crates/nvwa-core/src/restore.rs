@@ -39,7 +39,7 @@ pub fn restore_saved(m: &dyn Machine, cfg: &Config, r: &Reporter) -> Result<Stri
                 &mut j,
                 &boot,
                 r,
-                "the nvwa server stopped during the update",
+                "the nvwa server restarted during the update",
             )
         }
         Phase::Planned | Phase::KernelLoaded | Phase::Frozen | Phase::Dumped => {
