@@ -525,4 +525,35 @@ mod tests {
         let id = boot_id().unwrap();
         assert!(id.len() >= 16, "{id}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever a crash, a disk error or a person leaves in journal.json, loading it gives a
+        /// journal or an error naming the file: never a panic.
+        #[test]
+        fn loading_any_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(Journal::path(dir.path()), &bytes).unwrap();
+            if let Err(e) = Journal::load(dir.path()) {
+                proptest::prop_assert!(e.to_string().contains("journal.json"), "{}", e);
+            }
+        }
+
+        /// Journal-shaped JSON with arbitrary names and phases: loads only valid target names.
+        #[test]
+        fn only_valid_target_names_load(name in "[ -~]{0,12}", phase in 0usize..10) {
+            let dir = tempfile::tempdir().unwrap();
+            let phases = ["planned", "kernel_loaded", "frozen", "dumped", "committed", "booted", "restored", "rolled_back", "abandoned", "restore_failed"];
+            let text = serde_json::json!({
+                "from_kernel": "a", "to_kernel": "b", "phase": phases[phase], "timeline": [],
+                "targets": [{"name": name, "kind": "pid", "pid": 1, "state": {"state": "pending"}}],
+            });
+            fs::write(Journal::path(dir.path()), text.to_string()).unwrap();
+            match Journal::load(dir.path()) {
+                Ok(j) => proptest::prop_assert!(valid_target_name(TargetKind::Pid, &j.unwrap().targets[0].name)),
+                Err(e) => proptest::prop_assert!(matches!(e, JournalError::BadTarget { .. }), "{}", e),
+            }
+        }
+    }
 }
