@@ -172,6 +172,7 @@ pub fn config(dir: &Path, pids: &[i32]) -> Config {
             systemd_etc: dir.join("systemd"),
             log_dir: dir.join("log"),
             socket: dir.join("nvwa.socket"),
+            ..ServerConfig::default()
         },
         restore: RestoreConfig {
             pids: pids.to_vec(),
