@@ -22,9 +22,10 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A config dir whose criu_dir is inside it.
+/// A config dir whose criu_dir is inside it. It lives in the build directory: nvwa (run as root
+/// in CI) refuses a config directory under the world-writable /tmp.
 fn config_dir() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let criu = dir.path().join("running");
     std::fs::write(
         dir.path().join("nvwa-server.yaml"),
