@@ -115,6 +115,8 @@ pub trait System {
     fn fs(&self) -> &dyn FsView;
     /// The pid of this nvwa process: it and its ancestors cannot be targets.
     fn own_pid(&self) -> i32;
+    /// Why `path` cannot be trusted (see [`crate::trust`]), or None.
+    fn untrusted(&self, path: &Path, kind: crate::trust::TrustedKind) -> Option<String>;
 }
 
 /// How long `criu check` or `systemctl` may take before the check gives up on them.
@@ -145,6 +147,12 @@ impl System for RealSystem {
             },
         )?;
         Ok((out.code(), out.output_text()))
+    }
+
+    fn untrusted(&self, path: &Path, kind: crate::trust::TrustedKind) -> Option<String> {
+        crate::trust::ensure_trusted(path, kind)
+            .err()
+            .map(|e| e.to_string())
     }
 
     fn is_dir_writable(&self, path: &Path) -> bool {
@@ -210,6 +218,7 @@ pub fn run_checks(
         lines.push(check_systemd_etc(cfg, sys));
     }
 
+    lines.push(check_trusted_paths(cfg, sys));
     lines.push(check_criu_dir(cfg, sys));
     lines.push(check_image_storage(cfg, &targets, sys));
 
@@ -456,6 +465,30 @@ fn check_systemd_etc(cfg: &Config, sys: &dyn System) -> CheckLine {
     }
 }
 
+/// The paths nvwa runs or writes as root must be root's alone (the rule `update` applies).
+fn check_trusted_paths(cfg: &Config, sys: &dyn System) -> CheckLine {
+    const REQ: &str = "trusted paths";
+    let problems: Vec<String> = cfg
+        .server
+        .trusted_paths()
+        .into_iter()
+        .filter(|(_, path, _)| sys.exists(path))
+        .filter_map(|(key, path, kind)| sys.untrusted(path, kind).map(|e| format!("{key}: {e}")))
+        .collect();
+    if problems.is_empty() {
+        CheckLine::ok(
+            REQ,
+            "criu_dir, log_dir, criu_exe and kexec_exe cannot be changed by other users",
+        )
+    } else {
+        CheckLine::fail(
+            REQ,
+            problems.join("; "),
+            "make each path and the directories above it root's and not group/world-writable",
+        )
+    }
+}
+
 fn check_criu_dir(cfg: &Config, sys: &dyn System) -> CheckLine {
     const REQ: &str = "image directory";
     let dir = &cfg.server.criu_dir;
@@ -589,6 +622,8 @@ mod tests {
         ran: RefCell<Vec<String>>,
         procs: FakeProcs,
         fs: FakeFs,
+        /// Paths another user could change, with why.
+        untrusted: HashMap<PathBuf, String>,
     }
 
     /// The pid of `nvwa check` in the fake machine (FakeProcs::machine's nvwa under init).
@@ -607,6 +642,7 @@ mod tests {
                 ran: RefCell::new(Vec::new()),
                 procs: FakeProcs::machine(),
                 fs: FakeFs::disk(100 * GIB),
+                untrusted: HashMap::new(),
             };
             s.file(KEXEC_LOADED, "0\n");
             s.file(KEXEC_LOAD_DISABLED, "0\n");
@@ -675,6 +711,9 @@ mod tests {
         }
         fn own_pid(&self) -> i32 {
             ME
+        }
+        fn untrusted(&self, path: &Path, _: crate::trust::TrustedKind) -> Option<String> {
+            self.untrusted.get(path).cloned()
         }
     }
 
@@ -823,6 +862,26 @@ mod tests {
             &run(&fx, &sys),
             "criu check",
             "exited with 1: Error: UFFD is not supported",
+        );
+    }
+
+    #[test]
+    fn a_path_others_can_change_fails() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.untrusted.insert(
+            "/usr/sbin/criu".into(),
+            "/usr/sbin is writable by uid 1000".into(),
+        );
+        let report = run(&fx, &sys);
+        assert_fails(
+            &report,
+            "trusted paths",
+            "criu_exe: /usr/sbin is writable by uid 1000",
+        );
+        assert_eq!(
+            line(&run(&fx, &FakeSystem::healthy()), "trusted paths").verdict,
+            Verdict::Ok
         );
     }
 

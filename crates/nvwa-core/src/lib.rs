@@ -22,6 +22,7 @@ pub mod process;
 pub mod protocol;
 pub mod restore;
 pub mod server;
+pub mod trust;
 pub mod update;
 
 #[cfg(test)]

@@ -102,7 +102,7 @@ fn assert_all_rolled_back(m: &FakeMachine, cfg: &crate::config::Config, pids: &[
 
 #[test]
 fn one_failing_dump_resumes_every_other_target_and_removes_all_images() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 200, 300]);
     let m = FakeMachine::with_pids(&[100, 200, 300]);
     m.inject(Fault::Dump(200));
@@ -129,7 +129,7 @@ fn one_failing_dump_resumes_every_other_target_and_removes_all_images() {
 #[test]
 fn a_dump_that_dies_after_stopping_its_tree_is_resumed_too() {
     // Finding 8: only targets that reached Dumped used to be resumed.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 200]);
     let m = FakeMachine::with_pids(&[100, 200]);
     m.inject(Fault::DumpLeavesStopped(200));
@@ -142,7 +142,7 @@ fn a_dump_that_dies_after_stopping_its_tree_is_resumed_too() {
 #[test]
 fn a_panicking_dump_thread_still_rolls_everything_back() {
     // Finding 8: a panic in a dump thread skipped the rollback.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 200]);
     let m = FakeMachine::with_pids(&[100, 200]);
     m.inject(Fault::DumpPanics(100));
@@ -155,7 +155,7 @@ fn a_panicking_dump_thread_still_rolls_everything_back() {
 
 #[test]
 fn a_panic_anywhere_in_the_run_rolls_back_through_the_guard() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[100]);
     let stop = Arc::new(AtomicBool::new(false));
@@ -182,7 +182,7 @@ fn a_panic_anywhere_in_the_run_rolls_back_through_the_guard() {
 
 #[test]
 fn a_hung_criu_ends_in_a_rollback_naming_the_deadline() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 200]);
     let m = FakeMachine::with_pids(&[100, 200]);
     m.inject(Fault::DumpHangs(200));
@@ -195,7 +195,7 @@ fn a_hung_criu_ends_in_a_rollback_naming_the_deadline() {
 #[test]
 fn images_that_cannot_be_made_durable_are_never_committed() {
     // Finding 9: sync(2) reports no errors; the commit must wait for a flush that can fail.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[100]);
     m.inject(Fault::Durable);
@@ -208,7 +208,7 @@ fn images_that_cannot_be_made_durable_are_never_committed() {
 #[test]
 fn a_stop_request_before_the_commit_rolls_back() {
     // Finding 6: SIGTERM used to kill the server with targets stopped.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 200]);
     let mut m = FakeMachine::with_pids(&[100, 200]);
     let stop = Arc::new(AtomicBool::new(false));
@@ -223,7 +223,7 @@ fn a_stop_request_before_the_commit_rolls_back() {
 
 #[test]
 fn an_unloadable_kernel_is_reported_by_the_rollback() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[100]);
     m.inject(Fault::Dump(100));
@@ -235,7 +235,7 @@ fn an_unloadable_kernel_is_reported_by_the_rollback() {
 
 #[test]
 fn a_resume_that_fails_is_named_with_the_command_to_fix_it() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[100]);
     m.inject(Fault::Durable);
@@ -248,7 +248,7 @@ fn a_resume_that_fails_is_named_with_the_command_to_fix_it() {
 
 #[test]
 fn a_kernel_that_does_not_load_freezes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[100]);
     m.inject(Fault::Load);
@@ -265,7 +265,7 @@ fn a_kernel_that_does_not_load_freezes_nothing() {
 
 #[test]
 fn bad_versions_and_dead_pids_are_refused_before_anything_happens() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let m = FakeMachine::with_pids(&[100]);
     for (v, pids, want) in [
         ("../x", vec![100], "../x"),
@@ -286,7 +286,7 @@ fn bad_versions_and_dead_pids_are_refused_before_anything_happens() {
 
 #[test]
 fn an_unreadable_boot_id_refuses_the_update() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[100]);
     m.inject(Fault::BootId);
@@ -297,7 +297,7 @@ fn an_unreadable_boot_id_refuses_the_update() {
 
 #[test]
 fn options_this_nvwa_cannot_honour_are_refused_not_ignored() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let m = FakeMachine::with_pids(&[100]);
     let mut cfg = config(dir.path(), &[100]);
     cfg.restore.restore_net = true;
@@ -312,7 +312,7 @@ fn options_this_nvwa_cannot_honour_are_refused_not_ignored() {
 
 #[test]
 fn success_commits_durable_images_before_the_jump_and_a_failed_jump_resumes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 300]);
     let m = FakeMachine::with_pids(&[100, 300]);
     let (res, events) = run_update(&m, &cfg, "6.12-new");
@@ -353,7 +353,7 @@ fn success_commits_durable_images_before_the_jump_and_a_failed_jump_resumes() {
 
 #[test]
 fn image_directories_are_private_and_marked() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[100]);
     let seen = Arc::new(std::sync::Mutex::new(None));
@@ -371,7 +371,7 @@ fn image_directories_are_private_and_marked() {
 
 #[test]
 fn the_new_boot_restores_every_target_and_computes_the_downtime() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 300]);
     saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
 
@@ -393,7 +393,7 @@ fn the_new_boot_restores_every_target_and_computes_the_downtime() {
 fn images_of_an_update_that_never_committed_are_never_restored() {
     // Finding 2: after a power cut before the commit, a second server start restored them.
     for last in [Phase::Frozen, Phase::Dumped] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::trust::trusted_tempdir();
         let cfg = config(dir.path(), &[100]);
         saved_on_old_boot(&cfg, &[100], last);
         let new = new_boot();
@@ -416,7 +416,7 @@ fn images_of_an_update_that_never_committed_are_never_restored() {
 
 #[test]
 fn a_held_pid_fails_that_target_by_name_and_keeps_its_images() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     saved_on_old_boot(&cfg, &[100], Phase::Committed);
     let d = cfg.server.criu_dir.join("100");
@@ -439,7 +439,7 @@ fn a_held_pid_fails_that_target_by_name_and_keeps_its_images() {
 
 #[test]
 fn one_failed_restore_leaves_the_others_running() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 300]);
     saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
     let new = new_boot();
@@ -454,7 +454,7 @@ fn one_failed_restore_leaves_the_others_running() {
 
 #[test]
 fn a_server_restart_on_the_same_boot_resumes_instead_of_restoring() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     saved_on_old_boot(&cfg, &[100], Phase::Frozen);
     let m = FakeMachine::with_pids(&[100]);
@@ -469,7 +469,7 @@ fn a_server_restart_on_the_same_boot_resumes_instead_of_restoring() {
 
 #[test]
 fn a_committed_update_on_the_same_boot_is_resumed_not_restored() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     saved_on_old_boot(&cfg, &[100], Phase::Committed);
     let m = FakeMachine::with_pids(&[100]);
@@ -480,7 +480,7 @@ fn a_committed_update_on_the_same_boot_is_resumed_not_restored() {
 #[test]
 fn init_refuses_during_an_update_and_removes_only_what_nvwa_made() {
     // Finding 5: init deleted every subdirectory holding a dump.log or inventory.img.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[]);
     saved_on_old_boot(&cfg, &[100], Phase::Frozen);
@@ -507,7 +507,7 @@ fn init_refuses_during_an_update_and_removes_only_what_nvwa_made() {
 #[test]
 fn a_journal_naming_paths_outside_criu_dir_is_refused_by_restore_and_init() {
     // Finding 4: `../x` in a journal made a resume delete a directory outside criu_dir.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     saved_on_old_boot(&cfg, &[100], Phase::Committed);
     let victim = dir.path().join("victim");
@@ -529,7 +529,7 @@ fn a_journal_naming_paths_outside_criu_dir_is_refused_by_restore_and_init() {
 
 #[test]
 fn pin_memory_brackets_the_dumps_and_its_absence_rolls_back() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100]);
     cfg.restore.enable_pin_memory = true;
     let m = FakeMachine::with_pids(&[100]);
@@ -542,7 +542,7 @@ fn pin_memory_brackets_the_dumps_and_its_absence_rolls_back() {
         "{calls:?}"
     );
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100]);
     cfg.restore.enable_pin_memory = true;
     let m = FakeMachine::with_pids(&[100]);
@@ -556,7 +556,7 @@ fn pin_memory_brackets_the_dumps_and_its_absence_rolls_back() {
 #[test]
 fn too_little_room_for_the_images_or_nothing_listed_is_refused_before_anything_happens() {
     // Finding 9: free space was never checked before freezing.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
     let mut m = FakeMachine::with_pids(&[100]);
     m.fs = crate::policy::fake::FakeFs::disk(1 << 20);
@@ -571,5 +571,27 @@ fn too_little_room_for_the_images_or_nothing_listed_is_refused_before_anything_h
     let (res, _) = run_update(&m, &cfg, "6.12-new");
     let err = res.unwrap_err().to_string();
     assert!(err.contains("nothing to preserve"), "{err}");
+    assert!(m.calls().is_empty(), "{:?}", m.calls());
+}
+
+#[test]
+fn a_criu_dir_others_can_write_to_is_neither_used_nor_restored_from() {
+    // Finding 4: criu_dir was trusted whatever its owner and mode.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    saved_on_old_boot(&cfg, &[100], Phase::Committed);
+    std::fs::set_permissions(&cfg.server.criu_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let new = new_boot();
+    let err = restore(&new, &cfg).unwrap_err();
+    assert!(err.to_string().contains("world-writable"), "{err}");
+    assert!(new.calls().is_empty(), "{:?}", new.calls());
+
+    let m = FakeMachine::with_pids(&[100]);
+    std::fs::remove_file(Journal::path(&cfg.server.criu_dir)).unwrap();
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Refused);
+    assert!(err.to_string().contains("world-writable"), "{err}");
     assert!(m.calls().is_empty(), "{:?}", m.calls());
 }

@@ -24,6 +24,10 @@ const COLLISION_RETRIES: usize = 3;
 
 pub fn restore_saved(m: &dyn Machine, cfg: &Config, r: &Reporter) -> Result<String, UpdateError> {
     let dir = &cfg.server.criu_dir;
+    // Images restored as root must come from a directory nobody else can write to.
+    if std::fs::symlink_metadata(dir).is_ok() {
+        crate::trust::ensure_trusted(dir, crate::trust::TrustedKind::ImageDir)?;
+    }
     let Some(mut j) = Journal::load(dir)? else {
         return Ok("nothing to restore".into());
     };
@@ -163,7 +167,7 @@ fn restore_all(
                 let t = &j.targets[i];
                 let dir = image_dir(cfg, t);
                 let criu = &criu;
-                let deadline = criu_deadline(None, t.rss_bytes);
+                let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);
                 r.target(t, "restoring", None);
                 s.spawn(move || m.restore(criu, &dir, deadline))
             })
@@ -192,7 +196,11 @@ fn restore_all(
                     if let Err(held) = m.wait_pids_free(&t.tree_ids, PID_WAIT) {
                         break Err(held.to_string());
                     }
-                    res = m.restore(&criu, &image_dir(cfg, t), criu_deadline(None, t.rss_bytes));
+                    res = m.restore(
+                        &criu,
+                        &image_dir(cfg, t),
+                        criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes),
+                    );
                 }
                 other => break other.map_err(|e| e.to_string()),
             }

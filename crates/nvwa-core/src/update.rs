@@ -22,6 +22,7 @@ use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
 use crate::policy::{self, Refusal};
 use crate::protocol::{ErrorKind, Progress};
+use crate::trust::{self, TrustError, TrustedKind};
 
 pub use crate::daemon::{Daemon, DaemonError};
 
@@ -59,6 +60,8 @@ pub enum UpdateError {
     ClearPinned(crate::pinmem::PinMemError),
     #[error(transparent)]
     Refused(#[from] Refusal),
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
     #[error("update to {version} rolled back: {cause}; {undone}")]
     RolledBack {
         version: String,
@@ -77,9 +80,10 @@ impl UpdateError {
             UpdateError::Busy(_) | UpdateError::Stopping(_) => ErrorKind::Busy,
             UpdateError::RolledBack { .. } | UpdateError::Abandoned(_) => ErrorKind::RolledBack,
             UpdateError::RestoreFailed(_) => ErrorKind::RestoreFailed,
-            UpdateError::Config(_) | UpdateError::Boot(_) | UpdateError::Refused(_) => {
-                ErrorKind::Refused
-            }
+            UpdateError::Config(_)
+            | UpdateError::Boot(_)
+            | UpdateError::Refused(_)
+            | UpdateError::Untrusted(_) => ErrorKind::Refused,
             UpdateError::Journal(_)
             | UpdateError::RemoveImages { .. }
             | UpdateError::ImageDir { .. }
@@ -194,17 +198,16 @@ pub fn ensure_idle(cfg: &Config) -> Result<(), UpdateError> {
     }
 }
 
-/// Creates `dir` (and its parents) with mode 0700: images are full memory dumps.
-fn private_dir(dir: &Path) -> Result<(), UpdateError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| UpdateError::ImageDir {
-            path: dir.to_path_buf(),
-            source,
-        })
+/// As root, nvwa runs criu_exe and kexec_exe, writes logs and restores images only from paths
+/// that nobody but root can change; the image and log directories are created 0700.
+pub fn ensure_trusted_paths(cfg: &Config) -> Result<(), TrustError> {
+    for (_key, path, kind) in cfg.server.trusted_paths() {
+        match kind {
+            TrustedKind::ImageDir | TrustedKind::LogDir => trust::create_private_dir(path, kind)?,
+            _ => trust::ensure_trusted(path, kind)?,
+        }
+    }
+    Ok(())
 }
 
 pub fn run(
@@ -219,7 +222,7 @@ pub fn run(
     ensure_idle(cfg)?;
     let targets = plan_targets(m, cfg)?;
     let boot = m.boot_id()?;
-    private_dir(&cfg.server.criu_dir)?;
+    ensure_trusted_paths(cfg)?;
     let mut run = UpdateRun::start(
         m,
         cfg,
@@ -437,7 +440,7 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
     let mut problems = Vec::new();
     for t in j.targets.iter_mut() {
         let dir = image_dir(cfg, t);
-        wait_for_criu(m, &dir, r, t);
+        wait_for_criu(m, &dir, r, t, cfg.server.dump_timeout_s);
         if m.procs().alive(t.pid) {
             let mut ids = t.tree_ids.clone();
             ids.extend(m.tree_ids(t.pid));
@@ -478,8 +481,8 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
 
 /// A criu left behind by a server that died mid-dump still has the tree seized: resuming it under
 /// criu's feet would break the dump's parasite. Wait for it, within a dump deadline.
-fn wait_for_criu(m: &dyn Machine, dir: &Path, r: &Reporter, t: &Target) {
-    let deadline = std::time::Instant::now() + criu_deadline(None, t.rss_bytes);
+fn wait_for_criu(m: &dyn Machine, dir: &Path, r: &Reporter, t: &Target, configured: Option<u64>) {
+    let deadline = std::time::Instant::now() + criu_deadline(configured, t.rss_bytes);
     let mut told = false;
     loop {
         let busy = m.criu_working_on(dir);
@@ -533,7 +536,7 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
 fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u64, DumpFailure> {
     let opts = DumpOptions {
         pin_memory: cfg.restore.enable_pin_memory,
-        deadline: criu_deadline(None, t.rss_bytes),
+        deadline: criu_deadline(cfg.server.dump_timeout_s, t.rss_bytes),
     };
     let dir = image_dir(cfg, t);
     // A panic here must not skip the rollback of the others: it becomes this target's failure.
@@ -614,7 +617,7 @@ fn describe_dump_failure(cfg: &Config, t: &Target, e: &CriuError) -> String {
 
 fn keep_log(log_dir: &Path, stem: &str, log: &Path) -> Option<PathBuf> {
     let (wall, _) = crate::journal::now();
-    private_dir(log_dir).ok()?;
+    trust::create_private_dir(log_dir, TrustedKind::LogDir).ok()?;
     let dest = log_dir.join(format!("{stem}-{wall}.log"));
     std::fs::copy(log, &dest).ok()?;
     Some(dest)

@@ -22,9 +22,11 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A config dir whose criu_dir is inside it.
+/// A config dir whose criu_dir is inside it, in a place nvwa trusts: as root it refuses a config
+/// directory under the world-writable /tmp.
 fn config_dir() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
+    let base = nvwa_core::trust::trusted_scratch_base().unwrap();
+    let dir = tempfile::tempdir_in(base).unwrap();
     let criu = dir.path().join("running");
     std::fs::create_dir(&criu).unwrap();
     std::fs::write(
