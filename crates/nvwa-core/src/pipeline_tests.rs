@@ -595,3 +595,33 @@ fn a_criu_dir_others_can_write_to_is_neither_used_nor_restored_from() {
     assert!(err.to_string().contains("world-writable"), "{err}");
     assert!(m.calls().is_empty(), "{:?}", m.calls());
 }
+
+#[test]
+fn a_journal_that_cannot_be_written_rolls_back_and_the_next_start_records_it() {
+    // Low finding: a failed journal write left it at `frozen` forever.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let mut m = FakeMachine::with_pids(&[100]);
+    let journal_path = Journal::path(&cfg.server.criu_dir);
+    let blocker = journal_path.clone();
+    // Mid-dump the journal's name becomes a directory: every later save fails.
+    m.on_dump = Some(Box::new(move |_| {
+        std::fs::remove_file(&blocker).unwrap();
+        std::fs::create_dir(&blocker).unwrap();
+    }));
+    let (res, events) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("cannot write the update journal"), "{err}");
+    assert!(m.stopped().is_empty(), "resumed even without a journal");
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Progress::Message { text } if text.contains("next start"))));
+
+    // The disk recovers; the journal on disk still says `frozen` from before the failure. A
+    // restart on the same boot finds the targets running and records the rollback.
+    std::fs::remove_dir(&journal_path).unwrap();
+    saved_on_old_boot(&cfg, &[100], Phase::Frozen);
+    let msg = restore(&m, &cfg).unwrap();
+    assert!(msg.contains("resumed"), "{msg}");
+    assert_eq!(journal(&cfg).phase, Phase::RolledBack);
+}

@@ -398,7 +398,11 @@ fn status(cli: &Cli, json: bool) -> anyhow::Result<ExitCode> {
     let cfg = load_config(cli.config_dir.as_deref())?;
     let criu_dir = &cfg.server.criu_dir;
     let Some(journal) = Journal::load(criu_dir)? else {
-        let text = format!("no update has run (no journal in {})", criu_dir.display());
+        let text = format!(
+            "no update has run (no journal in {}; configuration from {})",
+            criu_dir.display(),
+            cfg.dir.display()
+        );
         if json {
             println!("null");
             eprintln!("{text}");
@@ -412,9 +416,11 @@ fn status(cli: &Cli, json: bool) -> anyhow::Result<ExitCode> {
         let mut value = serde_json::to_value(&journal)?;
         if let Some(obj) = value.as_object_mut() {
             obj.insert("downtime_ms".into(), journal.downtime_ms().into());
+            obj.insert("config_dir".into(), cfg.dir.display().to_string().into());
         }
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
+        println!("config: {}", cfg.dir.display());
         print!("{}", render::status(&journal));
     }
     Ok(code)

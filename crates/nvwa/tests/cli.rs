@@ -287,7 +287,9 @@ fn status_as_text() {
         .unwrap();
     assert_eq!(out.status.code(), Some(6), "rolled back: {}", stderr(&out));
     let text = stdout(&out);
+    let config_line = format!("config: {}", dir.path().display());
     for want in [
+        config_line.as_str(),
         "6.1.0 -> 6.6.0",
         "rolled_back",
         "criu dump of 777 failed",
