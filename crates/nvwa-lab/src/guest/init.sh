@@ -12,6 +12,9 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 umask 022
+# The kernel unpacks the initramfs into a rootfs whose / is 1777; nvwa (rightly) trusts no
+# configuration or image directory below a world-writable directory, as on any real root file system.
+chmod 0755 /
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
