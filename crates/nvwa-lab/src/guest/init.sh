@@ -22,7 +22,7 @@ mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm /run /tmp
 mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /run
+mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs tmpfs /dev/shm
 exec </dev/console >/dev/console 2>&1
 # nvwa-pre.service's job, before anything else can take a pid: honour the reservation an
