@@ -22,7 +22,8 @@ pub const RESTORE_FILE: &str = "nvwa-restore.yaml";
 /// [`find_config_dir_with`].
 pub const SEARCH_PATH: [&str; 3] = [".", "./config", "/etc/nvwa"];
 
-const SERVER_KEYS: &[&str] = &[
+/// The keys of nvwa-server.yaml.
+pub const SERVER_KEYS: &[&str] = &[
     "criu_dir",
     "criu_exe",
     "kexec_exe",
@@ -34,7 +35,7 @@ const SERVER_KEYS: &[&str] = &[
 ];
 /// Canonical restore keys; the original's misspelling `enbale_debug_mode` is accepted too
 /// but not advertised.
-const RESTORE_KEYS: &[&str] = &[
+pub const RESTORE_KEYS: &[&str] = &[
     "pids",
     "services",
     "restore_net",

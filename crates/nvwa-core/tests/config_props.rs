@@ -10,28 +10,13 @@ const PATH: &str = "/etc/nvwa/prop-test.yaml";
 
 /// Lines that look like config lines: real and misspelled keys, odd values, YAML punctuation.
 fn yamlish_line() -> impl Strategy<Value = String> {
-    let key = prop::sample::select(vec![
-        "criu_dir",
-        "criu_exe",
-        "kexec_exe",
-        "systemd_etc",
-        "log_dir",
-        "socket",
-        "dump_timeout",
-        "restore_timeout",
-        "pids",
-        "services",
-        "restore_net",
-        "enable_quick_kexec",
-        "enable_pin_memory",
-        "enable_debug_mode",
-        "enbale_debug_mode",
-        "pid",
-        "",
-        "- ",
-        "  - ",
-        "? ",
-    ]);
+    let mut keys: Vec<&'static str> = nvwa_core::config::SERVER_KEYS
+        .iter()
+        .chain(nvwa_core::config::RESTORE_KEYS)
+        .copied()
+        .collect();
+    keys.extend(["enbale_debug_mode", "pid", "", "- ", "  - ", "? "]);
+    let key = prop::sample::select(keys);
     let value = prop_oneof![
         Just(String::new()),
         Just("[]".to_string()),
