@@ -10,8 +10,8 @@ const ABOUT: &str = "Upgrade the kernel of a running server without losing its i
 const LONG_ABOUT: &str = "\
 Upgrade the kernel of a running server without losing its important processes.
 
-nvwa checkpoints the configured processes and services with CRIU, kexecs into the new kernel, and
-restores them there. The work is done by the nvwa server (`nvwa server`, normally the systemd unit
+nvwa checkpoints the configured processes (`pids:` in nvwa-restore.yaml) with CRIU, kexecs into
+the new kernel, and restores them there; if anything fails before the jump, every process runs on. The work is done by the nvwa server (`nvwa server`, normally the systemd unit
 nvwa.service); the other commands talk to it over its unix socket, except `check` and `status`,
 which run locally.
 
@@ -61,7 +61,7 @@ pub enum Command {
     /// in the background the processes saved by an update before the kexec. Stops on `nvwa exit`.
     Server,
 
-    /// Checkpoint the configured processes and services, then kexec into kernel VERSION
+    /// Checkpoint the configured processes, then kexec into kernel VERSION
     ///
     /// VERSION is the suffix of an installed /boot/vmlinuz-VERSION (see `nvwa check` and shell
     /// completion). If anything fails before the jump, every process is resumed on the current
@@ -85,11 +85,10 @@ pub enum Command {
     /// Stop the nvwa server (refused while an update is in progress)
     Exit,
 
-    /// Restore one service checkpointed by an update (run by systemd through the unit override)
+    /// The original's per-service restore; this nvwa does not restore services yet and refuses it
     ///
-    /// During `update`, each configured service gets a drop-in whose ExecStart is
-    /// `nvwa restore SERVICE@PID`; after the kexec systemd runs it, the server restores the
-    /// process with its old pid, and this command hands that pid to systemd as the unit's main pid.
+    /// Kept so that the original's unit overrides fail with a clear error rather than an unknown
+    /// command. List a service's main pid under `pids:` instead.
     Restore {
         /// The service and its pid before the update, e.g. redis@1234
         #[arg(value_name = "SERVICE@PID", value_parser = parse_service_at_pid)]

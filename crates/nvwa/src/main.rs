@@ -204,7 +204,7 @@ fn run_server(cli: &Cli) -> anyhow::Result<()> {
     server::notify_ready();
 
     // Like the original: processes saved before the kexec are restored in the background while
-    // the server already answers (services are restored through `nvwa restore`).
+    // the server already answers (`nvwa status` shows the progress).
     let restorer = Arc::clone(&daemon);
     std::thread::Builder::new()
         .name("nvwa-restore".into())
