@@ -342,7 +342,12 @@ fn completions_and_man_page() {
     }
     let out = nvwa().arg("man").output().unwrap();
     assert!(out.status.success());
-    assert!(stdout(&out).contains(".TH nvwa"), "{}", stdout(&out));
+    let man = stdout(&out);
+    assert!(man.contains(".TH nvwa"), "{man}");
+    assert!(
+        man.contains("Exit status") && man.contains("rolled back"),
+        "the man page documents the exit codes:\n{man}"
+    );
 }
 
 /// The real server over a temporary config (empty criu_dir: nothing to restore, nothing touched),
