@@ -350,39 +350,44 @@ fn completions_and_man_page() {
     );
 }
 
-/// The real server over a temporary config (empty criu_dir: nothing to restore, nothing touched),
-/// driven by the real client: it answers, `nvwa exit` stops it and its socket goes away.
-#[test]
-fn server_answers_then_exits_on_request() {
+/// Starts the real server over a temporary config (empty criu_dir: nothing to restore, nothing
+/// touched) and waits until it answers a ping.
+fn start_server(dir: &Path, sock: &Path) -> KillOnDrop {
     use nvwa_core::protocol::Request;
     use std::time::{Duration, Instant};
 
-    let (dir, _criu) = config_dir();
-    let sock = dir.path().join("run").join("nvwa.socket");
     let mut server = KillOnDrop(
         std::process::Command::new(assert_cmd::cargo::cargo_bin("nvwa"))
-            .args(["--config-dir", dir.path().to_str().unwrap()])
+            .args(["--config-dir", dir.to_str().unwrap()])
             .args(["--socket", sock.to_str().unwrap(), "-server", "1"])
             .env_remove("NOTIFY_SOCKET")
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
     );
-    let server = &mut server.0;
-
     // Ready when a ping is answered (the socket file alone may exist a moment before listen).
     let deadline = Instant::now() + Duration::from_secs(20);
     let pong = loop {
-        match nvwa_core::client::request(&sock, &Request::Ping, &mut |_| {}) {
+        match nvwa_core::client::request(sock, &Request::Ping, &mut |_| {}) {
             Ok(pong) => break pong,
             Err(e) => {
                 assert!(Instant::now() < deadline, "server never answered: {e}");
-                assert!(server.try_wait().unwrap().is_none(), "server died: {e}");
+                assert!(server.0.try_wait().unwrap().is_none(), "server died: {e}");
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
     };
     assert!(pong.contains("running"), "{pong}");
+    server
+}
+
+/// Driven by the real client: the server answers, `nvwa exit` stops it and its socket goes away.
+#[test]
+fn server_answers_then_exits_on_request() {
+    let (dir, _criu) = config_dir();
+    let sock = dir.path().join("run").join("nvwa.socket");
+    let mut server = start_server(dir.path(), &sock);
+    let server = &mut server.0;
 
     let out = nvwa()
         .args(["--socket", sock.to_str().unwrap(), "exit"])
@@ -397,6 +402,22 @@ fn server_answers_then_exits_on_request() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o700);
+}
+
+/// SIGTERM (what `systemctl stop` sends) stops an idle server cleanly: exit 0, socket removed.
+#[test]
+fn sigterm_stops_an_idle_server() {
+    let (dir, _criu) = config_dir();
+    let sock = dir.path().join("run").join("nvwa.socket");
+    let mut server = start_server(dir.path(), &sock);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!sock.exists(), "the socket must be removed");
 }
 
 /// Ends a spawned server if the test fails before it exits.
