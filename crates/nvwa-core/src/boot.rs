@@ -180,6 +180,67 @@ pub fn installed_versions(root: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Orders kernel versions the way package managers do for these strings: runs of digits compare
+/// as numbers, other runs character by character, and `~` sorts before anything (even the end),
+/// so `6.12.9` < `6.12.10` and `6.13~rc1` < `6.13`.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    fn chunks(s: &str) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let b = s.as_bytes();
+        for i in 1..=b.len() {
+            if i == b.len() || b[i].is_ascii_digit() != b[i - 1].is_ascii_digit() {
+                out.push(&s[start..i]);
+                start = i;
+            }
+        }
+        out
+    }
+    fn weight(c: Option<char>) -> i32 {
+        match c {
+            Some('~') => -1,
+            None => 0,
+            Some(c) if c.is_ascii_alphabetic() => c as i32,
+            Some(c) => c as i32 + 256,
+        }
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for i in 0..ca.len().max(cb.len()) {
+        let (x, y) = (ca.get(i).copied(), cb.get(i).copied());
+        let digits = |c: Option<&str>| c.is_some_and(|c| c.as_bytes()[0].is_ascii_digit());
+        let ord = if digits(x) && digits(y) {
+            let n = |c: &str| c.trim_start_matches('0').to_string();
+            let (nx, ny) = (n(x.unwrap_or("")), n(y.unwrap_or("")));
+            nx.len().cmp(&ny.len()).then(nx.cmp(&ny))
+        } else {
+            let (mut ix, mut iy) = (x.unwrap_or("").chars(), y.unwrap_or("").chars());
+            loop {
+                let (p, q) = (ix.next(), iy.next());
+                if p.is_none() && q.is_none() {
+                    break Ordering::Equal;
+                }
+                match weight(p).cmp(&weight(q)) {
+                    Ordering::Equal => {}
+                    other => break other,
+                }
+            }
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    Ordering::Equal
+}
+
+/// The newest kernel installed under `root` that is newer than `running`, for `update --latest`.
+pub fn newest_newer_than(root: &Path, running: &str) -> Option<String> {
+    installed_versions(root)
+        .into_iter()
+        .filter(|v| compare_versions(v, running) == std::cmp::Ordering::Greater)
+        .max_by(|a, b| compare_versions(a, b))
+}
+
 /// Entry names of `dir` that are valid UTF-8; a missing or unreadable directory has none.
 fn dir_names(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -414,5 +475,35 @@ mod tests {
             prop_assume!(!v.contains(".."));
             prop_assert!(validate_version(&v).is_ok());
         }
+    }
+
+    #[test]
+    fn versions_compare_as_package_managers_do() {
+        use std::cmp::Ordering::*;
+        for (a, b, want) in [
+            ("6.12.9", "6.12.10", Less),
+            ("6.12.117+deb12-amd64", "6.1.0-57-cloud-amd64", Greater),
+            ("6.13~rc1", "6.13", Less),
+            ("6.12.118-amd64", "6.12.118-amd64", Equal),
+            ("7.3.4+bpo-amd64", "6.12.118-amd64", Greater),
+            ("6.6.0-28.oe2403.x86_64", "6.6.0-101.oe2403.x86_64", Less),
+        ] {
+            assert_eq!(compare_versions(a, b), want, "{a} vs {b}");
+            assert_eq!(compare_versions(b, a), want.reverse(), "{b} vs {a}");
+        }
+    }
+
+    #[test]
+    fn the_latest_is_the_newest_installed_kernel_newer_than_the_running_one() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("boot")).unwrap();
+        for v in ["6.1.0-57-cloud-amd64", "6.12.9-amd64", "6.12.10-amd64"] {
+            std::fs::write(root.path().join(format!("boot/vmlinuz-{v}")), "k").unwrap();
+        }
+        assert_eq!(
+            newest_newer_than(root.path(), "6.1.0-57-cloud-amd64").as_deref(),
+            Some("6.12.10-amd64")
+        );
+        assert_eq!(newest_newer_than(root.path(), "6.12.10-amd64"), None);
     }
 }

@@ -69,8 +69,15 @@ pub enum Command {
     /// server restores the processes when it starts again.
     Update {
         /// Kernel version to switch to, e.g. 6.6.0-28.oe2403.x86_64
-        #[arg(value_name = "VERSION")]
-        kernel: String,
+        #[arg(value_name = "VERSION", required_unless_present = "latest")]
+        kernel: Option<String>,
+        /// Switch to the newest installed kernel that is newer than the running one (refused,
+        /// exit 4, when there is none)
+        #[arg(long, conflicts_with = "kernel")]
+        latest: bool,
+        /// Print the server's protocol lines (JSON: progress events, then the result) instead of text
+        #[arg(long)]
+        json: bool,
     },
 
     /// Early-boot step (nvwa-pre.service): keep the pids of saved processes free
@@ -103,14 +110,15 @@ pub enum Command {
         /// Kernel version to check, e.g. 6.6.0-28.oe2403.x86_64
         #[arg(value_name = "VERSION")]
         kernel: Option<String>,
-        /// Print the report as JSON
+        /// Print the report as JSON: an overall `verdict` (ok, warn, fail) and the lines
         #[arg(long)]
         json: bool,
     },
 
     /// Show the journal of the last update: phases, targets, timings and downtime; runs locally
     Status {
-        /// Print the journal as JSON (with a `downtime_ms` field)
+        /// Print the journal as a JSON object (with `downtime_ms` and `config_dir`; `phase` is
+        /// null when no update has run)
         #[arg(long)]
         json: bool,
     },
@@ -183,6 +191,10 @@ pub fn rewrite_legacy_args(args: Vec<OsString>) -> Vec<OsString> {
     let (skip, matched) = match (arg(i).as_deref(), arg(i + 1).as_deref()) {
         (Some("-server" | "--server"), Some("1")) => (2, true),
         (Some("-server=1" | "--server=1"), _) => (1, true),
+        // Without the `1`, as people type it.
+        (Some("-server" | "--server"), next) if next.is_none_or(|n| n.starts_with('-')) => {
+            (1, true)
+        }
         _ => (0, false),
     };
     if !matched {
@@ -240,6 +252,14 @@ mod tests {
 
     #[test]
     fn other_arguments_are_left_alone() {
+        assert_eq!(
+            rewrite_legacy_args(os(&["nvwa", "-server"])),
+            os(&["nvwa", "server"])
+        );
+        assert_eq!(
+            rewrite_legacy_args(os(&["nvwa", "-server", "--socket", "/s"])),
+            os(&["nvwa", "server", "--socket", "/s"])
+        );
         for v in [
             &["nvwa", "update", "1"][..],
             &["nvwa", "-server", "0"],

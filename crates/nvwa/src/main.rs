@@ -60,14 +60,31 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             run_server(cli)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Update { kernel } => {
+        Command::Update {
+            kernel,
+            latest,
+            json,
+        } => {
             init_logging("warn");
-            send(
-                cli,
-                Request::Update {
-                    version: kernel.clone(),
-                },
-            )
+            let version = match (kernel, latest) {
+                (Some(v), _) => v.clone(),
+                (None, _) => {
+                    let running = nvwa_core::boot::running_kernel();
+                    match nvwa_core::boot::newest_newer_than(Path::new("/"), &running) {
+                        Some(v) => {
+                            if !json {
+                                println!("newest installed kernel newer than {running}: {v}");
+                            }
+                            v
+                        }
+                        None => {
+                            eprintln!("nvwa: error: no installed kernel is newer than the running {running}; install one first (see /boot/vmlinuz-*)");
+                            return Ok(ExitCode::from(exit::REFUSED));
+                        }
+                    }
+                }
+            };
+            send(cli, Request::Update { version }, *json)
         }
         Command::Pre => {
             match nvwa_core::pidns::apply_boot_reservation()? {
@@ -85,11 +102,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Init => {
             init_logging("warn");
-            send(cli, Request::Init)
+            send(cli, Request::Init, false)
         }
         Command::Exit => {
             init_logging("warn");
-            send(cli, Request::Exit)
+            send(cli, Request::Exit, false)
         }
         Command::Restore { target } => {
             init_logging("warn");
@@ -99,6 +116,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     service: target.service.clone(),
                     pid: target.pid,
                 },
+                false,
             )?;
             hand_over_to_systemd(target.pid);
             Ok(code)
@@ -109,7 +127,22 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let report =
                 check::run_checks(&cfg, kernel.as_deref(), Path::new("/"), &check::RealSystem);
             if *json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let verdict = report
+                    .lines
+                    .iter()
+                    .map(|l| l.verdict)
+                    .max_by_key(|v| match v {
+                        check::Verdict::Ok => 0,
+                        check::Verdict::Warn => 1,
+                        check::Verdict::Fail => 2,
+                    })
+                    .unwrap_or(check::Verdict::Ok);
+                let value = serde_json::json!({
+                    "verdict": verdict,
+                    "config_dir": cfg.dir,
+                    "lines": report.lines,
+                });
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print!("{}", report.render());
             }
@@ -325,26 +358,44 @@ impl Output {
     }
 }
 
-/// Sends one request to the server and renders its answer.
-fn send(cli: &Cli, req: Request) -> anyhow::Result<ExitCode> {
+/// Sends one request to the server and renders its answer: as text with elapsed times (with a
+/// spinner on a terminal), or with `json` as the protocol's own lines (progress events, then the
+/// result), for automation. The exit code says how it ended either way.
+fn send(cli: &Cli, req: Request, json: bool) -> anyhow::Result<ExitCode> {
+    use nvwa_core::protocol::Response;
     let socket = client_socket(cli)?;
-    let out = Output::new();
+    let json_line = |r: &Response| println!("{}", serde_json::to_string(r).expect("serializes"));
+    let out = (!json).then(Output::new);
     let mut last_phase = None;
     let result = client::request(&socket, &req, &mut |p| {
         if let Progress::Phase { phase } = p {
             last_phase = Some(*phase);
         }
-        out.event(p);
+        match &out {
+            Some(out) => out.event(p),
+            None => json_line(&Response::Progress(p.clone())),
+        }
     });
-    out.finish();
+    if let Some(out) = &out {
+        out.finish();
+    }
     match result {
         Ok(message) => {
-            println!("{message}");
+            if json {
+                json_line(&Response::Done { message });
+            } else {
+                println!("{message}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(ClientError::Server(failure)) => {
-            eprintln!("nvwa: error: {failure}");
-            Ok(ExitCode::from(exit::for_failure(failure.kind)))
+            let code = exit::for_failure(failure.kind);
+            if json {
+                json_line(&failure.into());
+            } else {
+                eprintln!("nvwa: error: {failure}");
+            }
+            Ok(ExitCode::from(code))
         }
         Err(
             e @ (ClientError::NotRunning { .. }
@@ -358,7 +409,7 @@ fn send(cli: &Cli, req: Request) -> anyhow::Result<ExitCode> {
         Err(ClientError::Closed { .. })
             if matches!(req, Request::Update { .. }) && last_phase == Some(Phase::Committed) =>
         {
-            if let Request::Update { version } = &req {
+            if let (Request::Update { version }, false) = (&req, json) {
                 println!(
                     "switching to kernel {version}; once it is up, `nvwa status` shows the restore"
                 );
@@ -404,8 +455,13 @@ fn status(cli: &Cli, json: bool) -> anyhow::Result<ExitCode> {
             cfg.dir.display()
         );
         if json {
-            println!("null");
-            eprintln!("{text}");
+            let value = serde_json::json!({
+                "phase": null,
+                "message": text,
+                "config_dir": cfg.dir,
+                "criu_dir": criu_dir,
+            });
+            println!("{}", serde_json::to_string_pretty(&value)?);
         } else {
             println!("{text}");
         }

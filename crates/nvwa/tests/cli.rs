@@ -237,6 +237,45 @@ fn status_exit_code_follows_the_last_update() {
 }
 
 #[test]
+fn update_json_streams_the_protocol_lines_and_keeps_the_exit_code() {
+    let (out, request) = against_server(
+        "{\"response\":\"progress\",\"event\":\"phase\",\"phase\":\"planned\"}\n\
+         {\"response\":\"error\",\"kind\":\"rolled_back\",\"message\":\"undone\"}\n",
+        &["update", "6.12", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(6));
+    assert_eq!(
+        stdout(&out),
+        "{\"response\":\"progress\",\"event\":\"phase\",\"phase\":\"planned\"}\n\
+         {\"response\":\"error\",\"kind\":\"rolled_back\",\"message\":\"undone\"}\n"
+    );
+    assert_eq!(request, "{\"request\":\"update\",\"version\":\"6.12\"}\n");
+}
+
+#[test]
+fn status_and_check_json_are_objects_with_a_verdict() {
+    let (dir, _criu) = config_dir();
+    let config = dir.path().to_str().unwrap();
+    let out = nvwa()
+        .args(["--config-dir", config, "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["phase"].is_null(), "{v}");
+    assert_eq!(v["config_dir"], config);
+    let out = nvwa()
+        .args(["--config-dir", config, "check", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let verdict = v["verdict"].as_str().unwrap();
+    assert!(["ok", "warn", "fail"].contains(&verdict), "{v}");
+    assert_eq!(out.status.success(), verdict != "fail", "{v}");
+    assert!(v["lines"].as_array().is_some_and(|l| !l.is_empty()), "{v}");
+}
+
+#[test]
 fn status_without_a_journal() {
     let (dir, criu) = config_dir();
     let out = nvwa()
