@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("invalid kernel version {version:?}: {reason}; pass a version as listed by `ls /boot/vmlinuz-*` (the part after `vmlinuz-`), e.g. `nvwa update $(uname -r)`")]
-    InvalidVersion {
-        version: String,
-        reason: &'static str,
-    },
+    InvalidVersion { version: String, reason: String },
 
     #[error("no kernel image for version {version}: tried {}; installed versions: {}; install the kernel package first", display_paths(.tried), display_versions(.installed))]
     ImageNotFound {
@@ -44,31 +41,60 @@ fn display_versions(versions: &[String]) -> String {
     }
 }
 
-/// The version ends up in file paths and on kexec's command line, so anything that could
-/// escape `/boot` or be taken as an option is refused.
+/// Longest version accepted, in bytes; real ones are well under 100.
+pub const MAX_VERSION_BYTES: usize = 128;
+
+/// What a version may be made of: the characters of Debian and RPM version strings.
+const VERSION_CHARS: &str = "ASCII letters, digits and `.`, `_`, `+`, `~`, `-`";
+
+/// The version ends up in file paths, on kexec's command line and in messages shown to the
+/// operator, so only the characters kernel packages use are accepted: nothing that could
+/// escape `/boot` (`/`, `..`), be taken as an option (a leading `-`), or display as something
+/// else (whitespace, control or format characters such as U+202E).
 pub fn validate_version(v: &str) -> Result<(), BootError> {
-    let reason = if v.is_empty() {
-        Some("it is empty")
-    } else if v.contains('/') {
-        Some("it contains `/`")
-    } else if v.contains("..") {
-        Some("it contains `..`")
-    } else if v.chars().any(char::is_whitespace) {
-        Some("it contains whitespace")
-    } else if v.chars().any(char::is_control) {
-        Some("it contains control characters")
-    } else if v.starts_with('-') {
-        Some("it starts with `-`")
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(BootError::InvalidVersion {
+    let invalid = |reason: String| {
+        Err(BootError::InvalidVersion {
             version: v.to_string(),
             reason,
-        }),
-        None => Ok(()),
+        })
+    };
+    if v.is_empty() {
+        return invalid("it is empty".to_string());
     }
+    for (i, c) in v.chars().enumerate() {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '~' | '-') {
+            continue;
+        }
+        let what = if c == '/' {
+            "`/`".to_string()
+        } else if c.is_whitespace() {
+            format!("whitespace (U+{:04X})", u32::from(c))
+        } else if c.is_control() {
+            format!("a control character (U+{:04X})", u32::from(c))
+        } else if c.is_ascii() {
+            format!("`{c}`")
+        } else {
+            // Shown only by code point: it may be invisible or reorder the text around it.
+            format!("the non-ASCII character U+{:04X}", u32::from(c))
+        };
+        return invalid(format!(
+            "it contains {what} at character {} (only {VERSION_CHARS} are allowed)",
+            i + 1
+        ));
+    }
+    if v.len() > MAX_VERSION_BYTES {
+        return invalid(format!(
+            "it is {} bytes long, more than {MAX_VERSION_BYTES}",
+            v.len()
+        ));
+    }
+    if v.contains("..") {
+        return invalid("it contains `..`".to_string());
+    }
+    if v.starts_with('-') {
+        return invalid("it starts with `-`".to_string());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +242,52 @@ mod tests {
     }
 
     #[test]
+    fn versions_with_debian_and_rpm_characters_are_valid() {
+        for v in [
+            "6.12.117+deb12-amd64",
+            "6.1.0~rc7-1",
+            "5.10.0-182.0.0.95.oe2203sp3.x86_64",
+            "6.8.0_custom",
+            &"9".repeat(MAX_VERSION_BYTES),
+        ] {
+            validate_version(v).unwrap();
+        }
+    }
+
+    #[test]
+    fn format_and_other_characters_are_refused_naming_the_character_and_place() {
+        for (v, needle) in [
+            ("6.6\u{202e}x", "U+202E at character 4"),
+            ("6.6\u{200b}", "U+200B at character 4"),
+            ("6.6-é", "U+00E9 at character 5"),
+            ("6.6;reboot", "`;` at character 4"),
+            ("$(id)", "`$` at character 1"),
+            ("6.6\t", "whitespace (U+0009)"),
+            ("6.6:x", "`:` at character 4"),
+        ] {
+            let msg = validate_version(v).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{v:?}: {msg}");
+            assert!(
+                msg.contains("`+`, `~`, `-`"),
+                "names the allowed set: {msg}"
+            );
+            // The bad character itself is not echoed into the operator's terminal.
+            if !v.is_ascii() {
+                let shown = msg.split("invalid kernel version").nth(1).unwrap();
+                let reason = shown.split_once(": ").unwrap().1;
+                assert!(reason.is_ascii(), "{reason}");
+            }
+        }
+    }
+
+    #[test]
+    fn overlong_versions_are_refused() {
+        let v = "1".repeat(MAX_VERSION_BYTES + 1);
+        let msg = validate_version(&v).unwrap_err().to_string();
+        assert!(msg.contains("129 bytes long, more than 128"), "{msg}");
+    }
+
+    #[test]
     fn finds_boot_layout_redhat_initramfs() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
@@ -326,6 +398,21 @@ mod tests {
         ) {
             let v = format!("{prefix}{bad}{suffix}");
             prop_assert!(validate_version(&v).is_err());
+        }
+
+        #[test]
+        fn exactly_the_allowed_set_is_accepted(v in "\\PC{1,40}") {
+            let allowed = v.len() <= MAX_VERSION_BYTES
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || "._+~-".contains(c))
+                && !v.contains("..")
+                && !v.starts_with('-');
+            prop_assert_eq!(validate_version(&v).is_ok(), allowed, "{:?}", v);
+        }
+
+        #[test]
+        fn allowed_versions_pass(v in "[A-Za-z0-9_+~][A-Za-z0-9._+~-]{0,60}") {
+            prop_assume!(!v.contains(".."));
+            prop_assert!(validate_version(&v).is_ok());
         }
     }
 }

@@ -3,6 +3,9 @@
 //!
 //! Everything read from the machine goes through [`System`], so the rules are unit-tested
 //! with a double. Kernel files are the exception: they are looked up under an explicit root.
+//! Whether the targets can be preserved is decided by [`crate::policy`], the same rules
+//! `nvwa update` applies: where update refuses, check says FAIL (except for an empty target
+//! list, which check only warns about).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,7 @@ use std::process::Command;
 use crate::boot::{self, BootError};
 use crate::config::{Config, RESTORE_FILE, SERVER_FILE};
 use crate::pinmem::{self, KernelFeatures};
+use crate::policy::{self, FsView, ProcView, RealFs, RealProcs, Refusal};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -104,10 +108,19 @@ pub trait System {
     fn exists(&self, path: &Path) -> bool;
     /// Exit code (-1 if killed by a signal) and stdout followed by stderr.
     fn run(&self, program: &Path, args: &[&str]) -> io::Result<(i32, String)>;
-    /// Bytes available to unprivileged users on the filesystem holding `path`.
-    fn free_bytes(&self, path: &Path) -> io::Result<u64>;
     fn is_dir_writable(&self, path: &Path) -> bool;
+    /// The processes, as the policy sees them.
+    fn procs(&self) -> &dyn ProcView;
+    /// The filesystems, as the policy sees them.
+    fn fs(&self) -> &dyn FsView;
+    /// The pid of this nvwa process: it and its ancestors cannot be targets.
+    fn own_pid(&self) -> i32;
+    /// Why `path` cannot be trusted (see [`crate::trust`]), or None.
+    fn untrusted(&self, path: &Path, kind: crate::trust::TrustedKind) -> Option<String>;
 }
+
+/// How long `criu check` or `systemctl` may take before the check gives up on them.
+const CHECK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The machine nvwa runs on.
 pub struct RealSystem;
@@ -126,24 +139,38 @@ impl System for RealSystem {
     }
 
     fn run(&self, program: &Path, args: &[&str]) -> io::Result<(i32, String)> {
-        // `output()` gives the child a null stdin, so nothing here can wait for a terminal.
-        let out = Command::new(program).args(args).output()?;
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        Ok((out.status.code().unwrap_or(-1), text))
+        // A null stdin and a deadline: nothing here can wait for a terminal or hang the check.
+        let out = crate::exec::run(Command::new(program).args(args), CHECK_DEADLINE).map_err(
+            |e| match e {
+                crate::exec::ExecError::Spawn { source, .. } => source,
+                other => io::Error::new(io::ErrorKind::TimedOut, other.to_string()),
+            },
+        )?;
+        Ok((out.code(), out.output_text()))
     }
 
-    fn free_bytes(&self, path: &Path) -> io::Result<u64> {
-        let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
-        #[allow(clippy::unnecessary_cast)] // the field types differ between libcs
-        let bytes = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
-        Ok(bytes)
+    fn untrusted(&self, path: &Path, kind: crate::trust::TrustedKind) -> Option<String> {
+        crate::trust::ensure_trusted(path, kind)
+            .err()
+            .map(|e| e.to_string())
     }
 
     fn is_dir_writable(&self, path: &Path) -> bool {
         use nix::unistd::{access, AccessFlags};
         // access(2) also reports a read-only filesystem, which a mode check would miss.
         path.is_dir() && access(path, AccessFlags::W_OK | AccessFlags::X_OK).is_ok()
+    }
+
+    fn procs(&self) -> &dyn ProcView {
+        &RealProcs
+    }
+
+    fn fs(&self) -> &dyn FsView {
+        &RealFs
+    }
+
+    fn own_pid(&self) -> i32 {
+        std::process::id() as i32
     }
 }
 
@@ -160,33 +187,40 @@ pub fn run_checks(
     root: &Path,
     sys: &dyn System,
 ) -> CheckReport {
-    let mut lines = vec![check_root(sys), check_kexec(sys), check_lockdown(sys)];
+    let mut lines = vec![
+        CheckLine::ok("config", cfg.dir.display().to_string()),
+        check_root(sys),
+        check_kexec(sys),
+        check_lockdown(sys),
+    ];
     lines.extend(check_criu(cfg, sys));
     lines.push(check_kexec_exe(cfg, sys));
     if let Some(v) = version {
         lines.push(check_kernel_files(root, v));
     }
 
+    lines.extend(policy::config_findings(cfg).iter().map(config_line));
     let mut targets = Vec::new();
-    for &pid in &cfg.restore.pids {
-        let line = check_pid(cfg, pid, sys);
-        if line.verdict != Verdict::Fail {
-            targets.push(pid);
-        }
-        lines.push(line);
+    for (pid, verdict) in policy::judge_pids(cfg, sys.procs(), sys.own_pid()) {
+        let req = format!("pid {pid}");
+        lines.push(match verdict {
+            Ok(()) => {
+                targets.push(pid);
+                CheckLine::ok(req, format!("running: {}", sys.procs().describe(pid)))
+            }
+            Err(r) => CheckLine::fail(req, r.problem(), r.fix()),
+        });
     }
     for svc in &cfg.restore.services {
-        let (line, pid) = check_service(cfg, svc, sys);
-        targets.extend(pid);
-        lines.push(line);
+        lines.push(check_service(cfg, svc, sys));
     }
     if !cfg.restore.services.is_empty() {
         lines.push(check_systemd_etc(cfg, sys));
     }
-    lines.extend(check_unsupported(cfg));
 
+    lines.push(check_trusted_paths(cfg, sys));
     lines.push(check_criu_dir(cfg, sys));
-    lines.push(check_space(cfg, &targets, sys));
+    lines.push(check_image_storage(cfg, &targets, sys));
 
     let features = detect_features(sys);
     lines.push(check_quick_kexec(cfg, &features));
@@ -195,28 +229,20 @@ pub fn run_checks(
     CheckReport { lines }
 }
 
-/// Options `nvwa update` refuses in this version: say so before the operator tries.
-fn check_unsupported(cfg: &Config) -> Vec<CheckLine> {
-    let file = restore_file(cfg);
-    let mut lines = Vec::new();
-    if !cfg.restore.services.is_empty() {
-        lines.push(CheckLine::fail(
-            "services supported",
-            "systemd services are not supported by this nvwa yet; `nvwa update` refuses them",
-            format!(
-                "list their main pids under `pids:` in {} instead",
-                file.display()
-            ),
-        ));
+/// A configuration-level refusal of the policy as a line. `update` refuses an empty target
+/// list; check only warns, because a fresh install starts with one and the machine itself can
+/// still be checked.
+fn config_line(r: &Refusal) -> CheckLine {
+    match r {
+        Refusal::ServicesUnsupported { .. } => {
+            CheckLine::fail("services supported", r.problem(), r.fix())
+        }
+        Refusal::RestoreNetUnsupported { .. } => {
+            CheckLine::fail("restore_net supported", r.problem(), r.fix())
+        }
+        Refusal::NothingListed { .. } => CheckLine::warn("targets listed", r.problem(), r.fix()),
+        _ => CheckLine::fail("configuration", r.problem(), r.fix()),
     }
-    if cfg.restore.restore_net {
-        lines.push(CheckLine::fail(
-            "restore_net supported",
-            "carrying the network configuration over is not supported by this nvwa yet",
-            format!("set `restore_net: false` in {}", file.display()),
-        ));
-    }
-    lines
 }
 
 fn restore_file(cfg: &Config) -> PathBuf {
@@ -384,44 +410,9 @@ fn check_kernel_files(root: &Path, version: &str) -> CheckLine {
     }
 }
 
-fn proc_dir(pid: i32) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}"))
-}
-
-fn proc_path(pid: i32, file: &str) -> PathBuf {
-    proc_dir(pid).join(file)
-}
-
-fn comm(pid: i32, sys: &dyn System) -> String {
-    sys.read_file(&proc_path(pid, "comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".to_string())
-}
-
-fn check_pid(cfg: &Config, pid: i32, sys: &dyn System) -> CheckLine {
-    let req = format!("pid {pid}");
-    if !sys.exists(&proc_dir(pid)) {
-        return CheckLine::fail(
-            req,
-            "not running",
-            format!(
-                "start the process and update its pid, or remove it from pids in {}",
-                restore_file(cfg).display()
-            ),
-        );
-    }
-    if pid == 1 {
-        return CheckLine::fail(
-            req,
-            format!("is init ({}); criu cannot checkpoint pid 1", comm(1, sys)),
-            format!("remove 1 from pids in {}", restore_file(cfg).display()),
-        );
-    }
-    CheckLine::ok(req, format!("running ({})", comm(pid, sys)))
-}
-
-/// The line for `svc`, and its main pid when it runs (so its memory is counted).
-fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> (CheckLine, Option<i32>) {
+/// The line for `svc`: whether systemd runs it. (Services are refused by the policy for now;
+/// this still tells the operator which main pid to list under `pids:` instead.)
+fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> CheckLine {
     let req = format!("service {svc}");
     let args = ["show", "--property", "MainPID", "--value", svc];
     let main_pid = match sys.run(Path::new(SYSTEMCTL), &args) {
@@ -429,36 +420,27 @@ fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> (CheckLine, Optio
         _ => None,
     };
     match main_pid {
-        None => (
-            CheckLine::warn(
-                req,
-                "cannot ask systemd for its main pid; services are checked at update time",
-                format!("make sure `systemctl show --property MainPID --value {svc}` works"),
-            ),
-            None,
+        None => CheckLine::warn(
+            req,
+            "cannot ask systemd for its main pid; services are checked at update time",
+            format!("make sure `systemctl show --property MainPID --value {svc}` works"),
         ),
-        Some(0) => (
-            CheckLine::fail(
-                req,
-                "not running (MainPID 0)",
-                format!(
-                    "`systemctl start {svc}`, or remove it from services in {}",
-                    restore_file(cfg).display()
-                ),
+        Some(0) => CheckLine::fail(
+            req,
+            "not running (MainPID 0)",
+            format!(
+                "`systemctl start {svc}`, or remove it from services in {}",
+                restore_file(cfg).display()
             ),
-            None,
         ),
-        Some(pid) if !sys.exists(&proc_dir(pid)) => (
-            CheckLine::fail(
-                req,
-                format!("systemd reports MainPID {pid}, but no such process exists"),
-                format!("`systemctl restart {svc}`"),
-            ),
-            None,
+        Some(pid) if !sys.procs().alive(pid) => CheckLine::fail(
+            req,
+            format!("systemd reports MainPID {pid}, but no such process exists"),
+            format!("`systemctl restart {svc}`"),
         ),
-        Some(pid) => (
-            CheckLine::ok(req, format!("running, MainPID {pid} ({})", comm(pid, sys))),
-            Some(pid),
+        Some(pid) => CheckLine::ok(
+            req,
+            format!("running, main process {}", sys.procs().describe(pid)),
         ),
     }
 }
@@ -479,6 +461,30 @@ fn check_systemd_etc(cfg: &Config, sys: &dyn System) -> CheckLine {
                 "check the path, or set systemd_etc in {}",
                 server_file(cfg).display()
             ),
+        )
+    }
+}
+
+/// The paths nvwa runs or writes as root must be root's alone (the rule `update` applies).
+fn check_trusted_paths(cfg: &Config, sys: &dyn System) -> CheckLine {
+    const REQ: &str = "trusted paths";
+    let problems: Vec<String> = cfg
+        .server
+        .trusted_paths()
+        .into_iter()
+        .filter(|(_, path, _)| sys.exists(path))
+        .filter_map(|(key, path, kind)| sys.untrusted(path, kind).map(|e| format!("{key}: {e}")))
+        .collect();
+    if problems.is_empty() {
+        CheckLine::ok(
+            REQ,
+            "criu_dir, log_dir, criu_exe and kexec_exe cannot be changed by other users",
+        )
+    } else {
+        CheckLine::fail(
+            REQ,
+            problems.join("; "),
+            "make each path and the directories above it root's and not group/world-writable",
         )
     }
 }
@@ -507,71 +513,31 @@ fn check_criu_dir(cfg: &Config, sys: &dyn System) -> CheckLine {
     }
 }
 
-/// The existing directory nearest to `path`, whose filesystem will hold it.
-fn nearest_existing(path: &Path, sys: &dyn System) -> PathBuf {
-    path.ancestors()
-        .find(|p| !p.as_os_str().is_empty() && sys.exists(p))
-        .unwrap_or(Path::new("/"))
-        .to_path_buf()
-}
-
-/// Resident memory of `pid` in bytes, from the VmRSS line of /proc/<pid>/status.
-fn resident_bytes(pid: i32, sys: &dyn System) -> Option<u64> {
-    let status = sys.read_file(&proc_path(pid, "status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-fn check_space(cfg: &Config, targets: &[i32], sys: &dyn System) -> CheckLine {
+/// Where the images go, by the policy `update` applies before freezing: not a memory
+/// filesystem, and room for the resident memory of every preservable target plus a margin.
+fn check_image_storage(cfg: &Config, targets: &[i32], sys: &dyn System) -> CheckLine {
+    // One line for both rules: space on a memory filesystem is no space. The name predates
+    // the tmpfs rule and lab/scenarios/check.toml greps for it.
     const REQ: &str = "free space for images";
     let dir = &cfg.server.criu_dir;
-    // Dumped images hold about the resident memory of each process; kernel threads and
-    // processes that vanished contribute nothing.
-    let needed: u64 = targets.iter().filter_map(|&p| resident_bytes(p, sys)).sum();
-    let at = nearest_existing(dir, sys);
-    let free = match sys.free_bytes(&at) {
-        Ok(free) => free,
-        Err(e) => {
-            return CheckLine::warn(
-                REQ,
-                format!("cannot measure free space at {}: {e}", at.display()),
-                format!("check `df {}` by hand", at.display()),
-            )
-        }
-    };
-    let detail = format!(
-        "{} free at {}, processes use {} resident",
-        human(free),
-        at.display(),
-        human(needed)
-    );
-    let fix = format!(
-        "free space on that filesystem, or point criu_dir in {} to a larger one",
-        server_file(cfg).display()
-    );
-    if free < needed {
-        CheckLine::fail(REQ, detail, fix)
-    } else if free - needed < needed / 10 {
-        CheckLine::warn(REQ, format!("{detail}; less than 10% to spare"), fix)
-    } else {
-        CheckLine::ok(REQ, detail)
+    let rss: u64 = targets.iter().map(|&p| sys.procs().tree_rss_bytes(p)).sum();
+    let needed = policy::bytes_needed(rss);
+    if let Err(r) = policy::image_store(dir, needed, sys.fs()) {
+        return CheckLine::fail(REQ, r.problem(), r.fix());
     }
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    // image_store measured it a moment ago; only a racing error makes this "unknown".
+    let free = sys
+        .fs()
+        .free_bytes(dir)
+        .map_or_else(|_| "unknown".to_string(), policy::human_bytes);
+    CheckLine::ok(
+        REQ,
+        format!(
+            "{free} free for {}, the images need about {}",
+            dir.display(),
+            policy::human_bytes(needed)
+        ),
+    )
 }
 
 fn detect_features(sys: &dyn System) -> KernelFeatures {
@@ -642,6 +608,7 @@ fn check_cpu_park(f: &KernelFeatures) -> CheckLine {
 mod tests {
     use super::*;
     use crate::config::{RestoreConfig, ServerConfig};
+    use crate::policy::fake::{FakeFs, FakeProcs};
     use std::cell::RefCell;
     use std::collections::{HashMap, HashSet};
 
@@ -651,10 +618,16 @@ mod tests {
         files: HashMap<PathBuf, String>,
         paths: HashSet<PathBuf>,
         runs: HashMap<String, (i32, String)>,
-        free: u64,
         writable: HashSet<PathBuf>,
         ran: RefCell<Vec<String>>,
+        procs: FakeProcs,
+        fs: FakeFs,
+        /// Paths another user could change, with why.
+        untrusted: HashMap<PathBuf, String>,
     }
+
+    /// The pid of `nvwa check` in the fake machine (FakeProcs::machine's nvwa under init).
+    const ME: i32 = 20;
 
     const GIB: u64 = 1024 * 1024 * 1024;
 
@@ -665,9 +638,11 @@ mod tests {
                 files: HashMap::new(),
                 paths: HashSet::new(),
                 runs: HashMap::new(),
-                free: 100 * GIB,
                 writable: HashSet::new(),
                 ran: RefCell::new(Vec::new()),
+                procs: FakeProcs::machine(),
+                fs: FakeFs::disk(100 * GIB),
+                untrusted: HashMap::new(),
             };
             s.file(KEXEC_LOADED, "0\n");
             s.file(KEXEC_LOAD_DISABLED, "0\n");
@@ -678,8 +653,8 @@ mod tests {
             s.path("/var/nvwa/running/");
             s.writable.insert("/var/nvwa/running/".into());
             s.writable.insert("/etc/systemd/system/".into());
-            s.process(100, "redis-server", 1024 * 1024); // 1 GiB in KiB
-            s.process(200, "nginx", 512 * 1024);
+            s.procs.add(100, 1, "redis-server", GIB);
+            s.procs.add(200, 1, "nginx", GIB / 2);
             s.runs
                 .insert("/usr/sbin/criu check".into(), (0, "Looks good.\n".into()));
             s.runs.insert(
@@ -696,15 +671,6 @@ mod tests {
         fn path(&mut self, path: &str) {
             self.paths.insert(path.into());
         }
-
-        fn process(&mut self, pid: i32, comm: &str, rss_kib: u64) {
-            self.path(&format!("/proc/{pid}"));
-            self.file(&format!("/proc/{pid}/comm"), &format!("{comm}\n"));
-            self.file(
-                &format!("/proc/{pid}/status"),
-                &format!("Name:\t{comm}\nVmPeak:\t 99999999 kB\nVmRSS:\t {rss_kib} kB\n"),
-            );
-        }
     }
 
     impl System for FakeSystem {
@@ -718,7 +684,7 @@ mod tests {
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         }
         fn exists(&self, path: &Path) -> bool {
-            // `proc_dir(pid)` ends in a slash; compare without it.
+            // Configured directories end in a slash; compare without it.
             let path = PathBuf::from(path.to_string_lossy().trim_end_matches('/'));
             self.files.contains_key(&path)
                 || self
@@ -734,11 +700,20 @@ mod tests {
                 .cloned()
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         }
-        fn free_bytes(&self, _path: &Path) -> io::Result<u64> {
-            Ok(self.free)
-        }
         fn is_dir_writable(&self, path: &Path) -> bool {
             self.writable.contains(path)
+        }
+        fn procs(&self) -> &dyn ProcView {
+            &self.procs
+        }
+        fn fs(&self) -> &dyn FsView {
+            &self.fs
+        }
+        fn own_pid(&self) -> i32 {
+            ME
+        }
+        fn untrusted(&self, path: &Path, _: crate::trust::TrustedKind) -> Option<String> {
+            self.untrusted.get(path).cloned()
         }
     }
 
@@ -800,8 +775,16 @@ mod tests {
             report.lines.iter().all(|l| l.verdict == Verdict::Ok),
             "{text}"
         );
+        assert!(text.starts_with("ok   config: /etc/nvwa\n"), "{text}");
         assert!(text.contains("ok   running as root: euid 0"), "{text}");
-        assert!(text.contains("pid 100: running (redis-server)"), "{text}");
+        assert!(
+            text.contains("ok   pid 100: running: redis-server (pid 100)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("free space for images: 100.0 GiB free for /var/nvwa/running/, the images need about 1.1 GiB"),
+            "{text}"
+        );
         assert!(
             text.contains("stock kernel: quick kexec not available"),
             "{text}"
@@ -883,6 +866,26 @@ mod tests {
     }
 
     #[test]
+    fn a_path_others_can_change_fails() {
+        let fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        sys.untrusted.insert(
+            "/usr/sbin/criu".into(),
+            "/usr/sbin is writable by uid 1000".into(),
+        );
+        let report = run(&fx, &sys);
+        assert_fails(
+            &report,
+            "trusted paths",
+            "criu_exe: /usr/sbin is writable by uid 1000",
+        );
+        assert_eq!(
+            line(&run(&fx, &FakeSystem::healthy()), "trusted paths").verdict,
+            Verdict::Ok
+        );
+    }
+
+    #[test]
     fn kexec_exe_missing_warns_unless_quick_kexec() {
         let mut fx = fixture();
         let mut sys = FakeSystem::healthy();
@@ -936,7 +939,7 @@ mod tests {
         assert_fails(
             &run(&fx, &FakeSystem::healthy()),
             "pid 4242",
-            "pid 4242: not running",
+            "pid 4242 listed in /etc/nvwa/nvwa-restore.yaml is not running",
         );
     }
 
@@ -945,7 +948,7 @@ mod tests {
         let fx = fixture_with_service();
         let report = run(&fx, &FakeSystem::healthy());
         assert_eq!(line(&report, "service nginx").verdict, Verdict::Ok);
-        assert!(report.render().contains("MainPID 200 (nginx)"));
+        assert!(report.render().contains("main process nginx (pid 200)"));
         assert_fails(
             &report,
             "services supported",
@@ -960,7 +963,7 @@ mod tests {
         assert_fails(
             &run(&fx, &FakeSystem::healthy()),
             "restore_net supported",
-            "restore_net: false",
+            "set it to false",
         );
     }
 
@@ -991,23 +994,105 @@ mod tests {
 
     #[test]
     fn too_little_space() {
-        let fx = fixture_with_service();
+        let fx = fixture();
         let mut sys = FakeSystem::healthy();
-        sys.free = GIB; // needs 1.5 GiB: redis 1 GiB + nginx 0.5 GiB
-        assert_fails(&run(&fx, &sys), "free space for images", "1.5 GiB resident");
+        sys.fs = FakeFs::disk(GIB); // redis has 1 GiB resident; the margin makes it 1.1 GiB
+        let report = run(&fx, &sys);
+        assert_fails(&report, "free space for images", "need about 1.1 GiB");
+        assert!(report.render().contains("only 1.0 GiB is free"));
+        // The margin is what update asks for, not a warning: just enough is ok.
+        sys.fs = FakeFs::disk(policy::bytes_needed(GIB));
+        assert_eq!(
+            line(&run(&fx, &sys), "free space for images").verdict,
+            Verdict::Ok
+        );
     }
 
     #[test]
-    fn space_within_ten_percent_warns() {
+    fn space_counts_the_whole_tree_of_preservable_pids_only() {
+        let mut fx = fixture();
+        fx.cfg.restore.pids = vec![100, 4242];
+        let mut sys = FakeSystem::healthy();
+        sys.procs.add(101, 100, "redis-child", GIB);
+        // 2 GiB for redis and its child; the dead pid adds nothing.
+        sys.fs = FakeFs::disk(policy::bytes_needed(2 * GIB) - 1);
+        assert_fails(
+            &run(&fx, &sys),
+            "free space for images",
+            "need about 2.2 GiB",
+        );
+        sys.fs = FakeFs::disk(policy::bytes_needed(2 * GIB));
+        assert_eq!(
+            line(&run(&fx, &sys), "free space for images").verdict,
+            Verdict::Ok
+        );
+    }
+
+    #[test]
+    fn criu_dir_on_tmpfs_fails_whatever_the_space() {
         let fx = fixture();
         let mut sys = FakeSystem::healthy();
-        sys.free = GIB + GIB / 20; // 1.05 GiB for redis's 1 GiB
-        let report = run(&fx, &sys);
-        assert_eq!(
-            line(&report, "free space for images").verdict,
-            Verdict::Warn
+        sys.fs.magic = Ok(policy::TMPFS_MAGIC);
+        assert_fails(
+            &run(&fx, &sys),
+            "free space for images",
+            "/var/nvwa/running/ is on tmpfs: its contents are lost at the kernel switch",
         );
-        assert!(!report.failed());
+    }
+
+    #[test]
+    fn kernel_threads_fail() {
+        let mut fx = fixture();
+        fx.cfg.restore.pids = vec![2, 3, 100];
+        let report = run(&fx, &FakeSystem::healthy());
+        assert_fails(&report, "pid 2", "kthreadd (pid 2)");
+        assert_fails(
+            &report,
+            "pid 3",
+            "kworker/0:1 (pid 3) listed in /etc/nvwa/nvwa-restore.yaml is a kernel thread",
+        );
+        assert_eq!(line(&report, "pid 100").verdict, Verdict::Ok);
+    }
+
+    #[test]
+    fn a_thread_id_fails_naming_its_process() {
+        let mut fx = fixture();
+        fx.cfg.restore.pids = vec![101];
+        let mut sys = FakeSystem::healthy();
+        sys.procs.thread(101, 100);
+        let report = run(&fx, &sys);
+        assert_fails(
+            &report,
+            "pid 101",
+            "list its process, pid 100, instead of 101",
+        );
+    }
+
+    #[test]
+    fn init_nvwa_and_nested_pids_fail() {
+        let mut fx = fixture();
+        fx.cfg.restore.pids = vec![1, ME, 100, 101];
+        let mut sys = FakeSystem::healthy();
+        sys.procs.add(101, 100, "redis-child", 0);
+        let report = run(&fx, &sys);
+        assert_fails(&report, "pid 1", "is init");
+        assert_fails(&report, &format!("pid {ME}"), "nvwa itself");
+        assert_fails(&report, "pid 101", "inside the tree of pid 100");
+        assert_eq!(line(&report, "pid 100").verdict, Verdict::Ok);
+    }
+
+    #[test]
+    fn an_empty_target_list_warns() {
+        let mut fx = fixture();
+        fx.cfg.restore.pids.clear();
+        let report = run(&fx, &FakeSystem::healthy());
+        let l = line(&report, "targets listed");
+        assert_eq!(l.verdict, Verdict::Warn, "{}", report.render());
+        assert!(l.detail.starts_with("nothing to preserve"), "{}", l.detail);
+        assert!(!report.failed(), "{}", report.render());
+        assert!(report
+            .render()
+            .contains("list the processes to keep in /etc/nvwa/nvwa-restore.yaml"));
     }
 
     #[test]
@@ -1060,12 +1145,5 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["lines"][0]["verdict"], "ok");
         assert!(json["lines"][0].get("fix").is_none());
-    }
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(1536), "1.5 KiB");
-        assert_eq!(human(3 * GIB), "3.0 GiB");
     }
 }

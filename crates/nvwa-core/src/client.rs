@@ -5,13 +5,15 @@ use std::io::{BufReader, ErrorKind};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use crate::protocol::{read_message, write_message, Progress, ProtocolError, Request, Response};
+use crate::protocol::{
+    read_message, write_message, Failure, Progress, ProtocolError, Request, Response,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered with an error; the message says what failed and what to do.
     #[error("{0}")]
-    Server(String),
+    Server(Failure),
     #[error("no nvwa server is listening on {path} ({source}); start it with `systemctl start nvwa` or `nvwa server`")]
     NotRunning {
         path: PathBuf,
@@ -76,7 +78,9 @@ pub fn request(
             None => return Err(ClientError::Closed { path }),
             Some(Response::Progress(p)) => on_progress(&p),
             Some(Response::Done { message }) => return Ok(message),
-            Some(Response::Error { message }) => return Err(ClientError::Server(message)),
+            Some(Response::Error { kind, message }) => {
+                return Err(ClientError::Server(Failure { kind, message }))
+            }
         }
     }
 }
@@ -128,10 +132,13 @@ mod tests {
         let sock = dir.path().join("s");
         let _t = serve_once(
             UnixListener::bind(&sock).unwrap(),
-            "{\"response\":\"error\",\"message\":\"kernel 9.9 is not installed\"}\n",
+            "{\"response\":\"error\",\"kind\":\"refused\",\"message\":\"kernel 9.9 is not installed\"}\n",
         );
         let err = request(&sock, &Request::Ping, &mut |_| {}).unwrap_err();
-        assert!(matches!(&err, ClientError::Server(m) if m == "kernel 9.9 is not installed"));
+        assert!(
+            matches!(&err, ClientError::Server(f) if f.message == "kernel 9.9 is not installed" && f.kind == crate::protocol::ErrorKind::Refused),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -13,9 +13,13 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::{Location, Spanned};
 
+use crate::trust::{self, TrustError, TrustedKind};
+
 pub const SERVER_FILE: &str = "nvwa-server.yaml";
 pub const RESTORE_FILE: &str = "nvwa-restore.yaml";
 /// Searched in this order when no directory is given; relative entries are relative to the cwd.
+/// As root, a directory that others could write to (or whose files they could) is skipped: see
+/// [`find_config_dir_with`].
 pub const SEARCH_PATH: [&str; 3] = [".", "./config", "/etc/nvwa"];
 
 const SERVER_KEYS: &[&str] = &[
@@ -25,6 +29,8 @@ const SERVER_KEYS: &[&str] = &[
     "systemd_etc",
     "log_dir",
     "socket",
+    "dump_timeout",
+    "restore_timeout",
 ];
 /// Canonical restore keys; the original's misspelling `enbale_debug_mode` is accepted too
 /// but not advertised.
@@ -47,6 +53,31 @@ pub struct ServerConfig {
     pub systemd_etc: PathBuf,
     pub log_dir: PathBuf,
     pub socket: PathBuf,
+    /// `dump_timeout`: seconds one target's dump may take; `None` lets nvwa scale a deadline to
+    /// the target's memory.
+    #[serde(rename = "dump_timeout")]
+    pub dump_timeout_s: Option<u64>,
+    /// `restore_timeout`: the same for one target's restore.
+    #[serde(rename = "restore_timeout")]
+    pub restore_timeout_s: Option<u64>,
+}
+
+/// Longest `dump_timeout` / `restore_timeout` accepted, in seconds: a day. Anything longer is
+/// more likely a unit mistake (milliseconds) than a wish.
+pub const MAX_TIMEOUT_S: u64 = 86_400;
+
+impl ServerConfig {
+    /// The configured paths that must be trusted before nvwa uses them as root, with their key
+    /// and kind, for [`trust::ensure_trusted`] (`criu_dir` may still have to be created: see
+    /// [`trust::create_private_dir`]). The socket's directory is checked by the server.
+    pub fn trusted_paths(&self) -> [(&'static str, &Path, TrustedKind); 4] {
+        [
+            ("criu_dir", &self.criu_dir, TrustedKind::ImageDir),
+            ("log_dir", &self.log_dir, TrustedKind::LogDir),
+            ("criu_exe", &self.criu_exe, TrustedKind::Executable),
+            ("kexec_exe", &self.kexec_exe, TrustedKind::Executable),
+        ]
+    }
 }
 
 impl Default for ServerConfig {
@@ -58,6 +89,8 @@ impl Default for ServerConfig {
             systemd_etc: PathBuf::from("/etc/systemd/system/"),
             log_dir: PathBuf::from("/etc/nvwa/log/"),
             socket: PathBuf::from("/run/nvwa/nvwa.socket"),
+            dump_timeout_s: None,
+            restore_timeout_s: None,
         }
     }
 }
@@ -118,8 +151,19 @@ pub enum ConfigError {
     #[error("config directory {} does not exist or is not a directory; create it or pass an existing directory with --config-dir", .dir.display())]
     DirMissing { dir: PathBuf },
 
-    #[error("no nvwa config found: none of {} contains {SERVER_FILE} or {RESTORE_FILE}; create /etc/nvwa/{SERVER_FILE} (an empty file means all defaults) or pass --config-dir <dir>", display_paths(.searched))]
-    NotFound { searched: Vec<PathBuf> },
+    #[error("no nvwa config found: none of {} contains {SERVER_FILE} or {RESTORE_FILE}{}; create /etc/nvwa/{SERVER_FILE} (an empty file means all defaults) or pass --config-dir <dir>", display_paths(.searched), display_skipped(.skipped))]
+    NotFound {
+        searched: Vec<PathBuf>,
+        /// Directories holding a config file that were not used because others could write to
+        /// them, with the reason.
+        skipped: Vec<(PathBuf, String)>,
+    },
+
+    #[error("cannot use the config directory given with --config-dir: {source}")]
+    Untrusted {
+        #[source]
+        source: TrustError,
+    },
 
     #[error("cannot determine the current directory to search for config files: {source}; pass --config-dir <dir>")]
     Cwd {
@@ -165,37 +209,86 @@ fn display_paths(paths: &[PathBuf]) -> String {
     shown.join(", ")
 }
 
+fn display_skipped(skipped: &[(PathBuf, String)]) -> String {
+    if skipped.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<String> = skipped
+        .iter()
+        .map(|(dir, why)| format!("{} ({why})", dir.display()))
+        .collect();
+    format!(" that nvwa may trust (skipped: {})", shown.join("; "))
+}
+
+/// How a config directory or file is checked before use; [`trust::ensure_trusted`] in production,
+/// a stand-in in tests.
+pub type TrustCheck<'a> = &'a dyn Fn(&Path, TrustedKind) -> Result<(), TrustError>;
+
 /// Find the config directory relative to the current directory; see [`find_config_dir_from`].
 pub fn find_config_dir(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
     let cwd = std::env::current_dir().map_err(|source| ConfigError::Cwd { source })?;
     find_config_dir_from(&cwd, explicit)
 }
 
-/// An explicit directory must exist (its files may be missing: defaults apply). Otherwise the
-/// first [`SEARCH_PATH`] entry (relative ones joined to `base`) holding either file wins.
+/// [`find_config_dir_with`] checking trust on the running system.
 pub fn find_config_dir_from(base: &Path, explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
-    if let Some(dir) = explicit {
-        let dir = base.join(dir);
-        return if dir.is_dir() {
-            Ok(dir)
-        } else {
-            Err(ConfigError::DirMissing { dir })
-        };
-    }
-    let candidates: Vec<PathBuf> = SEARCH_PATH.iter().map(|p| base.join(p)).collect();
-    first_config_dir(&candidates)
+    find_config_dir_with(base, explicit, &trust::ensure_trusted)
 }
 
-fn first_config_dir(candidates: &[PathBuf]) -> Result<PathBuf, ConfigError> {
-    // `exists` rather than `is_file`: an unreadable or broken file should be reported by
-    // `load`, not silently skipped in favour of another directory.
-    candidates
-        .iter()
-        .find(|dir| dir.join(SERVER_FILE).exists() || dir.join(RESTORE_FILE).exists())
-        .cloned()
-        .ok_or_else(|| ConfigError::NotFound {
-            searched: candidates.to_vec(),
-        })
+/// An explicit directory must exist (its files may be missing: defaults apply) and pass `trust`,
+/// or it is an error. Otherwise the first [`SEARCH_PATH`] entry (relative ones joined to `base`)
+/// holding either file and passing `trust` wins; one that fails it is skipped with a warning, so
+/// that root running nvwa in someone else's directory does not obey their `nvwa-server.yaml`.
+pub fn find_config_dir_with(
+    base: &Path,
+    explicit: Option<&Path>,
+    trust: TrustCheck,
+) -> Result<PathBuf, ConfigError> {
+    if let Some(dir) = explicit {
+        let dir = base.join(dir);
+        if !dir.is_dir() {
+            return Err(ConfigError::DirMissing { dir });
+        }
+        check_config_dir(&dir, trust).map_err(|source| ConfigError::Untrusted { source })?;
+        return Ok(dir);
+    }
+    let candidates: Vec<PathBuf> = SEARCH_PATH.iter().map(|p| base.join(p)).collect();
+    first_config_dir(&candidates, trust)
+}
+
+/// The directory and those of its two files that exist (a link counts, even if broken: reading
+/// it would follow it).
+fn check_config_dir(dir: &Path, trust: TrustCheck) -> Result<(), TrustError> {
+    trust(dir, TrustedKind::ConfigDir)?;
+    for file in [SERVER_FILE, RESTORE_FILE] {
+        let path = dir.join(file);
+        if path.symlink_metadata().is_ok() {
+            trust(&path, TrustedKind::ConfigFile)?;
+        }
+    }
+    Ok(())
+}
+
+fn first_config_dir(candidates: &[PathBuf], trust: TrustCheck) -> Result<PathBuf, ConfigError> {
+    let mut skipped = Vec::new();
+    for dir in candidates {
+        // `exists` rather than `is_file`: an unreadable or broken file should be reported by
+        // `load`, not silently skipped in favour of another directory.
+        if !(dir.join(SERVER_FILE).exists() || dir.join(RESTORE_FILE).exists()) {
+            continue;
+        }
+        match check_config_dir(dir, trust) {
+            Ok(()) => return Ok(dir.clone()),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), "skipping a config directory: {e}");
+                skipped.push((dir.clone(), e.to_string()));
+            }
+        }
+    }
+    Err(ConfigError::NotFound {
+        searched: candidates.to_vec(),
+        skipped,
+    })
 }
 
 /// Read both files from `dir`. A missing file means defaults for that file.
@@ -244,6 +337,14 @@ pub fn parse_server(text: &str, path: &Path) -> Result<ServerConfig, ConfigError
             entry: &entry,
         };
         let slot = match entry.key.as_str() {
+            "dump_timeout" => {
+                cfg.dump_timeout_s = ctx.seconds()?;
+                continue;
+            }
+            "restore_timeout" => {
+                cfg.restore_timeout_s = ctx.seconds()?;
+                continue;
+            }
             "criu_dir" => &mut cfg.criu_dir,
             "criu_exe" => &mut cfg.criu_exe,
             "kexec_exe" => &mut cfg.kexec_exe,
@@ -559,12 +660,33 @@ impl Ctx<'_> {
             Node::Str(s) if !s.starts_with('/') => Err(self.invalid(format!(
                 "`{s}` is not an absolute path; write it starting with `/`"
             ))),
-            Node::Str(s) => Ok(Some(PathBuf::from(s))),
+            // nvwa deletes below criu_dir and trusts what it finds there: `/`, or a path whose
+            // `..` makes it mean something other than it reads (`/tmp/../etc`), is refused.
+            Node::Str(s) => match trust::normalised_absolute(Path::new(s)) {
+                Ok(_) => Ok(Some(PathBuf::from(s))),
+                Err(e) => Err(self.invalid(e.to_string())),
+            },
             other => Err(self.invalid(format!(
                 "expected an absolute path, found {}",
                 other.describe()
             ))),
         }
+    }
+
+    /// A whole number of seconds in 1..=[`MAX_TIMEOUT_S`]; `None` (no value) keeps the default.
+    fn seconds(&self) -> Result<Option<u64>, ConfigError> {
+        let found = match &self.entry.value {
+            Node::Null => return Ok(None),
+            Node::Int(n) => match u64::try_from(*n) {
+                Ok(s) if (1..=MAX_TIMEOUT_S).contains(&s) => return Ok(Some(s)),
+                _ => format!("{n} seconds"),
+            },
+            other => other.describe(),
+        };
+        Err(self.invalid(format!(
+            "expected a whole number of seconds from 1 to {MAX_TIMEOUT_S}, found {found}; \
+             remove the line to let nvwa scale the deadline to the target's memory"
+        )))
     }
 
     fn list(&self, example: &str) -> Result<&[Spanned<Node>], ConfigError> {
@@ -672,6 +794,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn p() -> PathBuf {
         PathBuf::from("/etc/nvwa/test.yaml")
@@ -912,15 +1035,96 @@ enbale_debug_mode: false   # sic
         assert!(err.to_string().contains(RESTORE_FILE));
     }
 
+    /// Trusts everything: for tests of the search order itself.
+    fn trust_all(_: &Path, _: TrustedKind) -> Result<(), TrustError> {
+        Ok(())
+    }
+
+    /// Refuses `bad` (or, with `below`, whatever lies under it), the way `ensure_trusted`
+    /// refuses a user's directory.
+    fn refuse(
+        bad: &Path,
+        below: bool,
+    ) -> impl Fn(&Path, TrustedKind) -> Result<(), TrustError> + '_ {
+        move |p: &Path, kind| {
+            if p == bad || (below && p.starts_with(bad)) {
+                Err(TrustError::Untrusted {
+                    kind,
+                    path: p.to_path_buf(),
+                    offender: bad.to_path_buf(),
+                    uid: 1000,
+                    mode: 0o777,
+                    problem: "owned by uid 1000, not root".into(),
+                    euid: 0,
+                })
+            } else {
+                Ok(())
+            }
+        }
+    }
+
     #[test]
     fn search_path_order() {
         let base = tempfile::tempdir().unwrap();
         let b = base.path();
         fs::create_dir(b.join("config")).unwrap();
         fs::write(b.join("config").join(RESTORE_FILE), "").unwrap();
-        assert_eq!(find_config_dir_from(b, None).unwrap(), b.join("./config"));
+        let found = find_config_dir_with(b, None, &trust_all).unwrap();
+        assert_eq!(found, b.join("./config"));
         fs::write(b.join(SERVER_FILE), "").unwrap();
-        assert_eq!(find_config_dir_from(b, None).unwrap(), b.join("."));
+        assert_eq!(
+            find_config_dir_with(b, None, &trust_all).unwrap(),
+            b.join(".")
+        );
+    }
+
+    #[test]
+    fn untrusted_candidates_are_skipped_and_the_search_goes_on() {
+        // Finding 1: root running nvwa in a user's directory must not obey its config.
+        let base = tempfile::tempdir().unwrap();
+        let b = base.path();
+        fs::create_dir(b.join("config")).unwrap();
+        fs::write(b.join(SERVER_FILE), "criu_exe: /home/u/evil\n").unwrap();
+        fs::write(b.join("config").join(SERVER_FILE), "").unwrap();
+        // `.` refused.
+        let dot = b.join(".");
+        let refusing = refuse(&dot, false);
+        assert_eq!(
+            find_config_dir_with(b, None, &refusing).unwrap(),
+            b.join("./config")
+        );
+        // Only the file refused: the directory is skipped as well.
+        let file = b.join(".").join(SERVER_FILE);
+        let refusing = refuse(&file, false);
+        assert_eq!(
+            find_config_dir_with(b, None, &refusing).unwrap(),
+            b.join("./config")
+        );
+        // Every candidate refused: the error names them and why.
+        let refusing = refuse(b, true);
+        let err = find_config_dir_with(b, None, &refusing).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, ConfigError::NotFound { skipped, .. } if skipped.len() == 2),
+            "{msg}"
+        );
+        assert!(msg.contains("skipped") && msg.contains("uid 1000"), "{msg}");
+    }
+
+    #[test]
+    fn an_untrusted_explicit_dir_is_an_error() {
+        let base = tempfile::tempdir().unwrap();
+        let b = base.path();
+        fs::create_dir(b.join("conf")).unwrap();
+        let conf = b.join("conf");
+        let refusing = refuse(&conf, false);
+        let err = find_config_dir_with(b, Some(Path::new("conf")), &refusing).unwrap_err();
+        assert!(matches!(err, ConfigError::Untrusted { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--config-dir") && msg.contains(&conf.display().to_string()),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -930,22 +1134,115 @@ enbale_debug_mode: false   # sic
         fs::create_dir(b.join("conf")).unwrap();
         fs::write(b.join(SERVER_FILE), "").unwrap();
         assert_eq!(
-            find_config_dir_from(b, Some(Path::new("conf"))).unwrap(),
+            find_config_dir_with(b, Some(Path::new("conf")), &trust_all).unwrap(),
             b.join("conf")
         );
-        let err = find_config_dir_from(b, Some(Path::new("nope"))).unwrap_err();
+        let err = find_config_dir_with(b, Some(Path::new("nope")), &trust_all).unwrap_err();
         assert!(matches!(err, ConfigError::DirMissing { .. }));
         assert!(err.to_string().contains("--config-dir"));
+    }
+
+    #[test]
+    fn real_world_writable_cwd_config_is_not_used() {
+        // The lab's scenario on the real system, as whoever runs the tests: a world-writable
+        // directory is refused for root (and for any other user, as the path itself).
+        let base = crate::trust::trusted_tempdir();
+        let b = base.path();
+        fs::set_permissions(b, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::write(b.join(SERVER_FILE), "criu_exe: /home/u/evil\n").unwrap();
+        match find_config_dir_from(b, None) {
+            Ok(dir) => assert!(!dir.starts_with(b), "used {}", dir.display()),
+            Err(ConfigError::NotFound { skipped, .. }) => {
+                assert_eq!(skipped.len(), 1, "{skipped:?}");
+                assert!(skipped[0].1.contains("world-writable"), "{skipped:?}");
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+        let err = find_config_dir_from(b, Some(Path::new("."))).unwrap_err();
+        assert!(matches!(err, ConfigError::Untrusted { .. }), "{err}");
+        // The same directory made private is used.
+        fs::set_permissions(b, fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(find_config_dir_from(b, None).unwrap(), b.join("."));
     }
 
     #[test]
     fn nothing_found_lists_searched_dirs_and_fix() {
         let base = tempfile::tempdir().unwrap();
         let dirs = vec![base.path().join("a"), base.path().join("b")];
-        let msg = first_config_dir(&dirs).unwrap_err().to_string();
+        let msg = first_config_dir(&dirs, &trust_all).unwrap_err().to_string();
         assert!(msg.contains(&dirs[0].display().to_string()));
         assert!(msg.contains(&dirs[1].display().to_string()));
         assert!(msg.contains("/etc/nvwa/nvwa-server.yaml") && msg.contains("--config-dir"));
+        assert!(!msg.contains("skipped"), "{msg}");
+    }
+
+    #[test]
+    fn criu_dir_root_and_unnormalised_paths_are_refused() {
+        // Finding 5: `criu_dir: /` or `/tmp/../etc/` would let init delete system directories.
+        for (text, key) in [
+            ("criu_dir: /\n", "criu_dir"),
+            ("criu_dir: /tmp/../etc/\n", "criu_dir"),
+            ("log_dir: /var/./log\n", "log_dir"),
+            ("criu_exe: /usr//sbin/criu\n", "criu_exe"),
+            ("kexec_exe: /usr/sbin/../../tmp/kexec\n", "kexec_exe"),
+            ("socket: /\n", "socket"),
+        ] {
+            let err = parse_server(text, &p()).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, ConfigError::InvalidValue { .. }), "{msg}");
+            assert!(
+                msg.contains("/etc/nvwa/test.yaml")
+                    && msg.contains("line 1")
+                    && msg.contains(&format!("`{key}`")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn timeouts_are_optional_whole_seconds() {
+        let cfg = parse_server("dump_timeout: 600\nrestore_timeout: 86400\n", &p()).unwrap();
+        assert_eq!(cfg.dump_timeout_s, Some(600));
+        assert_eq!(cfg.restore_timeout_s, Some(86400));
+        let cfg = parse_server("dump_timeout:\n", &p()).unwrap();
+        assert_eq!(cfg.dump_timeout_s, None);
+        assert_eq!(ServerConfig::default().restore_timeout_s, None);
+        for (value, needle) in [
+            ("0", "0 seconds"),
+            ("-5", "-5 seconds"),
+            ("86401", "86401 seconds"),
+            ("1.5", "1.5"),
+            ("'60'", "\"60\""),
+            ("[60]", "a list"),
+        ] {
+            let text = format!("criu_dir: /x\nrestore_timeout: {value}\n");
+            let msg = parse_server(&text, &p()).unwrap_err().to_string();
+            assert!(
+                msg.contains("line 2") && msg.contains("`restore_timeout`") && msg.contains(needle),
+                "{value}: {msg}"
+            );
+            assert!(msg.contains("from 1 to 86400"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn timeout_keys_get_suggestions_and_belong_to_the_server_file() {
+        let msg = parse_server("dump_timout: 5\n", &p())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("did you mean `dump_timeout`"), "{msg}");
+        let msg = parse_restore("restore_timeout: 5\n", &p())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("belongs in nvwa-server.yaml"), "{msg}");
+    }
+
+    #[test]
+    fn trusted_paths_name_their_keys() {
+        let cfg = ServerConfig::default();
+        let keys: Vec<&str> = cfg.trusted_paths().iter().map(|(k, _, _)| *k).collect();
+        assert_eq!(keys, ["criu_dir", "log_dir", "criu_exe", "kexec_exe"]);
+        assert_eq!(cfg.trusted_paths()[2].1, Path::new("/usr/sbin/criu"));
     }
 
     #[test]

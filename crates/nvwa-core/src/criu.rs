@@ -4,9 +4,14 @@
 //! `--leave-stopped`, pre-dump and per-run log files, and the CLI is the interface the original
 //! used and operators know how to debug (`dump.log`, `restore.log` beside the images).
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::exec::{self, ExecError};
 
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
@@ -35,6 +40,25 @@ pub enum CriuError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error("criu {action} of {object} did not finish within {} s and was killed; the deadline is {key} in nvwa-server.yaml (log: {log})", .after.as_secs())]
+    TimedOut {
+        action: &'static str,
+        object: String,
+        after: Duration,
+        key: &'static str,
+        log: PathBuf,
+    },
+    #[error("criu {action} of {object} was stopped: the nvwa server is shutting down")]
+    Cancelled {
+        action: &'static str,
+        object: String,
+    },
+    #[error("cannot wait for criu {action} of {object}: {source}")]
+    Wait {
+        action: &'static str,
+        object: String,
+        source: std::io::Error,
+    },
     #[error("criu {action} of {object} failed (exit {code}): {summary}; full log: {log}")]
     Failed {
         action: &'static str,
@@ -56,43 +80,70 @@ impl CriuError {
 #[derive(Debug, Clone)]
 pub struct Criu {
     pub exe: PathBuf,
+    /// Set when the server is asked to stop: a running dump is killed so the update can roll
+    /// back. Restores are never cancelled (a half-restored tree is worse than a late one).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct DumpOptions {
     pub pin_memory: bool,
+    pub deadline: Duration,
 }
 
 impl Criu {
     pub fn new(exe: impl Into<PathBuf>) -> Criu {
-        Criu { exe: exe.into() }
+        Criu {
+            exe: exe.into(),
+            cancel: None,
+        }
+    }
+
+    pub fn cancellable(mut self, flag: Arc<AtomicBool>) -> Criu {
+        self.cancel = Some(flag);
+        self
     }
 
     /// Checkpoints the tree rooted at `pid` into `dir` and leaves it stopped, so that a later
     /// failure elsewhere can still resume it. Returns the time spent, in milliseconds.
     pub fn dump(&self, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
-        std::fs::create_dir_all(dir).map_err(|source| CriuError::ImageDir {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
+        // Images are full memory dumps: nobody but root may read them.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| CriuError::ImageDir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
         let pid_s = pid.to_string();
         let mut args = vec!["dump", "-t", &pid_s, "--leave-stopped"];
         if opts.pin_memory {
             args.push("--pin-memory");
         }
-        self.run("dump", format!("pid {pid}"), dir, DUMP_LOG, &args)
+        let run = Run {
+            action: "dump",
+            object: format!("pid {pid}"),
+            log: DUMP_LOG,
+            deadline: opts.deadline,
+            deadline_key: "dump_timeout",
+            cancellable: true,
+        };
+        self.run(run, dir, &args)
     }
 
     /// Restores the image set in `dir` detached from criu; returns the restored root pid.
-    pub fn restore(&self, dir: &Path) -> Result<(i32, u64), CriuError> {
+    pub fn restore(&self, dir: &Path, deadline: Duration) -> Result<(i32, u64), CriuError> {
         let _ = std::fs::remove_file(dir.join(PIDFILE));
-        let ms = self.run(
-            "restore",
-            dir.display().to_string(),
-            dir,
-            RESTORE_LOG,
-            &["restore", "-d", "--pidfile", PIDFILE],
-        )?;
+        let run = Run {
+            action: "restore",
+            object: dir.display().to_string(),
+            log: RESTORE_LOG,
+            deadline,
+            deadline_key: "restore_timeout",
+            cancellable: false,
+        };
+        let ms = self.run(run, dir, &["restore", "-d", "--pidfile", PIDFILE])?;
         let pid = std::fs::read_to_string(dir.join(PIDFILE))
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -100,41 +151,60 @@ impl Criu {
         Ok((pid, ms))
     }
 
-    fn run(
-        &self,
-        action: &'static str,
-        object: String,
-        dir: &Path,
-        log: &str,
-        args: &[&str],
-    ) -> Result<u64, CriuError> {
-        let start = Instant::now();
-        let out = Command::new(&self.exe)
-            .args(args)
+    fn run(&self, run: Run, dir: &Path, args: &[&str]) -> Result<u64, CriuError> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(args)
             .arg("-D")
             .arg(dir)
-            .args(["-o", log])
-            .args(COMMON)
-            .output()
-            .map_err(|source| CriuError::Spawn {
+            .args(["-o", run.log])
+            .args(COMMON);
+        let cancel = self.cancel.as_deref().filter(|_| run.cancellable);
+        let log = dir.join(run.log);
+        let out = exec::run_cancellable(&mut cmd, run.deadline, cancel).map_err(|e| match e {
+            ExecError::Spawn { source, .. } => CriuError::Spawn {
                 exe: self.exe.clone(),
                 source,
-            })?;
-        let ms = start.elapsed().as_millis() as u64;
+            },
+            ExecError::TimedOut { after, .. } => CriuError::TimedOut {
+                action: run.action,
+                object: run.object.clone(),
+                after,
+                key: run.deadline_key,
+                log: log.clone(),
+            },
+            ExecError::Cancelled { .. } => CriuError::Cancelled {
+                action: run.action,
+                object: run.object.clone(),
+            },
+            ExecError::Wait { source, .. } => CriuError::Wait {
+                action: run.action,
+                object: run.object.clone(),
+                source,
+            },
+        })?;
         if out.status.success() {
-            return Ok(ms);
+            return Ok(out.elapsed.as_millis() as u64);
         }
-        let log = dir.join(log);
-        let text = std::fs::read_to_string(&log).unwrap_or_default()
-            + &String::from_utf8_lossy(&out.stderr);
+        let text = std::fs::read_to_string(&log).unwrap_or_default() + &out.stderr_text();
         Err(CriuError::Failed {
-            action,
-            object,
-            code: out.status.code().unwrap_or(-1),
+            action: run.action,
+            object: run.object,
+            code: out.code(),
             summary: summarize(&text),
             log,
         })
     }
+}
+
+/// One criu invocation: what it is called in messages, its log file and its deadline.
+struct Run {
+    action: &'static str,
+    object: String,
+    log: &'static str,
+    deadline: Duration,
+    /// The nvwa-server.yaml key that sets `deadline`, for the message when it passes.
+    deadline_key: &'static str,
+    cancellable: bool,
 }
 
 /// The lines of a criu log that say why it failed, most specific first.
@@ -222,10 +292,39 @@ mod tests {
     }
 
     #[test]
+    fn a_hung_criu_is_killed_at_its_deadline_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("criu");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 1000\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let err = Criu::new(&fake)
+            .dump(
+                42,
+                &dir.path().join("42"),
+                DumpOptions {
+                    pin_memory: false,
+                    deadline: Duration::from_millis(300),
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, CriuError::TimedOut { .. }), "{err}");
+        assert!(err.to_string().contains("dump_timeout"), "{err}");
+        assert!(err.to_string().contains("pid 42"), "{err}");
+    }
+
+    #[test]
     fn a_missing_binary_says_how_to_install_it() {
         let dir = tempfile::tempdir().unwrap();
         let err = Criu::new("/nonexistent/criu")
-            .dump(1, dir.path(), DumpOptions::default())
+            .dump(
+                1,
+                dir.path(),
+                DumpOptions {
+                    pin_memory: false,
+                    deadline: Duration::from_secs(5),
+                },
+            )
             .unwrap_err();
         assert!(err.to_string().contains("apt-get install criu"), "{err}");
     }

@@ -1,13 +1,13 @@
 //! The server's request handler: one request at a time owns the machine.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use crate::config;
 use crate::machine::{Machine, RealMachine};
-use crate::protocol::{Progress, Request};
+use crate::protocol::{ErrorKind, Failure, Progress, Request};
 use crate::restore;
-use crate::update::UpdateError as E;
 use crate::update::{self, Reporter, UpdateError};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,13 @@ pub struct Daemon {
     pub config_dir: PathBuf,
     machine: Arc<dyn Machine>,
     busy: Mutex<()>,
+    /// Set once the server is going down (`nvwa exit`, SIGTERM, SIGINT): an update that has not
+    /// committed rolls back, and no new request starts.
+    stop: Arc<AtomicBool>,
+}
+
+fn failure(e: UpdateError) -> Failure {
+    Failure::new(e.kind(), e.to_string())
 }
 
 impl Daemon {
@@ -38,61 +45,86 @@ impl Daemon {
             config_dir,
             machine,
             busy: Mutex::new(()),
+            stop: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks a running update to roll back, waits until no request owns the machine, and keeps it
+    /// owned: nothing starts after this. Called when the server must go down.
+    pub fn shut_down(&self) -> MutexGuard<'_, ()> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.lock()
     }
 
     /// Runs `f` unless another request owns the machine. The configuration is read afresh, so
     /// an operator's edit of nvwa-restore.yaml applies to the next request without a restart.
     fn exclusive(
         &self,
-        what: &str,
+        what: &'static str,
         f: impl FnOnce(&config::Config) -> Result<String, UpdateError>,
-    ) -> Result<String, String> {
+    ) -> Result<String, Failure> {
         let _guard = match self.busy.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => {
-                return Err(format!(
-                    "cannot {what}: the server is busy with another request; see `nvwa status`"
+                return Err(Failure::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "cannot {what}: the server is busy with another request; see `nvwa status`"
+                    ),
                 ))
             }
         };
-        let cfg = config::load(&self.config_dir).map_err(|e| E::from(e).to_string())?;
-        f(&cfg).map_err(|e| e.to_string())
+        if self.stop.load(Ordering::SeqCst) {
+            return Err(failure(UpdateError::Stopping(what)));
+        }
+        let cfg = config::load(&self.config_dir).map_err(|e| failure(e.into()))?;
+        f(&cfg).map_err(failure)
     }
 
     /// Restores every saved image set (once, at server start).
-    pub fn restore_saved(&self, progress: &mut dyn FnMut(Progress)) -> Result<String, String> {
+    pub fn restore_saved(&self, progress: &mut dyn FnMut(Progress)) -> Result<String, Failure> {
         let r = Reporter::new(progress);
         self.exclusive("restore", |cfg| {
             restore::restore_saved(self.machine.as_ref(), cfg, &r)
         })
     }
 
-    /// Answers one request: `Ok` is the final success message, `Err` the final error.
+    /// Answers one request: `Ok` is the final success message, `Err` the final failure.
     pub fn handle(
         &self,
         request: Request,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<String, String> {
+    ) -> Result<String, Failure> {
         let r = Reporter::new(progress);
         match request {
             Request::Update { version } => self.exclusive("update", |cfg| {
-                update::run(self.machine.as_ref(), cfg, &version, &r)
+                update::run(self.machine.as_ref(), cfg, &version, &r, &self.stop)
             }),
             Request::Init => {
                 self.exclusive("init", |cfg| update::init(self.machine.as_ref(), cfg))
             }
-            Request::Restore { service, pid } => Err(format!(
+            Request::Restore { service, pid } => Err(Failure::new(
+                ErrorKind::Refused,
+                format!(
                 "cannot restore {service}@{pid}: systemd services are not supported by this nvwa yet"
+            ),
             )),
             // Stopping mid-update would leave frozen processes without anyone to resume them.
+            // Once accepted, the stop flag keeps any later request from starting.
             Request::Exit => match self.busy.try_lock() {
-                Err(TryLockError::WouldBlock) => Err(
-                    "cannot stop: an update or restore is running; wait for it (see `nvwa status`)"
-                        .into(),
-                ),
-                _ => Ok("nvwa server stopping".into()),
+                Err(TryLockError::WouldBlock) => Err(Failure::new(
+                    ErrorKind::Busy,
+                    "cannot stop: an update or restore is running; wait for it (see `nvwa status`)",
+                )),
+                _ => {
+                    self.stop.store(true, Ordering::SeqCst);
+                    Ok("nvwa server stopping".into())
+                }
             },
             Request::Ping => Ok("pong".into()),
         }
@@ -111,8 +143,27 @@ mod tests {
         let mut sink = |_p: Progress| {};
         let guard = d.busy.lock().unwrap();
         let err = d.handle(Request::Exit, &mut sink).unwrap_err();
-        assert!(err.contains("cannot stop"), "{err}");
+        assert!(err.message.contains("cannot stop"), "{err}");
+        assert_eq!(err.kind, ErrorKind::Busy);
         drop(guard);
         assert!(d.handle(Request::Exit, &mut sink).is_ok());
+    }
+
+    #[test]
+    fn nothing_starts_after_an_accepted_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Daemon::with_machine(dir.path().into(), Arc::new(FakeMachine::with_pids(&[])));
+        let mut sink = |_p: Progress| {};
+        d.handle(Request::Exit, &mut sink).unwrap();
+        let err = d
+            .handle(
+                Request::Update {
+                    version: "6.12-new".into(),
+                },
+                &mut sink,
+            )
+            .unwrap_err();
+        assert!(err.message.contains("stopping"), "{err}");
+        assert_eq!(err.kind, ErrorKind::Busy);
     }
 }

@@ -1,8 +1,14 @@
 //! The crash-safe journal of an update: a persisted state machine with a timeline.
 //!
 //! planned → kernel_loaded → frozen → dumped → committed → (kexec) → booted → restored
-//! Any failure before `committed` ends in `rolled_back` (every target resumed on the old kernel);
-//! a failure after it ends in `failed` with the images kept for a retry.
+//!
+//! The terminal phases cannot be confused:
+//! - `rolled_back`: the update stopped before the kernel switch; every target runs again on the
+//!   old kernel and the images are gone.
+//! - `abandoned`: the machine restarted before the update committed; the targets died with it and
+//!   their images, never made durable, are deleted without ever being restored.
+//! - `restore_failed`: the update committed and the kernel switched, but some targets could not be
+//!   restored; their images are kept for a retry (restarting the server).
 //!
 //! The journal lives in `<criu_dir>/journal.json` and is replaced atomically (write, fsync, rename,
 //! fsync dir) at every transition, so a crash or the kexec itself never leaves it half written.
@@ -14,7 +20,8 @@ use std::path::{Path, PathBuf};
 
 pub const JOURNAL_FILE: &str = "journal.json";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Ordered as the pipeline goes: every phase up to `committed` precedes the jump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Planned,
@@ -25,7 +32,10 @@ pub enum Phase {
     Booted,
     Restored,
     RolledBack,
-    Failed,
+    Abandoned,
+    /// Journals written before this phase got its name said `failed`.
+    #[serde(alias = "failed")]
+    RestoreFailed,
 }
 
 impl Phase {
@@ -39,7 +49,8 @@ impl Phase {
             Phase::Booted => "booted",
             Phase::Restored => "restored",
             Phase::RolledBack => "rolled_back",
-            Phase::Failed => "failed",
+            Phase::Abandoned => "abandoned",
+            Phase::RestoreFailed => "restore_failed",
         }
     }
 
@@ -68,13 +79,13 @@ impl Phase {
                 | (Dumped, Committed)
                 | (Committed, Booted)
                 | (Booted, Restored)
-                | (Booted, Failed)
-                | (Planned | KernelLoaded | Frozen | Dumped, RolledBack)
-                | (Committed, RolledBack)
+                | (Booted, RestoreFailed)
+                // Undone on the old kernel, up to the jump itself failing.
+                | (Planned | KernelLoaded | Frozen | Dumped | Committed, RolledBack)
                 // The machine went down before the commit: the processes died with it.
-                | (Planned | KernelLoaded | Frozen | Dumped, Failed)
+                | (Planned | KernelLoaded | Frozen | Dumped, Abandoned)
                 // A retry of a failed or interrupted restore.
-                | (Failed, Booted)
+                | (RestoreFailed, Booted)
         )
     }
 }
@@ -82,6 +93,28 @@ impl Phase {
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Image directories are named after their target: a pid's decimal digits, or a systemd unit
+/// name. Anything else in a journal (`../x`, `/etc`) is refused before it is joined to a path.
+pub fn valid_target_name(kind: TargetKind, name: &str) -> bool {
+    match kind {
+        TargetKind::Pid => {
+            !name.is_empty()
+                && name.len() <= 10
+                && name.bytes().all(|b| b.is_ascii_digit())
+                && !name.starts_with('0')
+        }
+        // systemd's unit name rules: at most 255 bytes of ASCII letters, digits, ":-_.\@".
+        TargetKind::Service => {
+            !name.is_empty()
+                && name.len() <= 255
+                && !name.starts_with('.')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
+        }
     }
 }
 
@@ -162,9 +195,15 @@ pub enum JournalError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("the update journal {path} names a target {name:?} that is not a pid or a unit name; it was not written by nvwa: inspect it, then run `nvwa init`")]
+    BadTarget { path: PathBuf, name: String },
     #[error("internal error: the update cannot go from {from} to {to}")]
     Transition { from: Phase, to: Phase },
+    #[error("cannot read this boot's id from {BOOT_ID_PATH}: {0}; without it nvwa cannot tell a restarted server from a new boot, so it refuses to act")]
+    BootId(String),
 }
+
+pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
 /// Wall-clock and monotonic milliseconds, and this boot's id.
 pub fn now() -> (u64, u64) {
@@ -178,14 +217,21 @@ pub fn now() -> (u64, u64) {
     (wall, mono)
 }
 
-pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// This boot's id: a random UUID the kernel makes at boot. Crash safety depends on it, so it is
+/// never guessed: an unreadable or empty one is an error.
+pub fn boot_id() -> Result<String, JournalError> {
+    let id = fs::read_to_string(BOOT_ID_PATH)
+        .map_err(|e| JournalError::BootId(e.to_string()))?
+        .trim()
+        .to_string();
+    if id.len() < 16 {
+        return Err(JournalError::BootId(format!("{id:?} is not a boot id")));
+    }
+    Ok(id)
 }
 
 impl Journal {
-    pub fn new(from_kernel: &str, to_kernel: &str, targets: Vec<Target>) -> Journal {
+    pub fn new(from_kernel: &str, to_kernel: &str, targets: Vec<Target>, boot_id: &str) -> Journal {
         let mut j = Journal {
             from_kernel: from_kernel.to_string(),
             to_kernel: to_kernel.to_string(),
@@ -194,31 +240,43 @@ impl Journal {
             timeline: Vec::new(),
             error: None,
         };
-        j.stamp(Phase::Planned);
+        j.stamp(Phase::Planned, boot_id);
         j
     }
 
-    fn stamp(&mut self, phase: Phase) {
+    fn stamp(&mut self, phase: Phase, boot_id: &str) {
         let (wall_ms, mono_ms) = now();
         self.timeline.push(Stamp {
             phase,
             wall_ms,
             mono_ms,
-            boot_id: boot_id(),
+            boot_id: boot_id.to_string(),
         });
         self.phase = phase;
     }
 
-    /// Moves to `phase`, refusing transitions the state machine does not have.
-    pub fn advance(&mut self, phase: Phase) -> Result<(), JournalError> {
+    /// Moves to `phase` (on the boot `boot_id`), refusing transitions the state machine does not
+    /// have.
+    pub fn advance(&mut self, phase: Phase, boot_id: &str) -> Result<(), JournalError> {
         if !phase.may_follow(self.phase) {
             return Err(JournalError::Transition {
                 from: self.phase,
                 to: phase,
             });
         }
-        self.stamp(phase);
+        self.stamp(phase, boot_id);
         Ok(())
+    }
+
+    /// Whether the update started on the boot `boot_id` (the processes it froze may still live).
+    pub fn started_on(&self, boot_id: &str) -> bool {
+        self.timeline.first().is_some_and(|s| s.boot_id == boot_id)
+    }
+
+    /// Whether the update committed on the boot `boot_id` (and so the jump never happened).
+    pub fn committed_on(&self, boot_id: &str) -> bool {
+        self.stamp_of(Phase::Committed)
+            .is_some_and(|s| s.boot_id == boot_id)
     }
 
     pub fn stamp_of(&self, phase: Phase) -> Option<&Stamp> {
@@ -261,18 +319,40 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(JournalError::Read { path, source }),
         };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| JournalError::Corrupt { path, source })
+        let j: Journal = serde_json::from_str(&text).map_err(|source| JournalError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(t) = j
+            .targets
+            .iter()
+            .find(|t| !valid_target_name(t.kind, &t.name))
+        {
+            return Err(JournalError::BadTarget {
+                path,
+                name: t.name.clone(),
+            });
+        }
+        Ok(Some(j))
     }
 
-    /// Atomically replaces the journal on disk.
+    /// Atomically replaces the journal on disk: a private temporary file created afresh (never
+    /// through a link someone planted), fsynced, renamed over the journal, directory fsynced.
     pub fn save(&self, criu_dir: &Path) -> Result<(), JournalError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = Self::path(criu_dir);
         let tmp = criu_dir.join(format!(".{JOURNAL_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
-            fs::create_dir_all(criu_dir)?;
-            let mut f = fs::File::create(&tmp)?;
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
             f.write_all(&serde_json::to_vec_pretty(self).expect("journal serializes"))?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
@@ -285,6 +365,8 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const BOOT: &str = "0f5e1a8c-boot-one";
 
     fn target(name: &str) -> Target {
         Target {
@@ -303,7 +385,7 @@ mod tests {
     #[test]
     fn the_happy_path_is_allowed_and_persisted() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::new("6.1", "6.12", vec![target("10")]);
+        let mut j = Journal::new("6.1", "6.12", vec![target("10")], BOOT);
         for p in [
             Phase::KernelLoaded,
             Phase::Frozen,
@@ -312,7 +394,7 @@ mod tests {
             Phase::Booted,
             Phase::Restored,
         ] {
-            j.advance(p).unwrap();
+            j.advance(p, BOOT).unwrap();
             j.save(dir.path()).unwrap();
         }
         let back = Journal::load(dir.path()).unwrap().unwrap();
@@ -323,25 +405,25 @@ mod tests {
 
     #[test]
     fn skipping_a_phase_is_refused() {
-        let mut j = Journal::new("6.1", "6.12", vec![]);
-        let err = j.advance(Phase::Committed).unwrap_err();
+        let mut j = Journal::new("6.1", "6.12", vec![], BOOT);
+        let err = j.advance(Phase::Committed, BOOT).unwrap_err();
         assert!(err.to_string().contains("planned to committed"), "{err}");
         assert_eq!(j.phase, Phase::Planned);
     }
 
     #[test]
     fn no_commit_after_rollback() {
-        let mut j = Journal::new("6.1", "6.12", vec![]);
-        j.advance(Phase::KernelLoaded).unwrap();
-        j.advance(Phase::RolledBack).unwrap();
-        assert!(j.advance(Phase::Committed).is_err());
+        let mut j = Journal::new("6.1", "6.12", vec![], BOOT);
+        j.advance(Phase::KernelLoaded, BOOT).unwrap();
+        j.advance(Phase::RolledBack, BOOT).unwrap();
+        assert!(j.advance(Phase::Committed, BOOT).is_err());
     }
 
     #[test]
     fn downtime_spans_freeze_to_last_target_running() {
-        let mut j = Journal::new("6.1", "6.12", vec![target("1"), target("2")]);
-        j.advance(Phase::KernelLoaded).unwrap();
-        j.advance(Phase::Frozen).unwrap();
+        let mut j = Journal::new("6.1", "6.12", vec![target("1"), target("2")], BOOT);
+        j.advance(Phase::KernelLoaded, BOOT).unwrap();
+        j.advance(Phase::Frozen, BOOT).unwrap();
         let frozen = j.stamp_of(Phase::Frozen).unwrap().wall_ms;
         assert_eq!(j.downtime_ms(), None);
         j.targets[0].running_again_wall_ms = Some(frozen + 500);
@@ -360,5 +442,118 @@ mod tests {
             err.contains("journal.json") && err.contains("nvwa init"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_planted_temporary_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(".journal.json.tmp")).unwrap();
+        Journal::new("6.1", "6.12", vec![target("10")], BOOT)
+            .save(dir.path())
+            .unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        let mode = fs::metadata(Journal::path(dir.path()))
+            .unwrap()
+            .permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.mode() & 0o777, 0o600, "the journal is private");
+    }
+
+    #[test]
+    fn target_names_that_are_not_pids_or_units_are_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["../pubimg", "/etc", "", "12/../13", "007"] {
+            let mut t = target("10");
+            t.name = bad.into();
+            Journal::new("6.1", "6.12", vec![t], BOOT)
+                .save(dir.path())
+                .unwrap();
+            let err = Journal::load(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("not a pid or a unit name"), "{bad}: {err}");
+        }
+        let mut t = target("10");
+        t.kind = TargetKind::Service;
+        t.name = "redis-server.service".into();
+        Journal::new("6.1", "6.12", vec![t], BOOT)
+            .save(dir.path())
+            .unwrap();
+        assert!(Journal::load(dir.path()).unwrap().is_some());
+    }
+
+    #[test]
+    fn journals_of_the_previous_format_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::new("6.1", "6.12", vec![target("10")], BOOT);
+        for p in [
+            Phase::KernelLoaded,
+            Phase::Frozen,
+            Phase::Dumped,
+            Phase::Committed,
+            Phase::Booted,
+            Phase::RestoreFailed,
+        ] {
+            j.advance(p, BOOT).unwrap();
+        }
+        j.save(dir.path()).unwrap();
+        let text = fs::read_to_string(Journal::path(dir.path()))
+            .unwrap()
+            .replace("restore_failed", "failed");
+        fs::write(Journal::path(dir.path()), text).unwrap();
+        let back = Journal::load(dir.path()).unwrap().unwrap();
+        assert_eq!(back.phase, Phase::RestoreFailed);
+    }
+
+    #[test]
+    fn an_uncommitted_update_can_only_be_abandoned_or_rolled_back() {
+        let mut j = Journal::new("6.1", "6.12", vec![], BOOT);
+        j.advance(Phase::KernelLoaded, BOOT).unwrap();
+        j.advance(Phase::Frozen, BOOT).unwrap();
+        assert!(j.clone().advance(Phase::Booted, "other").is_err());
+        assert!(j.clone().advance(Phase::Restored, "other").is_err());
+        j.advance(Phase::Abandoned, "other").unwrap();
+        assert!(
+            j.advance(Phase::Booted, "other").is_err(),
+            "abandoned is final"
+        );
+        assert!(!j.phase.in_progress());
+    }
+
+    #[test]
+    fn boot_ids_are_read_and_never_empty() {
+        let id = boot_id().unwrap();
+        assert!(id.len() >= 16, "{id}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever a crash, a disk error or a person leaves in journal.json, loading it gives a
+        /// journal or an error naming the file: never a panic.
+        #[test]
+        fn loading_any_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(Journal::path(dir.path()), &bytes).unwrap();
+            if let Err(e) = Journal::load(dir.path()) {
+                proptest::prop_assert!(e.to_string().contains("journal.json"), "{}", e);
+            }
+        }
+
+        /// Journal-shaped JSON with arbitrary names and phases: loads only valid target names.
+        #[test]
+        fn only_valid_target_names_load(name in "[ -~]{0,12}", phase in 0usize..10) {
+            let dir = tempfile::tempdir().unwrap();
+            let phases = ["planned", "kernel_loaded", "frozen", "dumped", "committed", "booted", "restored", "rolled_back", "abandoned", "restore_failed"];
+            let text = serde_json::json!({
+                "from_kernel": "a", "to_kernel": "b", "phase": phases[phase], "timeline": [],
+                "targets": [{"name": name, "kind": "pid", "pid": 1, "state": {"state": "pending"}}],
+            });
+            fs::write(Journal::path(dir.path()), text.to_string()).unwrap();
+            match Journal::load(dir.path()) {
+                Ok(j) => proptest::prop_assert!(valid_target_name(TargetKind::Pid, &j.unwrap().targets[0].name)),
+                Err(e) => proptest::prop_assert!(matches!(e, JournalError::BadTarget { .. }), "{}", e),
+            }
+        }
     }
 }

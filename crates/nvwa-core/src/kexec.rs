@@ -9,10 +9,13 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use crate::boot::KernelFiles;
 
 const KEXEC_FILE_UNLOAD: libc::c_ulong = 1;
+/// kexec-tools only reads two files and makes one syscall: a minute is plenty.
+const TOOL_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KexecError {
@@ -42,6 +45,10 @@ pub enum KexecError {
     },
     #[error("cannot read the current kernel command line from /proc/cmdline: {0}")]
     Cmdline(std::io::Error),
+    #[error("{0}; set kexec_exe in nvwa-server.yaml to a working kexec-tools")]
+    ToolRun(crate::exec::ExecError),
+    #[error("cannot unload the kernel loaded for kexec: {0}; run `kexec -u` so that a later reboot does not jump into it")]
+    Unload(std::io::Error),
     #[error("reboot(LINUX_REBOOT_CMD_KEXEC) failed: {0}; no kernel was switched")]
     Execute(std::io::Error),
 }
@@ -101,11 +108,11 @@ pub fn load_native(files: &KernelFiles, cmdline: &str) -> Result<(), KexecError>
     })
 }
 
-/// Unloads whatever kernel is loaded (best effort: used when an update is abandoned, so a later
-/// reboot does not jump into it by surprise).
-pub fn unload() {
+/// Unloads whatever kernel is loaded (when an update is abandoned, so a later reboot does not
+/// jump into it by surprise).
+pub fn unload() -> Result<(), KexecError> {
     // SAFETY: with KEXEC_FILE_UNLOAD the descriptors and command line are ignored.
-    unsafe {
+    let rc = unsafe {
         libc::syscall(
             libc::SYS_kexec_file_load,
             -1,
@@ -113,8 +120,12 @@ pub fn unload() {
             0 as libc::c_ulong,
             std::ptr::null::<libc::c_char>(),
             KEXEC_FILE_UNLOAD,
-        );
+        )
+    };
+    if rc == 0 || !loaded() {
+        return Ok(());
     }
+    Err(KexecError::Unload(std::io::Error::last_os_error()))
 }
 
 /// Loads `files` with kexec-tools: `-l` (kexec_load) or `-q` (openEuler's quick kexec).
@@ -124,23 +135,25 @@ pub fn load_with_tool(
     cmdline: &str,
     quick: bool,
 ) -> Result<(), KexecError> {
-    let out = Command::new(exe)
-        .arg(if quick { "-q" } else { "-l" })
+    let mut cmd = Command::new(exe);
+    cmd.arg(if quick { "-q" } else { "-l" })
         .arg(&files.image)
         .arg(format!("--initrd={}", files.initrd.display()))
-        .arg(format!("--append={cmdline}"))
-        .output()
-        .map_err(|source| KexecError::Spawn {
+        .arg(format!("--append={cmdline}"));
+    let out = crate::exec::run(&mut cmd, TOOL_DEADLINE).map_err(|e| match e {
+        crate::exec::ExecError::Spawn { source, .. } => KexecError::Spawn {
             exe: exe.to_path_buf(),
             source,
-        })?;
+        },
+        other => KexecError::ToolRun(other),
+    })?;
     if out.status.success() {
         return Ok(());
     }
     Err(KexecError::Tool {
         exe: exe.to_path_buf(),
         image: files.image.clone(),
-        output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        output: out.stderr_text(),
     })
 }
 

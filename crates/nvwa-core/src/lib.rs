@@ -11,15 +11,18 @@ pub mod client;
 pub mod config;
 pub mod criu;
 pub mod daemon;
+pub mod exec;
 pub mod journal;
 pub mod kexec;
 pub mod machine;
 pub mod pidns;
 pub mod pinmem;
+pub mod policy;
 pub mod process;
 pub mod protocol;
 pub mod restore;
 pub mod server;
+pub mod trust;
 pub mod update;
 
 #[cfg(test)]

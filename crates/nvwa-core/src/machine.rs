@@ -4,11 +4,14 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::journal::JournalError;
+
 use crate::boot::{self, BootError, KernelFiles};
 use crate::criu::{Criu, CriuError, DumpOptions};
 use crate::kexec::{self, KexecError};
 use crate::pidns::{self, PidError};
 use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
+use crate::policy::{FsView, ProcView, RealFs, RealProcs};
 use crate::process;
 
 pub trait Machine: Send + Sync {
@@ -21,24 +24,30 @@ pub trait Machine: Send + Sync {
         kexec_exe: &Path,
         quick: bool,
     ) -> Result<(), KexecError>;
-    fn unload_kernel(&self);
-    fn alive(&self, pid: i32) -> bool;
-    fn describe(&self, pid: i32) -> String;
-    /// Whether `ancestor` is `pid` or one of its ancestors.
-    fn is_ancestor(&self, ancestor: i32, pid: i32) -> bool;
+    fn unload_kernel(&self) -> Result<(), KexecError>;
+    /// The processes, as the policy sees them (`/proc` on the real machine).
+    fn procs(&self) -> &dyn ProcView;
+    /// The file systems, as the policy sees them.
+    fn fs(&self) -> &dyn FsView;
+    /// Every pid and thread id of the tree rooted at `pid`.
     fn tree_ids(&self, pid: i32) -> Vec<i32>;
-    fn tree_rss_bytes(&self, pid: i32) -> u64;
     /// Checkpoints and leaves the tree stopped; returns milliseconds spent.
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError>;
+    /// SIGCONT to every id (a stopped tree runs again).
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error>;
-    /// Makes images durable before the point of no return.
-    fn sync(&self);
+    /// Makes everything written under `dir` durable before the point of no return, reporting
+    /// write-back errors (sync(2) reports none; syncfs(2) does).
+    fn make_durable(&self, dir: &Path) -> std::io::Result<()>;
     /// Jumps into the loaded kernel; returns only on failure.
     fn kexec(&self) -> KexecError;
-    fn restore(&self, criu: &Criu, dir: &Path) -> Result<(i32, u64), CriuError>;
+    fn restore(&self, criu: &Criu, dir: &Path, deadline: Duration)
+        -> Result<(i32, u64), CriuError>;
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError>;
     fn wait_pids_free(&self, ids: &[i32], timeout: Duration) -> Result<(), PidError>;
-    fn boot_id(&self) -> String;
+    fn boot_id(&self) -> Result<String, JournalError>;
+    /// Processes still running criu on the image directory `dir` (a server that died mid-dump
+    /// leaves its criu behind: the tree must not be touched until it is done).
+    fn criu_working_on(&self, dir: &Path) -> Vec<i32>;
     /// openEuler's pin memory (`/dev/pinmem`): keeps the targets' pages where the next kernel
     /// finds them. `Clear` before the dumps, `Finish` after them.
     fn pin_memory(&self, op: PinOp) -> Result<(), PinMemError>;
@@ -89,23 +98,17 @@ impl Machine for RealMachine {
             other => other,
         }
     }
-    fn unload_kernel(&self) {
+    fn unload_kernel(&self) -> Result<(), KexecError> {
         kexec::unload()
     }
-    fn alive(&self, pid: i32) -> bool {
-        process::alive(pid)
+    fn procs(&self) -> &dyn ProcView {
+        &RealProcs
     }
-    fn describe(&self, pid: i32) -> String {
-        process::describe(pid)
-    }
-    fn is_ancestor(&self, ancestor: i32, pid: i32) -> bool {
-        process::is_ancestor(ancestor, pid)
+    fn fs(&self) -> &dyn FsView {
+        &RealFs
     }
     fn tree_ids(&self, pid: i32) -> Vec<i32> {
         process::tree_ids(pid)
-    }
-    fn tree_rss_bytes(&self, pid: i32) -> u64 {
-        process::tree_rss_bytes(pid)
     }
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
         criu.dump(pid, dir, opts)
@@ -113,14 +116,21 @@ impl Machine for RealMachine {
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
         process::resume(ids)
     }
-    fn sync(&self) {
-        nix::unistd::sync();
+    fn make_durable(&self, dir: &Path) -> std::io::Result<()> {
+        let d = std::fs::File::open(dir)?;
+        nix::unistd::syncfs(&d)?;
+        d.sync_all()
     }
     fn kexec(&self) -> KexecError {
         kexec::execute()
     }
-    fn restore(&self, criu: &Criu, dir: &Path) -> Result<(i32, u64), CriuError> {
-        criu.restore(dir)
+    fn restore(
+        &self,
+        criu: &Criu,
+        dir: &Path,
+        deadline: Duration,
+    ) -> Result<(i32, u64), CriuError> {
+        criu.restore(dir, deadline)
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
         pidns::reserve_above(ids)
@@ -128,8 +138,11 @@ impl Machine for RealMachine {
     fn wait_pids_free(&self, ids: &[i32], timeout: Duration) -> Result<(), PidError> {
         pidns::wait_free(ids, timeout)
     }
-    fn boot_id(&self) -> String {
+    fn boot_id(&self) -> Result<String, JournalError> {
         crate::journal::boot_id()
+    }
+    fn criu_working_on(&self, dir: &Path) -> Vec<i32> {
+        process::running_with_args(&["-D".as_ref(), dir.as_os_str()])
     }
     fn pin_memory(&self, op: PinOp) -> Result<(), PinMemError> {
         let dev = PinMem::open(&Path::new(DEV_ROOT).join(PINMEM_DEVICE))?;

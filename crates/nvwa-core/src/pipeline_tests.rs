@@ -1,36 +1,79 @@
-//! The all-or-nothing properties of the pipeline, against a recording machine.
+//! The all-or-nothing properties of the pipeline, against a recording machine that can fail any
+//! call.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::journal::{Journal, Phase, TargetState};
-use crate::protocol::Progress;
+use crate::machine::PinOp;
+use crate::protocol::{ErrorKind, Progress};
 use crate::restore::restore_saved;
-use crate::testing::{config, FakeMachine};
-use crate::update::{self, Reporter};
+use crate::testing::{config, Call, FakeMachine, Fault};
+use crate::update::{self, Reporter, UpdateError};
+
+const OLD_BOOT: &str = "0f5e1a8c-boot-one";
+const NEW_BOOT: &str = "7c2d9b10-boot-two";
+
+fn update_with_stop(
+    m: &FakeMachine,
+    cfg: &crate::config::Config,
+    v: &str,
+    stop: &Arc<AtomicBool>,
+) -> (Result<String, UpdateError>, Vec<Progress>) {
+    let mut events = Vec::new();
+    let mut sink = |p: Progress| events.push(p);
+    let res = update::run(m, cfg, v, &Reporter::new(&mut sink), stop);
+    (res, events)
+}
 
 fn run_update(
     m: &FakeMachine,
     cfg: &crate::config::Config,
     v: &str,
-) -> (Result<String, String>, Vec<Progress>) {
-    let mut events = Vec::new();
-    let mut sink = |p: Progress| events.push(p);
-    let res = update::run(m, cfg, v, &Reporter::new(&mut sink)).map_err(|e| e.to_string());
-    (res, events)
+) -> (Result<String, UpdateError>, Vec<Progress>) {
+    update_with_stop(m, cfg, v, &Arc::new(AtomicBool::new(false)))
 }
 
-/// The journal and images an update leaves behind when it jumps into the new kernel.
-fn committed_on_old_boot(cfg: &crate::config::Config, pids: &[i32]) {
+fn restore(m: &FakeMachine, cfg: &crate::config::Config) -> Result<String, UpdateError> {
+    let mut sink = |_p: Progress| {};
+    restore_saved(m, cfg, &Reporter::new(&mut sink))
+}
+
+fn journal(cfg: &crate::config::Config) -> Journal {
+    Journal::load(&cfg.server.criu_dir).unwrap().unwrap()
+}
+
+fn phases(events: &[Progress]) -> Vec<Phase> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Progress::Phase { phase } => Some(*phase),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The journal and images an update leaves behind when it stopped in `last` on the old boot.
+fn saved_on_old_boot(cfg: &crate::config::Config, pids: &[i32], last: Phase) {
     let old = FakeMachine::with_pids(pids);
-    let mut j = Journal::new("6.1-old", "6.12-new", crate::testing::targets(&old, pids));
+    let mut j = Journal::new(
+        "6.1-old",
+        "6.12-new",
+        crate::testing::targets(&old, pids),
+        OLD_BOOT,
+    );
     for p in [
         Phase::KernelLoaded,
         Phase::Frozen,
         Phase::Dumped,
         Phase::Committed,
     ] {
-        j.advance(p).unwrap();
+        if p > last {
+            break;
+        }
+        j.advance(p, OLD_BOOT).unwrap();
     }
+    std::fs::create_dir_all(&cfg.server.criu_dir).unwrap();
     for t in &j.targets {
         let d = cfg.server.criu_dir.join(&t.name);
         std::fs::create_dir_all(&d).unwrap();
@@ -39,58 +82,190 @@ fn committed_on_old_boot(cfg: &crate::config::Config, pids: &[i32]) {
     j.save(&cfg.server.criu_dir).unwrap();
 }
 
+fn new_boot() -> FakeMachine {
+    let mut m = FakeMachine::with_pids(&[]);
+    m.boot = NEW_BOOT.into();
+    m
+}
+
+fn assert_all_rolled_back(m: &FakeMachine, cfg: &crate::config::Config, pids: &[i32]) {
+    assert!(m.stopped().is_empty(), "still stopped: {:?}", m.stopped());
+    assert!(!m.called(&Call::Kexec), "{:?}", m.calls());
+    for pid in pids {
+        assert!(
+            !cfg.server.criu_dir.join(pid.to_string()).exists(),
+            "images of {pid} left"
+        );
+    }
+    assert_eq!(journal(cfg).phase, Phase::RolledBack);
+}
+
 #[test]
 fn one_failing_dump_resumes_every_other_target_and_removes_all_images() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 200, 300]);
-    let mut m = FakeMachine::with_pids(&[100, 200, 300]);
-    m.fail_dump.insert(200);
+    let m = FakeMachine::with_pids(&[100, 200, 300]);
+    m.inject(Fault::Dump(200));
     let (res, events) = run_update(&m, &cfg, "6.12-new");
 
     let err = res.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RolledBack);
+    let err = err.to_string();
     assert!(
         err.contains("200 (pid 200) could not be checkpointed"),
         "{err}"
     );
     assert!(err.contains("every target is running again"), "{err}");
-    assert!(m.stopped().is_empty(), "still stopped: {:?}", m.stopped());
-    assert!(!m.calls().contains(&"kexec".to_string()));
-    assert!(m.calls().contains(&"unload".to_string()));
-    for name in ["100", "200", "300"] {
-        assert!(
-            !cfg.server.criu_dir.join(name).exists(),
-            "images of {name} left"
-        );
-    }
-    let j = Journal::load(&cfg.server.criu_dir).unwrap().unwrap();
-    assert_eq!(j.phase, Phase::RolledBack);
+    assert_all_rolled_back(&m, &cfg, &[100, 200, 300]);
+    assert!(m.called(&Call::Unload));
+    let j = journal(&cfg);
     assert_eq!(j.targets[0].state, TargetState::Resumed);
-    assert!(matches!(j.targets[1].state, TargetState::Failed(_)));
-    assert!(events.contains(&Progress::Phase {
-        phase: Phase::RolledBack
-    }));
+    assert!(phases(&events).ends_with(&[Phase::RolledBack]));
     // The failed target's criu log outlives its image directory.
     let kept: Vec<_> = std::fs::read_dir(&cfg.server.log_dir).unwrap().collect();
     assert_eq!(kept.len(), 1);
 }
 
 #[test]
-fn a_kernel_that_does_not_load_freezes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &[100]);
-    let mut m = FakeMachine::with_pids(&[100]);
-    m.fail_load = true;
+fn a_dump_that_dies_after_stopping_its_tree_is_resumed_too() {
+    // Finding 8: only targets that reached Dumped used to be resumed.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 200]);
+    let m = FakeMachine::with_pids(&[100, 200]);
+    m.inject(Fault::DumpLeavesStopped(200));
     let (res, _) = run_update(&m, &cfg, "6.12-new");
-    assert!(res.unwrap_err().contains("kernel could not be loaded"));
-    assert!(!m.calls().iter().any(|c| c.starts_with("dump")));
-    let j = Journal::load(&cfg.server.criu_dir).unwrap().unwrap();
+    assert!(res.is_err());
+    assert_all_rolled_back(&m, &cfg, &[100, 200]);
+    assert_eq!(journal(&cfg).targets[1].state, TargetState::Resumed);
+}
+
+#[test]
+fn a_panicking_dump_thread_still_rolls_everything_back() {
+    // Finding 8: a panic in a dump thread skipped the rollback.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 200]);
+    let m = FakeMachine::with_pids(&[100, 200]);
+    m.inject(Fault::DumpPanics(100));
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("injected panic"), "{err}");
+    assert_all_rolled_back(&m, &cfg, &[100, 200]);
+    assert!(m.called(&Call::Unload));
+}
+
+#[test]
+fn a_panic_anywhere_in_the_run_rolls_back_through_the_guard() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let m = FakeMachine::with_pids(&[100]);
+    let stop = Arc::new(AtomicBool::new(false));
+    std::fs::create_dir_all(&cfg.server.criu_dir).unwrap();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut sink = |_p: Progress| {};
+        let r = Reporter::new(&mut sink);
+        let j = Journal::new(
+            "6.1-old",
+            "6.12-new",
+            crate::testing::targets(&m, &[100]),
+            OLD_BOOT,
+        );
+        let mut run = update::UpdateRun::start(&m, &cfg, &r, j, OLD_BOOT.into(), &stop).unwrap();
+        run.advance(Phase::KernelLoaded).unwrap();
+        run.advance(Phase::Frozen).unwrap();
+        m.stopped.lock().unwrap().extend([100, 101]);
+        panic!("a bug between two phases");
+    }));
+    assert!(outcome.is_err());
+    assert_all_rolled_back(&m, &cfg, &[100]);
+    assert!(journal(&cfg).error.unwrap().contains("panicked"));
+}
+
+#[test]
+fn a_hung_criu_ends_in_a_rollback_naming_the_deadline() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 200]);
+    let m = FakeMachine::with_pids(&[100, 200]);
+    m.inject(Fault::DumpHangs(200));
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("dump_timeout"), "{err}");
+    assert_all_rolled_back(&m, &cfg, &[100, 200]);
+}
+
+#[test]
+fn images_that_cannot_be_made_durable_are_never_committed() {
+    // Finding 9: sync(2) reports no errors; the commit must wait for a flush that can fail.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let m = FakeMachine::with_pids(&[100]);
+    m.inject(Fault::Durable);
+    let (res, events) = run_update(&m, &cfg, "6.12-new");
+    assert!(res.unwrap_err().to_string().contains("made durable"));
+    assert!(!phases(&events).contains(&Phase::Committed));
+    assert_all_rolled_back(&m, &cfg, &[100]);
+}
+
+#[test]
+fn a_stop_request_before_the_commit_rolls_back() {
+    // Finding 6: SIGTERM used to kill the server with targets stopped.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 200]);
+    let mut m = FakeMachine::with_pids(&[100, 200]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    m.on_dump = Some(Box::new(move |_| flag.store(true, Ordering::SeqCst)));
+    let (res, events) = update_with_stop(&m, &cfg, "6.12-new", &stop);
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("asked to stop"), "{err}");
+    assert!(!phases(&events).contains(&Phase::Committed));
+    assert_all_rolled_back(&m, &cfg, &[100, 200]);
+}
+
+#[test]
+fn an_unloadable_kernel_is_reported_by_the_rollback() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let m = FakeMachine::with_pids(&[100]);
+    m.inject(Fault::Dump(100));
+    m.inject(Fault::Unload);
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("kexec -u"), "{err}");
+}
+
+#[test]
+fn a_resume_that_fails_is_named_with_the_command_to_fix_it() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let m = FakeMachine::with_pids(&[100]);
+    m.inject(Fault::Durable);
+    m.inject(Fault::Resume(100));
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("kill -CONT 100 101"), "{err}");
+    assert!(!err.contains("every target is running again"), "{err}");
+}
+
+#[test]
+fn a_kernel_that_does_not_load_freezes_nothing() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let m = FakeMachine::with_pids(&[100]);
+    m.inject(Fault::Load);
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    assert!(res
+        .unwrap_err()
+        .to_string()
+        .contains("kernel could not be loaded"));
+    assert_eq!(m.dumps(), 0);
+    let j = journal(&cfg);
     assert!(j.stamp_of(Phase::Frozen).is_none());
     assert_eq!(j.phase, Phase::RolledBack);
 }
 
 #[test]
 fn bad_versions_and_dead_pids_are_refused_before_anything_happens() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let m = FakeMachine::with_pids(&[100]);
     for (v, pids, want) in [
         ("../x", vec![100], "../x"),
@@ -100,7 +275,8 @@ fn bad_versions_and_dead_pids_are_refused_before_anything_happens() {
         let cfg = config(dir.path(), &pids);
         let (res, _) = run_update(&m, &cfg, v);
         let err = res.unwrap_err();
-        assert!(err.contains(want), "{v}: {err}");
+        assert_eq!(err.kind(), ErrorKind::Refused, "{v}: {err}");
+        assert!(err.to_string().contains(want), "{v}: {err}");
     }
     assert!(m.calls().is_empty(), "{:?}", m.calls());
     assert!(Journal::load(&dir.path().join("running"))
@@ -109,40 +285,55 @@ fn bad_versions_and_dead_pids_are_refused_before_anything_happens() {
 }
 
 #[test]
+fn an_unreadable_boot_id_refuses_the_update() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let m = FakeMachine::with_pids(&[100]);
+    m.inject(Fault::BootId);
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    assert!(res.unwrap_err().to_string().contains("boot"));
+    assert!(m.calls().is_empty());
+}
+
+#[test]
 fn options_this_nvwa_cannot_honour_are_refused_not_ignored() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let m = FakeMachine::with_pids(&[100]);
     let mut cfg = config(dir.path(), &[100]);
     cfg.restore.restore_net = true;
     let (res, _) = run_update(&m, &cfg, "6.12-new");
-    assert!(res.unwrap_err().contains("restore_net"));
+    assert!(res.unwrap_err().to_string().contains("restore_net"));
     let mut cfg = config(dir.path(), &[100]);
     cfg.restore.services = vec!["redis".into()];
     let (res, _) = run_update(&m, &cfg, "6.12-new");
-    assert!(res.unwrap_err().contains("redis"));
+    assert!(res.unwrap_err().to_string().contains("redis"));
     assert!(m.calls().is_empty(), "{:?}", m.calls());
 }
 
 #[test]
-fn success_commits_before_the_jump_and_a_failed_jump_resumes() {
-    let dir = tempfile::tempdir().unwrap();
+fn success_commits_durable_images_before_the_jump_and_a_failed_jump_resumes() {
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100, 300]);
     let m = FakeMachine::with_pids(&[100, 300]);
     let (res, events) = run_update(&m, &cfg, "6.12-new");
     let calls = m.calls();
-    let load = calls.iter().position(|c| c.starts_with("load")).unwrap();
-    let first_dump = calls.iter().position(|c| c.starts_with("dump")).unwrap();
-    let kexec = calls.iter().position(|c| c == "kexec").unwrap();
-    assert!(load < first_dump && first_dump < kexec, "{calls:?}");
-    let phases: Vec<Phase> = events
+    let pos = |want: &Call| calls.iter().position(|c| c == want).unwrap();
+    let load = calls
         .iter()
-        .filter_map(|e| match e {
-            Progress::Phase { phase } => Some(*phase),
-            _ => None,
-        })
-        .collect();
+        .position(|c| matches!(c, Call::Load { .. }))
+        .unwrap();
+    let first_dump = calls
+        .iter()
+        .position(|c| matches!(c, Call::Dump(_)))
+        .unwrap();
+    let durable = pos(&Call::Durable(cfg.server.criu_dir.clone()));
+    let kexec = pos(&Call::Kexec);
+    assert!(
+        load < first_dump && first_dump < durable && durable < kexec,
+        "{calls:?}"
+    );
     assert_eq!(
-        phases,
+        phases(&events),
         [
             Phase::Planned,
             Phase::KernelLoaded,
@@ -153,118 +344,284 @@ fn success_commits_before_the_jump_and_a_failed_jump_resumes() {
         ]
     );
     // The fake's reboot fails: nothing may stay stopped.
-    assert!(res.unwrap_err().contains("jump into the new kernel failed"));
+    assert!(res
+        .unwrap_err()
+        .to_string()
+        .contains("jump into the new kernel failed"));
     assert!(m.stopped().is_empty());
 }
 
 #[test]
-fn the_new_boot_restores_every_target_and_computes_the_downtime() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &[100, 300]);
-    committed_on_old_boot(&cfg, &[100, 300]);
+fn image_directories_are_private_and_marked() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let m = FakeMachine::with_pids(&[100]);
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let (seen2, images) = (Arc::clone(&seen), cfg.server.criu_dir.join("100"));
+    let mut m = m;
+    m.on_dump = Some(Box::new(move |_| {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&images).unwrap().permissions().mode() & 0o777;
+        let marker = std::fs::read_to_string(images.join(update::IMAGE_MARKER)).unwrap();
+        *seen2.lock().unwrap() = Some((mode, marker));
+    }));
+    let _ = run_update(&m, &cfg, "6.12-new");
+    assert_eq!(*seen.lock().unwrap(), Some((0o700, "100".to_string())));
+}
 
-    let mut new = FakeMachine::with_pids(&[]);
-    new.boot = "boot-2".into();
-    let new = Arc::new(new);
-    let mut sink = |_p: Progress| {};
-    let msg = restore_saved(new.as_ref(), &cfg, &Reporter::new(&mut sink)).unwrap();
+#[test]
+fn the_new_boot_restores_every_target_and_computes_the_downtime() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 300]);
+    saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
+
+    let new = new_boot();
+    let msg = restore(&new, &cfg).unwrap();
     assert!(msg.contains("restored 2 target(s)"), "{msg}");
     let calls = new.calls();
     assert!(
-        calls[0].starts_with("reserve"),
+        matches!(calls[0], Call::Reserve(_)),
         "pids reserved before any restore: {calls:?}"
     );
-    let j = Journal::load(&cfg.server.criu_dir).unwrap().unwrap();
+    let j = journal(&cfg);
     assert_eq!(j.phase, Phase::Restored);
     assert!(j.downtime_ms().is_some());
     assert!(!cfg.server.criu_dir.join("100").exists(), "images removed");
 }
 
 #[test]
+fn images_of_an_update_that_never_committed_are_never_restored() {
+    // Finding 2: after a power cut before the commit, a second server start restored them.
+    for last in [Phase::Frozen, Phase::Dumped] {
+        let dir = crate::trust::trusted_tempdir();
+        let cfg = config(dir.path(), &[100]);
+        saved_on_old_boot(&cfg, &[100], last);
+        let new = new_boot();
+        let err = restore(&new, &cfg).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RolledBack);
+        assert!(err.to_string().contains("abandoned"), "{err}");
+        assert_eq!(journal(&cfg).phase, Phase::Abandoned);
+        assert!(!cfg.server.criu_dir.join("100").exists(), "images deleted");
+        // And a second start does nothing at all.
+        assert_eq!(restore(&new, &cfg).unwrap(), "nothing to restore");
+        assert!(
+            !new.calls().iter().any(|c| matches!(c, Call::Restore(_))),
+            "{:?}",
+            new.calls()
+        );
+        // An abandoned update does not block the next one.
+        update::ensure_idle(&cfg).unwrap();
+    }
+}
+
+#[test]
 fn a_held_pid_fails_that_target_by_name_and_keeps_its_images() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
-    committed_on_old_boot(&cfg, &[100]);
+    saved_on_old_boot(&cfg, &[100], Phase::Committed);
     let d = cfg.server.criu_dir.join("100");
 
-    let mut new = FakeMachine::with_pids(&[]);
-    new.boot = "boot-2".into();
+    let mut new = new_boot();
     new.held_pids.insert(101);
-    let mut sink = |_p: Progress| {};
-    let err = restore_saved(&new, &cfg, &Reporter::new(&mut sink))
-        .unwrap_err()
-        .to_string();
+    let err = restore(&new, &cfg).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RestoreFailed);
+    let err = err.to_string();
     assert!(
         err.contains("sshd (pid 99)") && err.contains("pid 101"),
         "{err}"
     );
     assert!(d.join("inventory.img").exists(), "images kept for a retry");
-    assert_eq!(
-        Journal::load(&cfg.server.criu_dir).unwrap().unwrap().phase,
-        Phase::Failed
-    );
+    assert_eq!(journal(&cfg).phase, Phase::RestoreFailed);
+    // The retry restores it once the holder is gone.
+    new.held_pids.clear();
+    assert!(restore(&new, &cfg).unwrap().contains("restored 1"));
+}
+
+#[test]
+fn one_failed_restore_leaves_the_others_running() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 300]);
+    saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
+    let new = new_boot();
+    new.inject(Fault::Restore(300));
+    assert!(restore(&new, &cfg).is_err());
+    let j = journal(&cfg);
+    assert_eq!(j.targets[0].state, TargetState::Restored);
+    assert!(matches!(j.targets[1].state, TargetState::Failed(_)));
+    assert!(crate::policy::ProcView::alive(&new, 100));
+    assert!(cfg.server.criu_dir.join("300").exists());
 }
 
 #[test]
 fn a_server_restart_on_the_same_boot_resumes_instead_of_restoring() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
+    saved_on_old_boot(&cfg, &[100], Phase::Frozen);
     let m = FakeMachine::with_pids(&[100]);
-    let mut j = Journal::new("6.1-old", "6.12-new", vec![]);
-    j.targets = crate::testing::targets(&m, &[100]);
-    j.timeline[0].boot_id = "boot-1".into();
-    j.advance(Phase::KernelLoaded).unwrap();
-    j.advance(Phase::Frozen).unwrap();
-    j.save(&cfg.server.criu_dir).unwrap();
-    let mut sink = |_p: Progress| {};
-    let msg = restore_saved(&m, &cfg, &Reporter::new(&mut sink)).unwrap();
+    m.stopped.lock().unwrap().extend([100, 101]);
+    let msg = restore(&m, &cfg).unwrap();
     assert!(msg.contains("resumed"), "{msg}");
-    assert!(!m.calls().iter().any(|c| c.starts_with("restore")));
-    assert_eq!(
-        Journal::load(&cfg.server.criu_dir).unwrap().unwrap().phase,
-        Phase::RolledBack
-    );
+    assert!(!m.calls().iter().any(|c| matches!(c, Call::Restore(_))));
+    assert!(m.stopped().is_empty());
+    assert!(m.called(&Call::Unload));
+    assert_eq!(journal(&cfg).phase, Phase::RolledBack);
 }
 
 #[test]
-fn init_refuses_during_an_update_and_cleans_otherwise() {
-    let dir = tempfile::tempdir().unwrap();
+fn a_committed_update_on_the_same_boot_is_resumed_not_restored() {
+    let dir = crate::trust::trusted_tempdir();
     let cfg = config(dir.path(), &[100]);
-    let mut j = Journal::new("a", "b", vec![]);
-    j.save(&cfg.server.criu_dir).unwrap();
+    saved_on_old_boot(&cfg, &[100], Phase::Committed);
+    let m = FakeMachine::with_pids(&[100]);
+    assert!(restore(&m, &cfg).unwrap().contains("did not happen"));
+    assert_eq!(journal(&cfg).phase, Phase::RolledBack);
+}
+
+#[test]
+fn init_refuses_during_an_update_and_removes_only_what_nvwa_made() {
+    // Finding 5: init deleted every subdirectory holding a dump.log or inventory.img.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
     let m = FakeMachine::with_pids(&[]);
+    saved_on_old_boot(&cfg, &[100], Phase::Frozen);
     assert!(update::init(&m, &cfg)
         .unwrap_err()
         .to_string()
         .contains("in progress"));
-    j.advance(Phase::RolledBack).unwrap();
+    let mut j = journal(&cfg);
+    j.advance(Phase::RolledBack, OLD_BOOT).unwrap();
     j.save(&cfg.server.criu_dir).unwrap();
-    let d = cfg.server.criu_dir.join("100");
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("inventory.img"), "x").unwrap();
+    let foreign = cfg.server.criu_dir.join("someone-elses");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("inventory.img"), "x").unwrap();
+    let marked = cfg.server.criu_dir.join("4242");
+    std::fs::create_dir_all(&marked).unwrap();
+    std::fs::write(marked.join(update::IMAGE_MARKER), "4242").unwrap();
     let msg = update::init(&m, &cfg).unwrap();
-    assert!(msg.contains("removed 1 image set"), "{msg}");
-    assert!(!d.exists());
+    assert!(msg.contains("removed 2 image set"), "{msg}");
+    assert!(!cfg.server.criu_dir.join("100").exists());
+    assert!(!marked.exists());
+    assert!(foreign.join("inventory.img").exists(), "not nvwa's: kept");
+}
+
+#[test]
+fn a_journal_naming_paths_outside_criu_dir_is_refused_by_restore_and_init() {
+    // Finding 4: `../x` in a journal made a resume delete a directory outside criu_dir.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    saved_on_old_boot(&cfg, &[100], Phase::Committed);
+    let victim = dir.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    let path = Journal::path(&cfg.server.criu_dir);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"name\": \"100\"", "\"name\": \"../victim\"");
+    std::fs::write(&path, text).unwrap();
+    let new = new_boot();
+    assert!(restore(&new, &cfg)
+        .unwrap_err()
+        .to_string()
+        .contains("not a pid or a unit name"));
+    assert!(update::init(&new, &cfg).is_err());
+    assert!(victim.exists());
+    assert!(new.calls().is_empty());
 }
 
 #[test]
 fn pin_memory_brackets_the_dumps_and_its_absence_rolls_back() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100]);
     cfg.restore.enable_pin_memory = true;
     let m = FakeMachine::with_pids(&[100]);
     let _ = run_update(&m, &cfg, "6.12-new");
     let calls = m.calls();
-    let pos = |c: &str| calls.iter().position(|x| x == c).unwrap();
+    let pos = |c: &Call| calls.iter().position(|x| x == c).unwrap();
     assert!(
-        pos("pin Clear") < pos("dump 100") && pos("dump 100") < pos("pin Finish"),
+        pos(&Call::Pin(PinOp::Clear)) < pos(&Call::Dump(100))
+            && pos(&Call::Dump(100)) < pos(&Call::Pin(PinOp::Finish)),
         "{calls:?}"
     );
 
-    let mut m = FakeMachine::with_pids(&[100]);
-    m.no_pinmem = true;
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100]);
+    cfg.restore.enable_pin_memory = true;
+    let m = FakeMachine::with_pids(&[100]);
+    m.inject(Fault::PinClear);
     let (res, _) = run_update(&m, &cfg, "6.12-new");
-    assert!(res.unwrap_err().contains("pin memory failed"));
-    assert!(!m.calls().iter().any(|c| c.starts_with("dump")));
-    assert!(m.calls().contains(&"unload".to_string()));
+    assert!(res.unwrap_err().to_string().contains("pin memory failed"));
+    assert_eq!(m.dumps(), 0);
+    assert!(m.called(&Call::Unload));
+}
+
+#[test]
+fn too_little_room_for_the_images_or_nothing_listed_is_refused_before_anything_happens() {
+    // Finding 9: free space was never checked before freezing.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let mut m = FakeMachine::with_pids(&[100]);
+    m.fs = crate::policy::fake::FakeFs::disk(1 << 20);
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Refused);
+    assert!(err.to_string().contains("free"), "{err}");
+    assert!(m.calls().is_empty(), "{:?}", m.calls());
+
+    let cfg = config(dir.path(), &[]);
+    let m = FakeMachine::with_pids(&[100]);
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("nothing to preserve"), "{err}");
+    assert!(m.calls().is_empty(), "{:?}", m.calls());
+}
+
+#[test]
+fn a_criu_dir_others_can_write_to_is_neither_used_nor_restored_from() {
+    // Finding 4: criu_dir was trusted whatever its owner and mode.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    saved_on_old_boot(&cfg, &[100], Phase::Committed);
+    std::fs::set_permissions(&cfg.server.criu_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let new = new_boot();
+    let err = restore(&new, &cfg).unwrap_err();
+    assert!(err.to_string().contains("world-writable"), "{err}");
+    assert!(new.calls().is_empty(), "{:?}", new.calls());
+
+    let m = FakeMachine::with_pids(&[100]);
+    std::fs::remove_file(Journal::path(&cfg.server.criu_dir)).unwrap();
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Refused);
+    assert!(err.to_string().contains("world-writable"), "{err}");
+    assert!(m.calls().is_empty(), "{:?}", m.calls());
+}
+
+#[test]
+fn a_journal_that_cannot_be_written_rolls_back_and_the_next_start_records_it() {
+    // Low finding: a failed journal write left it at `frozen` forever.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let mut m = FakeMachine::with_pids(&[100]);
+    let journal_path = Journal::path(&cfg.server.criu_dir);
+    let blocker = journal_path.clone();
+    // Mid-dump the journal's name becomes a directory: every later save fails.
+    m.on_dump = Some(Box::new(move |_| {
+        std::fs::remove_file(&blocker).unwrap();
+        std::fs::create_dir(&blocker).unwrap();
+    }));
+    let (res, events) = run_update(&m, &cfg, "6.12-new");
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("cannot write the update journal"), "{err}");
+    assert!(m.stopped().is_empty(), "resumed even without a journal");
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Progress::Message { text } if text.contains("next start"))));
+
+    // The disk recovers; the journal on disk still says `frozen` from before the failure. A
+    // restart on the same boot finds the targets running and records the rollback.
+    std::fs::remove_dir(&journal_path).unwrap();
+    saved_on_old_boot(&cfg, &[100], Phase::Frozen);
+    let msg = restore(&m, &cfg).unwrap();
+    assert!(msg.contains("resumed"), "{msg}");
+    assert_eq!(journal(&cfg).phase, Phase::RolledBack);
 }

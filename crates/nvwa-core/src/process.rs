@@ -22,22 +22,82 @@ pub fn describe(pid: i32) -> String {
     }
 }
 
-fn stat_field(pid: i32, index_after_comm: usize) -> Option<String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // comm may contain spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace()
-        .nth(index_after_comm)
-        .map(str::to_string)
+/// PF_KTHREAD in the `flags` field of /proc/PID/stat: set for every kernel thread (pid 2,
+/// kthreadd, and all its children), never for a user process. The `comm` of a kernel thread can
+/// be anything, and its parent is 0 or 2 only in the initial pid namespace, so the flag is the
+/// one reliable test.
+pub const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// The fields of /proc/PID/stat that nvwa reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// One-letter scheduler state: R, S, D, T (stopped), t (traced), Z …
+    pub state: char,
+    pub ppid: i32,
+    /// The kernel's `PF_*` flags (field 9).
+    pub flags: u64,
+}
+
+/// Parses one /proc/PID/stat line.
+pub fn parse_stat(line: &str) -> Option<Stat> {
+    // comm (field 2) may contain spaces and parentheses: the other fields start after the last ')'.
+    let rest = line.get(line.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    // After state and ppid come pgrp, session, tty_nr and tpgid; then flags.
+    let flags = fields.nth(4)?.parse().ok()?;
+    Some(Stat { state, ppid, flags })
+}
+
+/// The `Tgid:` of a /proc/PID/status text: the process a thread belongs to.
+pub fn parse_tgid(status: &str) -> Option<i32> {
+    status_value(status, "Tgid:")?.parse().ok()
+}
+
+/// The `VmRSS:` of a /proc/PID/status text, in bytes; kernel threads have none.
+pub fn parse_rss_bytes(status: &str) -> Option<u64> {
+    let kib: u64 = status_value(status, "VmRSS:")?
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+fn status_value<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+}
+
+pub fn stat(pid: i32) -> Option<Stat> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn status(pid: i32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/status")).ok()
 }
 
 pub fn parent(pid: i32) -> Option<i32> {
-    stat_field(pid, 1)?.parse().ok()
+    Some(stat(pid)?.ppid)
 }
 
 /// One-letter scheduler state: R, S, D, T (stopped), t (traced), Z …
 pub fn state(pid: i32) -> Option<char> {
-    stat_field(pid, 0)?.chars().next()
+    Some(stat(pid)?.state)
+}
+
+/// The thread group (process) that `pid` belongs to. /proc/TID exists for every thread id
+/// although `ls /proc` does not show it, so a thread id passes [`alive`]: this tells them apart.
+pub fn tgid(pid: i32) -> Option<i32> {
+    parse_tgid(&status(pid)?)
+}
+
+/// Whether `pid` is a kernel thread ([`PF_KTHREAD`]); false if it cannot be read.
+pub fn is_kernel_thread(pid: i32) -> bool {
+    stat(pid).is_some_and(|s| s.flags & PF_KTHREAD != 0)
 }
 
 fn all_pids() -> Vec<i32> {
@@ -88,14 +148,7 @@ pub fn tree_rss_bytes(root: i32) -> u64 {
 }
 
 pub fn rss_bytes(pid: i32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    status(pid).and_then(|s| parse_rss_bytes(&s)).unwrap_or(0)
 }
 
 /// Whether `ancestor` is `pid` or one of its ancestors.
@@ -126,6 +179,22 @@ pub fn resume(pids: &[i32]) -> Result<(), nix::Error> {
     first_err.map_or(Ok(()), Err)
 }
 
+/// Processes whose command line contains `args` as consecutive arguments (e.g. `-D DIR`).
+pub fn running_with_args(args: &[&std::ffi::OsStr]) -> Vec<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    all_pids()
+        .into_iter()
+        .filter(|&p| {
+            let Ok(raw) = fs::read(format!("/proc/{p}/cmdline")) else {
+                return false;
+            };
+            let argv: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+            argv.windows(args.len())
+                .any(|w| w.iter().zip(args).all(|(a, b)| *a == b.as_bytes()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +216,29 @@ mod tests {
     }
 
     #[test]
+    fn processes_are_found_by_their_arguments() {
+        use std::io::BufRead;
+        // The shell says "ready" once it runs: its command line is its own from then on.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "echo ready; read x", "nvwa-test-marker-arg", "second"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n");
+        let found = running_with_args(&["nvwa-test-marker-arg".as_ref(), "second".as_ref()]);
+        let reversed = running_with_args(&["second".as_ref(), "nvwa-test-marker-arg".as_ref()]);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, vec![child.id() as i32]);
+        assert!(reversed.is_empty());
+    }
+
+    #[test]
     fn a_child_process_is_in_the_tree() {
         let mut child = std::process::Command::new("sleep")
             .arg("30")
@@ -158,5 +250,68 @@ mod tests {
         assert_eq!(parent(cid), Some(me));
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    // Field layout as in proc(5); comm with spaces and a ')' must not shift the fields.
+    const KTHREADD: &str = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 22 0 0";
+    const USER: &str = "4242 (my (odd) prog) T 77 4242 4242 0 -1 4194560 120 0 0 0 1 2 0 0 20 0";
+
+    #[test]
+    fn stat_lines_are_parsed_after_the_last_parenthesis() {
+        let k = parse_stat(KTHREADD).unwrap();
+        assert_eq!((k.state, k.ppid), ('S', 0));
+        assert_ne!(k.flags & PF_KTHREAD, 0, "kthreadd has PF_KTHREAD");
+        let u = parse_stat(USER).unwrap();
+        assert_eq!((u.state, u.ppid, u.flags), ('T', 77, 4194560));
+        assert_eq!(u.flags & PF_KTHREAD, 0);
+        assert_eq!(parse_stat("12 (cut) S 1"), None);
+        assert_eq!(parse_stat("no parenthesis"), None);
+        assert_eq!(parse_stat("5 (x) S notanumber 0 0 0 0 0"), None);
+    }
+
+    #[test]
+    fn status_fields_are_parsed() {
+        let text = "Name:\tworker\nTgid:\t300\nPid:\t301\nVmRSS:\t    2048 kB\n";
+        assert_eq!(parse_tgid(text), Some(300));
+        assert_eq!(parse_rss_bytes(text), Some(2048 * 1024));
+        assert_eq!(parse_tgid("Name:\tx\n"), None);
+        assert_eq!(parse_rss_bytes("Name:\tkthreadd\n"), None);
+    }
+
+    #[test]
+    fn a_thread_id_belongs_to_its_process_and_is_no_kernel_thread() {
+        let me = std::process::id() as i32;
+        assert_eq!(tgid(me), Some(me));
+        assert!(!is_kernel_thread(me));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        assert_ne!(tid, me);
+        assert!(alive(tid), "/proc/TID exists for a thread id");
+        assert_eq!(tgid(tid), Some(me));
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert_eq!(tgid(-1), None);
+    }
+
+    #[test]
+    fn the_kernel_threads_of_this_machine_are_recognised() {
+        // The parser is tested on strings above; this ties it to the real /proc. In the initial
+        // pid namespace pid 2 is kthreadd and all its children are kernel threads; in any other
+        // namespace kernel threads are invisible and pid 2, if it exists, is a user process.
+        let kthreadd =
+            stat(2).is_some_and(|s| s.ppid == 0) && comm(2).as_deref() == Some("kthreadd");
+        assert_eq!(is_kernel_thread(2), kthreadd);
+        if kthreadd {
+            let children: Vec<i32> = tree_pids(2).into_iter().skip(1).collect();
+            assert!(!children.is_empty(), "kthreadd has children");
+            assert!(children.iter().all(|&c| is_kernel_thread(c) || !alive(c)));
+        }
+        assert!(!is_kernel_thread(std::process::id() as i32));
+        assert!(!is_kernel_thread(1), "init is a user process");
     }
 }

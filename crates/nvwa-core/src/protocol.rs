@@ -35,7 +35,68 @@ pub enum Response {
     /// The request succeeded.
     Done { message: String },
     /// The request failed; `message` says what failed, on which object, and what to do.
-    Error { message: String },
+    Error { kind: ErrorKind, message: String },
+}
+
+/// What kind of failure ended a request: clients (and the CLI's exit code) tell these apart
+/// without reading the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Nothing was frozen or changed: bad input, a failed precondition, a refused client.
+    Refused,
+    /// Another request or an unfinished update owns the machine; try again later.
+    Busy,
+    /// The update failed before the kernel switch and was undone: every target runs on the old
+    /// kernel (or, after a crash, the saved images were discarded).
+    RolledBack,
+    /// A restore on the new kernel failed for some targets; their images are kept for a retry.
+    RestoreFailed,
+    /// Anything else (an I/O error, a bug); the message and the server's log say what.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Refused => "refused",
+            ErrorKind::Busy => "busy",
+            ErrorKind::RolledBack => "rolled_back",
+            ErrorKind::RestoreFailed => "restore_failed",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// A request's failure: its kind and the message for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<Failure> for Response {
+    fn from(f: Failure) -> Response {
+        Response::Error {
+            kind: f.kind,
+            message: f.message,
+        }
+    }
 }
 
 impl Response {
@@ -164,6 +225,20 @@ mod tests {
         assert_eq!(
             String::from_utf8(buf).unwrap(),
             "{\"response\":\"progress\",\"event\":\"phase\",\"phase\":\"frozen\"}\n"
+        );
+    }
+
+    #[test]
+    fn errors_carry_their_kind_on_the_wire() {
+        let mut buf = Vec::new();
+        write_message(
+            &mut buf,
+            &Response::from(Failure::new(ErrorKind::RolledBack, "undone")),
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "{\"response\":\"error\",\"kind\":\"rolled_back\",\"message\":\"undone\"}\n"
         );
     }
 

@@ -1,8 +1,13 @@
 //! Bringing the saved processes back, at server start on the new kernel.
 //!
-//! Also the crash-safety half of the journal: a server that starts on the *same* boot as an
-//! unfinished update (it crashed, or the jump never happened) resumes the stopped targets instead
-//! of restoring them a second time.
+//! Also the crash-safety half of the journal. What a server finds at start decides what it does:
+//! - an update that never committed, on the *same* boot (the server crashed or was killed): its
+//!   targets are still alive, stopped or running — resume them and record `rolled_back`;
+//! - an update that never committed, on *another* boot (power cut, reset): the targets died with
+//!   the machine and the images were never made durable — delete them, never restore them, and
+//!   record `abandoned`;
+//! - a committed update on the same boot (the jump did not happen): resume, `rolled_back`;
+//! - a committed update on another boot, or a failed or interrupted restore: restore.
 
 use std::time::Duration;
 
@@ -10,7 +15,7 @@ use crate::config::Config;
 use crate::criu::Criu;
 use crate::journal::{now, Journal, Phase, TargetState};
 use crate::machine::Machine;
-use crate::update::{image_dir, Reporter, UpdateError};
+use crate::update::{criu_deadline, image_dir, undo, Reporter, UpdateError};
 
 /// How long a short-lived process of the new boot may hold a saved pid before we give up.
 pub const PID_WAIT: Duration = Duration::from_secs(10);
@@ -19,74 +24,110 @@ const COLLISION_RETRIES: usize = 3;
 
 pub fn restore_saved(m: &dyn Machine, cfg: &Config, r: &Reporter) -> Result<String, UpdateError> {
     let dir = &cfg.server.criu_dir;
+    // Images restored as root must come from a directory nobody else can write to.
+    if std::fs::symlink_metadata(dir).is_ok() {
+        crate::trust::ensure_trusted(dir, crate::trust::TrustedKind::ImageDir)?;
+    }
     let Some(mut j) = Journal::load(dir)? else {
         return Ok("nothing to restore".into());
     };
-    let committed_here = j
-        .stamp_of(Phase::Committed)
-        .is_some_and(|s| s.boot_id == m.boot_id());
-    let started_here = j.timeline.first().is_some_and(|s| s.boot_id == m.boot_id());
+    let boot = m.boot_id()?;
     match j.phase {
-        Phase::Restored | Phase::RolledBack => Ok("nothing to restore".into()),
-        Phase::Planned | Phase::KernelLoaded | Phase::Frozen | Phase::Dumped if started_here => {
+        Phase::Restored | Phase::RolledBack | Phase::Abandoned => Ok("nothing to restore".into()),
+        Phase::Planned | Phase::KernelLoaded | Phase::Frozen | Phase::Dumped
+            if j.started_on(&boot) =>
+        {
             resume_in_place(
                 m,
                 cfg,
                 &mut j,
+                &boot,
                 r,
                 "the nvwa server restarted during the update",
             )
         }
         Phase::Planned | Phase::KernelLoaded | Phase::Frozen | Phase::Dumped => {
-            j.error = Some(
-                "the machine restarted before the update committed; its targets did not survive"
-                    .into(),
-            );
-            j.advance(Phase::Failed)?;
-            j.save(dir)?;
-            Err(UpdateError::Restore(j.error.clone().unwrap_or_default()))
+            abandon(cfg, &mut j, &boot, r)
         }
-        Phase::Committed if committed_here => {
-            resume_in_place(m, cfg, &mut j, r, "the kernel switch did not happen")
+        Phase::Committed if j.committed_on(&boot) => {
+            resume_in_place(m, cfg, &mut j, &boot, r, "the kernel switch did not happen")
         }
-        Phase::Committed | Phase::Failed => {
-            j.advance(Phase::Booted)?;
+        Phase::Committed | Phase::RestoreFailed => {
+            j.advance(Phase::Booted, &boot)?;
             j.save(dir)?;
             r.phase(Phase::Booted);
-            restore_all(m, cfg, &mut j, r)
+            restore_all(m, cfg, &mut j, &boot, r)
         }
         // A restore was interrupted: carry on with what is left.
-        Phase::Booted => restore_all(m, cfg, &mut j, r),
+        Phase::Booted => restore_all(m, cfg, &mut j, &boot, r),
     }
 }
 
-/// The targets are still alive and stopped on this kernel: let them run again.
+/// The machine restarted before the update committed: its images were never promised to be
+/// complete or durable, so they are deleted, never restored.
+fn abandon(cfg: &Config, j: &mut Journal, boot: &str, r: &Reporter) -> Result<String, UpdateError> {
+    let mut problems = Vec::new();
+    for t in j.targets.iter_mut() {
+        let d = image_dir(cfg, t);
+        match std::fs::remove_dir_all(&d) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                problems.push(format!("cannot remove {}: {e}", d.display()))
+            }
+            _ => {}
+        }
+        t.state = TargetState::Failed("lost when the machine restarted before the commit".into());
+    }
+    let msg = format!(
+        "the update to {} was abandoned: the machine restarted (phase {}) before the update committed, so its targets did not survive and their incomplete images were deleted, not restored{}",
+        j.to_kernel,
+        j.phase,
+        if problems.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", problems.join("; "))
+        }
+    );
+    j.error = Some(msg.clone());
+    j.advance(Phase::Abandoned, boot)?;
+    j.save(&cfg.server.criu_dir)?;
+    r.phase(Phase::Abandoned);
+    Err(UpdateError::Abandoned(msg))
+}
+
+/// The targets are still alive on this kernel, stopped or running: let them run again.
 fn resume_in_place(
     m: &dyn Machine,
     cfg: &Config,
     j: &mut Journal,
+    boot: &str,
     r: &Reporter,
     why: &str,
 ) -> Result<String, UpdateError> {
-    for t in j.targets.iter_mut() {
-        if m.alive(t.pid) {
-            let _ = m.resume(&t.tree_ids);
-            t.state = TargetState::Resumed;
-            r.target(t, "resumed", None);
-        }
-        let _ = std::fs::remove_dir_all(image_dir(cfg, t));
+    let problems = undo(m, cfg, j, r);
+    if let Err(e) = m.unload_kernel() {
+        r.message(e.to_string());
     }
-    m.unload_kernel();
-    j.error = Some(format!("{why}; every target was resumed on the old kernel"));
-    j.advance(Phase::RolledBack)?;
+    let msg = if problems.is_empty() {
+        format!("{why}; every target was resumed on the old kernel")
+    } else {
+        format!("{why}; resumed what was left, but: {}", problems.join("; "))
+    };
+    j.error = Some(msg.clone());
+    j.advance(Phase::RolledBack, boot)?;
     j.save(&cfg.server.criu_dir)?;
-    Ok(j.error.clone().unwrap_or_default())
+    r.phase(Phase::RolledBack);
+    if problems.is_empty() {
+        Ok(msg)
+    } else {
+        Err(UpdateError::Abandoned(msg))
+    }
 }
 
 fn restore_all(
     m: &dyn Machine,
     cfg: &Config,
     j: &mut Journal,
+    boot: &str,
     r: &Reporter,
 ) -> Result<String, UpdateError> {
     let criu = Criu::new(&cfg.server.criu_exe);
@@ -126,13 +167,22 @@ fn restore_all(
                 let t = &j.targets[i];
                 let dir = image_dir(cfg, t);
                 let criu = &criu;
+                let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);
                 r.target(t, "restoring", None);
-                s.spawn(move || m.restore(criu, &dir))
+                s.spawn(move || m.restore(criu, &dir, deadline))
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("restore thread panicked"))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::criu::CriuError::Wait {
+                        action: "restore",
+                        object: "a target".into(),
+                        source: std::io::Error::other("the restore thread panicked"),
+                    })
+                })
+            })
             .collect()
     });
     for (&i, mut res) in ready.iter().zip(first) {
@@ -146,7 +196,11 @@ fn restore_all(
                     if let Err(held) = m.wait_pids_free(&t.tree_ids, PID_WAIT) {
                         break Err(held.to_string());
                     }
-                    res = m.restore(&criu, &image_dir(cfg, t));
+                    res = m.restore(
+                        &criu,
+                        &image_dir(cfg, t),
+                        criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes),
+                    );
                 }
                 other => break other.map_err(|e| e.to_string()),
             }
@@ -177,7 +231,7 @@ fn restore_all(
         })
         .collect();
     if failed.is_empty() {
-        j.advance(Phase::Restored)?;
+        j.advance(Phase::Restored, boot)?;
         j.save(&cfg.server.criu_dir)?;
         r.phase(Phase::Restored);
         let downtime = j
@@ -194,8 +248,10 @@ fn restore_all(
         failed.len(),
         failed.join("; ")
     ));
-    j.advance(Phase::Failed)?;
+    j.advance(Phase::RestoreFailed, boot)?;
     j.save(&cfg.server.criu_dir)?;
-    r.phase(Phase::Failed);
-    Err(UpdateError::Restore(j.error.clone().unwrap_or_default()))
+    r.phase(Phase::RestoreFailed);
+    Err(UpdateError::RestoreFailed(
+        j.error.clone().unwrap_or_default(),
+    ))
 }

@@ -1,4 +1,5 @@
-//! A recording test double of the machine, for the pipeline's unit tests.
+//! A recording test double of the machine, for the pipeline's unit tests: every call is
+//! recorded as a typed [`Call`], and any call can be made to fail with [`FakeMachine::inject`].
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -8,36 +9,94 @@ use std::time::Duration;
 use crate::boot::{BootError, KernelFiles};
 use crate::config::{Config, RestoreConfig, ServerConfig};
 use crate::criu::{Criu, CriuError, DumpOptions};
+use crate::journal::JournalError;
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
 use crate::pidns::PidError;
 use crate::pinmem::PinMemError;
+use crate::policy::fake::FakeFs;
+use crate::policy::{FsView, ProcView};
 
-#[derive(Default)]
+/// What the pipeline asked of the machine, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Load { version: String, quick: bool },
+    Unload,
+    Dump(i32),
+    Resume(Vec<i32>),
+    Durable(PathBuf),
+    Kexec,
+    Restore(String),
+    Reserve(Option<i32>),
+    Pin(PinOp),
+}
+
+/// A failure to inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    Load,
+    Unload,
+    /// criu fails on this pid after writing part of its images, leaving the tree running.
+    Dump(i32),
+    /// criu fails on this pid after it stopped the tree (it died mid-dump).
+    DumpLeavesStopped(i32),
+    /// The dump thread of this pid panics.
+    DumpPanics(i32),
+    /// criu overruns its deadline on this pid.
+    DumpHangs(i32),
+    Resume(i32),
+    Durable,
+    BootId,
+    Restore(i32),
+    PinClear,
+}
+
 pub struct FakeMachine {
     pub alive: Mutex<BTreeSet<i32>>,
     pub stopped: Mutex<BTreeSet<i32>>,
-    pub fail_dump: BTreeSet<i32>,
-    pub fail_load: bool,
-    pub no_pinmem: bool,
+    pub faults: Mutex<BTreeSet<Fault>>,
     pub held_pids: BTreeSet<i32>,
     pub boot: String,
-    pub calls: Mutex<Vec<String>>,
+    pub fs: FakeFs,
+    pub calls: Mutex<Vec<Call>>,
+    /// Runs at every dump (after the fault handling): lets a test act mid-update.
+    #[allow(clippy::type_complexity)]
+    pub on_dump: Option<Box<dyn Fn(i32) + Send + Sync>>,
 }
 
 impl FakeMachine {
     pub fn with_pids(pids: &[i32]) -> FakeMachine {
         FakeMachine {
             alive: Mutex::new(pids.iter().copied().collect()),
-            boot: "boot-1".into(),
-            ..Default::default()
+            stopped: Mutex::default(),
+            faults: Mutex::default(),
+            held_pids: BTreeSet::new(),
+            boot: "0f5e1a8c-boot-one".into(),
+            fs: FakeFs::disk(1 << 40),
+            calls: Mutex::default(),
+            on_dump: None,
         }
     }
-    fn log(&self, s: String) {
-        self.calls.lock().unwrap().push(s);
+    pub fn inject(&self, f: Fault) {
+        self.faults.lock().unwrap().insert(f);
     }
-    pub fn calls(&self) -> Vec<String> {
+    fn faulty(&self, f: Fault) -> bool {
+        self.faults.lock().unwrap().contains(&f)
+    }
+    fn log(&self, c: Call) {
+        self.calls.lock().unwrap().push(c);
+    }
+    pub fn calls(&self) -> Vec<Call> {
         self.calls.lock().unwrap().clone()
+    }
+    pub fn called(&self, c: &Call) -> bool {
+        self.calls().contains(c)
+    }
+    pub fn dumps(&self) -> usize {
+        self.calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Dump(_)))
+            .count()
     }
     pub fn stopped(&self) -> BTreeSet<i32> {
         self.stopped.lock().unwrap().clone()
@@ -72,8 +131,11 @@ impl Machine for FakeMachine {
         })
     }
     fn load_kernel(&self, f: &KernelFiles, _: &Path, quick: bool) -> Result<(), KexecError> {
-        self.log(format!("load {} quick={quick}", f.version));
-        if self.fail_load {
+        self.log(Call::Load {
+            version: f.version.clone(),
+            quick,
+        });
+        if self.faulty(Fault::Load) {
             return Err(KexecError::Load {
                 image: f.image.clone(),
                 source: std::io::Error::from_raw_os_error(libc::ENOEXEC),
@@ -82,59 +144,96 @@ impl Machine for FakeMachine {
         }
         Ok(())
     }
-    fn unload_kernel(&self) {
-        self.log("unload".into());
+    fn unload_kernel(&self) -> Result<(), KexecError> {
+        self.log(Call::Unload);
+        if self.faulty(Fault::Unload) {
+            return Err(KexecError::Unload(std::io::Error::from_raw_os_error(
+                libc::EBUSY,
+            )));
+        }
+        Ok(())
     }
-    fn alive(&self, pid: i32) -> bool {
-        self.alive.lock().unwrap().contains(&pid)
+    fn procs(&self) -> &dyn ProcView {
+        self
     }
-    fn describe(&self, pid: i32) -> String {
-        format!("fake (pid {pid})")
-    }
-    fn is_ancestor(&self, ancestor: i32, pid: i32) -> bool {
-        ancestor == pid
+    fn fs(&self) -> &dyn FsView {
+        &self.fs
     }
     fn tree_ids(&self, pid: i32) -> Vec<i32> {
         vec![pid, pid + 1]
     }
-    fn tree_rss_bytes(&self, _: i32) -> u64 {
-        4096
-    }
-    fn dump(&self, _: &Criu, pid: i32, dir: &Path, _: DumpOptions) -> Result<u64, CriuError> {
-        self.log(format!("dump {pid}"));
+    fn dump(&self, _: &Criu, pid: i32, dir: &Path, o: DumpOptions) -> Result<u64, CriuError> {
+        self.log(Call::Dump(pid));
+        if let Some(f) = &self.on_dump {
+            f(pid);
+        }
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join(crate::criu::DUMP_LOG), "log").unwrap();
-        if self.fail_dump.contains(&pid) {
+        if self.faulty(Fault::DumpPanics(pid)) {
+            self.stopped.lock().unwrap().extend(self.tree_ids(pid));
+            panic!("injected panic while dumping {pid}");
+        }
+        if self.faulty(Fault::DumpHangs(pid)) {
+            self.stopped.lock().unwrap().extend(self.tree_ids(pid));
+            return Err(CriuError::TimedOut {
+                action: "dump",
+                object: format!("pid {pid}"),
+                after: o.deadline,
+                key: "dump_timeout",
+                log: dir.join(crate::criu::DUMP_LOG),
+            });
+        }
+        if self.faulty(Fault::DumpLeavesStopped(pid)) {
+            self.stopped.lock().unwrap().extend(self.tree_ids(pid));
+            return Err(criu_failure(pid, dir));
+        }
+        if self.faulty(Fault::Dump(pid)) {
             return Err(criu_failure(pid, dir));
         }
         std::fs::write(dir.join("inventory.img"), "img").unwrap();
-        self.stopped.lock().unwrap().insert(pid);
+        self.stopped.lock().unwrap().extend(self.tree_ids(pid));
         Ok(7)
     }
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
-        self.log(format!("resume {ids:?}"));
+        self.log(Call::Resume(ids.to_vec()));
         let mut s = self.stopped.lock().unwrap();
         for id in ids {
+            if self.faulty(Fault::Resume(*id)) {
+                return Err(nix::Error::EPERM);
+            }
             s.remove(id);
         }
         Ok(())
     }
-    fn sync(&self) {
-        self.log("sync".into());
+    fn make_durable(&self, dir: &Path) -> std::io::Result<()> {
+        self.log(Call::Durable(dir.to_path_buf()));
+        if self.faulty(Fault::Durable) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
     }
     fn kexec(&self) -> KexecError {
-        self.log("kexec".into());
+        self.log(Call::Kexec);
         KexecError::Execute(std::io::Error::from_raw_os_error(libc::EPERM))
     }
-    fn restore(&self, _: &Criu, dir: &Path) -> Result<(i32, u64), CriuError> {
+    fn restore(&self, _: &Criu, dir: &Path, _: Duration) -> Result<(i32, u64), CriuError> {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        self.log(format!("restore {name}"));
+        self.log(Call::Restore(name.clone()));
         let pid: i32 = name.parse().unwrap_or(0);
+        if self.faulty(Fault::Restore(pid)) {
+            return Err(CriuError::Failed {
+                action: "restore",
+                object: name,
+                code: 1,
+                summary: "Error (criu/cr-restore.c:1): injected".into(),
+                log: dir.join(crate::criu::RESTORE_LOG),
+            });
+        }
         self.alive.lock().unwrap().insert(pid);
         Ok((pid, 5))
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
-        self.log(format!("reserve {:?}", ids.iter().max()));
+        self.log(Call::Reserve(ids.iter().max().copied()));
         Ok(())
     }
     fn wait_pids_free(&self, ids: &[i32], _: Duration) -> Result<(), PidError> {
@@ -147,12 +246,18 @@ impl Machine for FakeMachine {
             None => Ok(()),
         }
     }
-    fn boot_id(&self) -> String {
-        self.boot.clone()
+    fn boot_id(&self) -> Result<String, JournalError> {
+        if self.faulty(Fault::BootId) {
+            return Err(JournalError::BootId("injected".into()));
+        }
+        Ok(self.boot.clone())
+    }
+    fn criu_working_on(&self, _: &Path) -> Vec<i32> {
+        Vec::new()
     }
     fn pin_memory(&self, op: PinOp) -> Result<(), PinMemError> {
-        self.log(format!("pin {op:?}"));
-        if self.no_pinmem {
+        self.log(Call::Pin(op));
+        if op == PinOp::Clear && self.faulty(Fault::PinClear) {
             return Err(PinMemError::Open {
                 path: "/dev/pinmem".into(),
                 source: std::io::Error::from_raw_os_error(libc::ENOENT),
@@ -162,16 +267,40 @@ impl Machine for FakeMachine {
     }
 }
 
+/// Flat processes: every listed pid is a lone thread-group leader of 4 KiB.
+impl ProcView for FakeMachine {
+    fn alive(&self, pid: i32) -> bool {
+        self.alive.lock().unwrap().contains(&pid)
+    }
+    fn parent(&self, _: i32) -> Option<i32> {
+        None
+    }
+    fn tgid(&self, pid: i32) -> Option<i32> {
+        Some(pid)
+    }
+    fn is_kernel_thread(&self, _: i32) -> bool {
+        false
+    }
+    fn describe(&self, pid: i32) -> String {
+        format!("fake (pid {pid})")
+    }
+    fn tree_rss_bytes(&self, _: i32) -> u64 {
+        4096
+    }
+}
+
 pub fn config(dir: &Path, pids: &[i32]) -> Config {
     Config {
         dir: dir.to_path_buf(),
         server: ServerConfig {
             criu_dir: dir.join("running"),
-            criu_exe: PathBuf::from("/usr/sbin/criu"),
-            kexec_exe: PathBuf::from("/usr/sbin/kexec"),
+            // Programs that exist everywhere: update checks that root owns them.
+            criu_exe: PathBuf::from("/bin/true"),
+            kexec_exe: PathBuf::from("/bin/true"),
             systemd_etc: dir.join("systemd"),
             log_dir: dir.join("log"),
             socket: dir.join("nvwa.socket"),
+            ..ServerConfig::default()
         },
         restore: RestoreConfig {
             pids: pids.to_vec(),

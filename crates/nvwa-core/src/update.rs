@@ -3,12 +3,16 @@
 //! planned → kernel_loaded → frozen → dumped → committed → kexec
 //!
 //! The kernel is loaded before anything is frozen, so a bad kernel never costs downtime. Every
-//! target is dumped with `--leave-stopped`: until the commit, each one is still a live (stopped)
-//! process that can be resumed. Any failure before the kernel switch resumes every target,
-//! removes the partial images and unloads the kernel: a failed update never loses a process.
+//! target is dumped with `--leave-stopped`: until the jump, each one is still a live (stopped)
+//! process that can be resumed. One [`UpdateRun`] owns the journal and every transition; it rolls
+//! back on every way out that is not the jump — an error, a cancellation, or a panic (its `Drop`)
+//! — resuming every target's whole tree, removing the images and unloading the kernel. A failed
+//! update never loses a process.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::boot::{self, BootError, KernelFiles};
 use crate::config::{Config, ConfigError};
@@ -16,9 +20,15 @@ use crate::criu::{Criu, CriuError, DumpOptions};
 use crate::journal::{Journal, JournalError, Phase, Target, TargetKind, TargetState};
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
-use crate::protocol::Progress;
+use crate::policy::{self, Refusal};
+use crate::protocol::{ErrorKind, Progress};
+use crate::trust::{self, TrustError, TrustedKind};
 
 pub use crate::daemon::{Daemon, DaemonError};
+
+/// Written into every image directory nvwa creates, with the target's name: `nvwa init` without
+/// a journal removes only directories that carry it.
+pub const IMAGE_MARKER: &str = "nvwa-target";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
@@ -30,31 +40,56 @@ pub enum UpdateError {
     Journal(#[from] JournalError),
     #[error("{0}")]
     Busy(String),
+    #[error("the nvwa server is stopping; start it again to run {0}")]
+    Stopping(&'static str),
     #[error("{0}")]
-    Restore(String),
+    RestoreFailed(String),
     #[error("cannot remove the image set {path}: {source}")]
     RemoveImages {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cannot prepare the image directory {path}: {source}; check criu_dir in nvwa-server.yaml"
+    )]
+    ImageDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot clear pinned memory: {0}")]
     ClearPinned(crate::pinmem::PinMemError),
-    #[error("pid {pid} listed in {file} is not running; remove it from the file or start the process, then retry")]
-    TargetGone { pid: i32, file: PathBuf },
-    #[error("pid {pid} listed in {file} cannot be checkpointed: {why}")]
-    BadTarget {
-        pid: i32,
-        file: PathBuf,
-        why: String,
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
+    #[error("update to {version} rolled back: {cause}; {undone}")]
+    RolledBack {
+        version: String,
+        cause: Box<Abort>,
+        /// What the rollback did (or could not do).
+        undone: String,
     },
-    #[error("systemd services ({0}) are not supported by this nvwa yet; list their main pids under `pids:` or remove them from `services:`")]
-    ServicesUnsupported(String),
-    #[error("restore_net: true in {0} is not supported by this nvwa yet (the network configuration would not be carried over); set it to false")]
-    RestoreNetUnsupported(PathBuf),
-    #[error(
-        "update to {version} abandoned, every target is running again on the old kernel: {cause}"
-    )]
-    Abandoned { version: String, cause: Abort },
+    #[error("{0}")]
+    Abandoned(String),
+}
+
+impl UpdateError {
+    /// How the failure reads on the wire and in the CLI's exit code.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            UpdateError::Busy(_) | UpdateError::Stopping(_) => ErrorKind::Busy,
+            UpdateError::RolledBack { .. } | UpdateError::Abandoned(_) => ErrorKind::RolledBack,
+            UpdateError::RestoreFailed(_) => ErrorKind::RestoreFailed,
+            UpdateError::Config(_)
+            | UpdateError::Boot(_)
+            | UpdateError::Refused(_)
+            | UpdateError::Untrusted(_) => ErrorKind::Refused,
+            UpdateError::Journal(_)
+            | UpdateError::RemoveImages { .. }
+            | UpdateError::ImageDir { .. }
+            | UpdateError::ClearPinned(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// Why an update stopped before the kernel switch. Every one of these ends in a rollback.
@@ -68,6 +103,15 @@ pub enum Abort {
     Dump { target: String, why: String },
     #[error("{0}")]
     Journal(#[from] JournalError),
+    #[error("the images in {dir} could not be made durable: {source}; check the file system and its free space")]
+    Durability {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the nvwa server was asked to stop")]
+    Cancelled,
+    #[error("internal error: {0}")]
+    Panicked(String),
     #[error("the jump into the new kernel failed: {0}")]
     Jump(KexecError),
 }
@@ -103,71 +147,39 @@ pub fn image_dir(cfg: &Config, t: &Target) -> PathBuf {
     cfg.server.criu_dir.join(&t.name)
 }
 
-fn advance(j: &mut Journal, cfg: &Config, phase: Phase, r: &Reporter) -> Result<(), JournalError> {
-    j.advance(phase)?;
-    j.save(&cfg.server.criu_dir)?;
-    r.phase(phase);
-    Ok(())
+/// The deadline of one criu run on a tree with `rss_bytes` of resident memory: a minute, plus
+/// 30 s per GiB (criu writes or reads images at well over 100 MiB/s even on slow disks).
+/// `configured` (seconds, from nvwa-server.yaml) wins.
+pub fn criu_deadline(configured: Option<u64>, rss_bytes: u64) -> Duration {
+    match configured {
+        Some(s) => Duration::from_secs(s),
+        None => Duration::from_secs(60 + 30 * rss_bytes.div_ceil(1 << 30)),
+    }
 }
 
-/// Turns the configured pids into targets, refusing anything that cannot be preserved.
+/// Turns the configured pids into targets, refusing anything that cannot be preserved (the
+/// rules are the policy's, shared with `nvwa check`), and checks that their images fit where
+/// they go.
 pub(crate) fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateError> {
-    let file = cfg.dir.join(crate::config::RESTORE_FILE);
-    if cfg.restore.restore_net {
-        return Err(UpdateError::RestoreNetUnsupported(file));
-    }
-    if !cfg.restore.services.is_empty() {
-        return Err(UpdateError::ServicesUnsupported(
-            cfg.restore.services.join(", "),
-        ));
-    }
-    let me = std::process::id() as i32;
-    let mut pids = cfg.restore.pids.clone();
-    pids.sort_unstable();
-    pids.dedup();
-    for &pid in &pids {
-        let bad = |why: String| UpdateError::BadTarget {
-            pid,
-            file: file.clone(),
-            why,
-        };
-        if !m.alive(pid) {
-            return Err(UpdateError::TargetGone {
-                pid,
-                file: file.clone(),
-            });
-        }
-        if pid == 1 {
-            return Err(bad(
-                "it is init; only its descendants can be preserved".into()
-            ));
-        }
-        if m.is_ancestor(pid, me) {
-            return Err(bad(format!(
-                "it is the nvwa server or one of its ancestors ({})",
-                m.describe(pid)
-            )));
-        }
-        if let Some(&outer) = pids.iter().find(|&&o| o != pid && m.is_ancestor(o, pid)) {
-            return Err(bad(format!(
-                "it is inside the tree of pid {outer}, which is listed too and already includes it; list only the root"
-            )));
-        }
-    }
-    Ok(pids
+    let procs = m.procs();
+    let pids = policy::preservable_pids(cfg, procs, std::process::id() as i32)?;
+    let targets: Vec<Target> = pids
         .into_iter()
         .map(|pid| Target {
             name: pid.to_string(),
             kind: TargetKind::Pid,
             pid,
             tree_ids: m.tree_ids(pid),
-            rss_bytes: m.tree_rss_bytes(pid),
+            rss_bytes: procs.tree_rss_bytes(pid),
             state: TargetState::Pending,
             dump_ms: None,
             restore_ms: None,
             running_again_wall_ms: None,
         })
-        .collect())
+        .collect();
+    let rss = targets.iter().map(|t| t.rss_bytes).sum();
+    policy::image_store(&cfg.server.criu_dir, policy::bytes_needed(rss), m.fs())?;
+    Ok(targets)
 }
 
 /// Refuses to start while another update owns the machine or saved images await a restore.
@@ -177,7 +189,7 @@ pub fn ensure_idle(cfg: &Config) -> Result<(), UpdateError> {
             "an update to {} is in progress (phase {}); wait for it, or check `nvwa status`",
             j.to_kernel, j.phase
         ))),
-        Some(j) if j.phase == Phase::Failed => Err(UpdateError::Busy(format!(
+        Some(j) if j.phase == Phase::RestoreFailed => Err(UpdateError::Busy(format!(
             "the last update to {} left images that were not restored ({}); restart the nvwa server to retry the restore, or run `nvwa init` to discard them",
             j.to_kernel,
             j.error.as_deref().unwrap_or("see nvwa status")
@@ -186,112 +198,369 @@ pub fn ensure_idle(cfg: &Config) -> Result<(), UpdateError> {
     }
 }
 
+/// As root, nvwa runs criu_exe and kexec_exe, writes logs and restores images only from paths
+/// that nobody but root can change; the image and log directories are created 0700.
+pub fn ensure_trusted_paths(cfg: &Config) -> Result<(), TrustError> {
+    for (_key, path, kind) in cfg.server.trusted_paths() {
+        match kind {
+            TrustedKind::ImageDir | TrustedKind::LogDir => trust::create_private_dir(path, kind)?,
+            _ => trust::ensure_trusted(path, kind)?,
+        }
+    }
+    Ok(())
+}
+
 pub fn run(
     m: &dyn Machine,
     cfg: &Config,
     version: &str,
     r: &Reporter,
+    stop: &Arc<AtomicBool>,
 ) -> Result<String, UpdateError> {
     boot::validate_version(version)?;
     let files = m.find_kernel(version)?;
     ensure_idle(cfg)?;
     let targets = plan_targets(m, cfg)?;
-    let mut j = Journal::new(&m.running_kernel(), version, targets);
-    for t in &j.targets {
-        // Leftovers of an older run would mix with the new images.
-        let _ = std::fs::remove_dir_all(image_dir(cfg, t));
-    }
-    j.save(&cfg.server.criu_dir)?;
-    r.phase(Phase::Planned);
+    let boot = m.boot_id()?;
+    ensure_trusted_paths(cfg)?;
+    let mut run = UpdateRun::start(
+        m,
+        cfg,
+        r,
+        Journal::new(&m.running_kernel(), version, targets, &boot),
+        boot,
+        stop,
+    )?;
     r.message(format!(
         "{} → {} ({}), {} target(s)",
-        j.from_kernel,
+        run.j.from_kernel,
         version,
         files.image.display(),
-        j.targets.len()
+        run.j.targets.len()
     ));
-
-    let Err(cause) = switch(m, cfg, &mut j, &files, r);
-    let err = UpdateError::Abandoned {
+    let Err(cause) = run.switch(&files);
+    let undone = run.roll_back(&cause.to_string());
+    Err(UpdateError::RolledBack {
         version: version.into(),
-        cause,
-    };
-    roll_back(m, cfg, &mut j, &err.to_string(), r)?;
-    Err(err)
+        cause: Box::new(cause),
+        undone,
+    })
 }
 
-/// Everything from loading the kernel to the jump. It only returns if something failed, with
-/// every target still alive (stopped or running) for the rollback to resume.
-fn switch(
-    m: &dyn Machine,
-    cfg: &Config,
-    j: &mut Journal,
-    files: &KernelFiles,
-    r: &Reporter,
-) -> Result<std::convert::Infallible, Abort> {
-    m.load_kernel(files, &cfg.server.kexec_exe, cfg.restore.enable_quick_kexec)
-        .map_err(Abort::Kernel)?;
-    advance(j, cfg, Phase::KernelLoaded, r)?;
-    if cfg.restore.enable_pin_memory {
-        m.pin_memory(PinOp::Clear).map_err(Abort::PinMemory)?;
-    }
-    advance(j, cfg, Phase::Frozen, r)?;
-    dump_targets(m, cfg, j, r)?;
-    if cfg.restore.enable_pin_memory {
-        m.pin_memory(PinOp::Finish).map_err(Abort::PinMemory)?;
-    }
-    advance(j, cfg, Phase::Dumped, r)?;
-    m.sync();
-    advance(j, cfg, Phase::Committed, r)?;
-    m.sync();
-    r.message(format!("switching to {} now", files.version));
-    Err(Abort::Jump(m.kexec()))
+/// One update in flight. It owns the journal: every transition goes through
+/// [`UpdateRun::advance`], and it cannot be dropped without a rollback unless the jump happened
+/// (which never returns).
+pub struct UpdateRun<'a, 'r> {
+    m: &'a dyn Machine,
+    cfg: &'a Config,
+    r: &'a Reporter<'r>,
+    pub j: Journal,
+    boot: String,
+    stop: &'a Arc<AtomicBool>,
+    finished: bool,
 }
 
-/// Dumps every target, recording each result; the first failure aborts the update.
-fn dump_targets(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter) -> Result<(), Abort> {
-    let criu = Criu::new(&cfg.server.criu_exe);
-    let opts = DumpOptions {
-        pin_memory: cfg.restore.enable_pin_memory,
-    };
-    let results = dump_all(m, cfg, &criu, opts, &j.targets, r);
-    let mut first_failure = None;
-    for (t, res) in j.targets.iter_mut().zip(results) {
-        match res {
-            Ok(ms) => {
-                t.state = TargetState::Dumped;
-                t.dump_ms = Some(ms);
-                // The tree is stopped now: this is exactly what the restore must find free.
-                t.tree_ids = m.tree_ids(t.pid);
-            }
-            Err(e) => {
-                let why = describe_dump_failure(cfg, t, &e);
-                t.state = TargetState::Failed(why.clone());
-                first_failure.get_or_insert(Abort::Dump {
-                    target: format!("{} (pid {})", t.name, t.pid),
-                    why,
-                });
+impl<'a, 'r> UpdateRun<'a, 'r> {
+    /// Saves the planned journal; from here on, every way out rolls back.
+    pub fn start(
+        m: &'a dyn Machine,
+        cfg: &'a Config,
+        r: &'a Reporter<'r>,
+        j: Journal,
+        boot: String,
+        stop: &'a Arc<AtomicBool>,
+    ) -> Result<UpdateRun<'a, 'r>, UpdateError> {
+        for t in &j.targets {
+            // Leftovers of an older run would mix with the new images.
+            let dir = image_dir(cfg, t);
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(UpdateError::RemoveImages {
+                        path: dir,
+                        source: e,
+                    })
+                }
+                _ => {}
             }
         }
+        j.save(&cfg.server.criu_dir)?;
+        r.phase(Phase::Planned);
+        Ok(UpdateRun {
+            m,
+            cfg,
+            r,
+            j,
+            boot,
+            stop,
+            finished: false,
+        })
     }
-    first_failure.map_or(Ok(()), Err)
+
+    /// Enters `phase`: recorded, made durable, reported. Before the commit, a stop request
+    /// aborts instead (the caller rolls back); after it, the jump goes on.
+    pub fn advance(&mut self, phase: Phase) -> Result<(), Abort> {
+        if phase <= Phase::Committed && self.stop.load(Ordering::SeqCst) {
+            return Err(Abort::Cancelled);
+        }
+        self.j.advance(phase, &self.boot)?;
+        self.j.save(&self.cfg.server.criu_dir)?;
+        self.r.phase(phase);
+        Ok(())
+    }
+
+    /// Everything from loading the kernel to the jump. It only returns if something failed, with
+    /// every target still alive (stopped or running) for the rollback to resume.
+    fn switch(&mut self, files: &KernelFiles) -> Result<std::convert::Infallible, Abort> {
+        let (m, cfg) = (self.m, self.cfg);
+        m.load_kernel(files, &cfg.server.kexec_exe, cfg.restore.enable_quick_kexec)
+            .map_err(Abort::Kernel)?;
+        self.advance(Phase::KernelLoaded)?;
+        if cfg.restore.enable_pin_memory {
+            m.pin_memory(PinOp::Clear).map_err(Abort::PinMemory)?;
+        }
+        self.advance(Phase::Frozen)?;
+        self.dump_targets()?;
+        if cfg.restore.enable_pin_memory {
+            m.pin_memory(PinOp::Finish).map_err(Abort::PinMemory)?;
+        }
+        self.advance(Phase::Dumped)?;
+        // Images that are not on stable storage must never be committed: a power cut after the
+        // commit would leave a journal promising images that are not there.
+        m.make_durable(&cfg.server.criu_dir)
+            .map_err(|source| Abort::Durability {
+                dir: cfg.server.criu_dir.clone(),
+                source,
+            })?;
+        self.advance(Phase::Committed)?;
+        self.r
+            .message(format!("switching to {} now", files.version));
+        Err(Abort::Jump(m.kexec()))
+    }
+
+    /// Dumps every target, recording each result; the first failure aborts the update.
+    fn dump_targets(&mut self) -> Result<(), Abort> {
+        let cfg = self.cfg;
+        let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
+        for t in &self.j.targets {
+            prepare_image_dir(&image_dir(cfg, t), &t.name).map_err(|e| Abort::Dump {
+                target: format!("{} (pid {})", t.name, t.pid),
+                why: e.to_string(),
+            })?;
+        }
+        let results = dump_all(self.m, cfg, &criu, &self.j.targets, self.r);
+        let mut first_failure = None;
+        for (t, res) in self.j.targets.iter_mut().zip(results) {
+            match res {
+                Ok(ms) => {
+                    t.state = TargetState::Dumped;
+                    t.dump_ms = Some(ms);
+                    // The tree is stopped now: this is exactly what the restore must find free.
+                    t.tree_ids = self.m.tree_ids(t.pid);
+                }
+                Err(why) => {
+                    let why = match why {
+                        DumpFailure::Criu(e) => describe_dump_failure(cfg, t, &e),
+                        DumpFailure::Panicked(p) => format!("internal error: {p}"),
+                    };
+                    t.state = TargetState::Failed(why.clone());
+                    first_failure.get_or_insert(Abort::Dump {
+                        target: format!("{} (pid {})", t.name, t.pid),
+                        why,
+                    });
+                }
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Resumes every target's whole tree, removes the images, unloads the kernel and records
+    /// why. Returns what it did, for the error message. Runs once.
+    pub fn roll_back(&mut self, reason: &str) -> String {
+        self.finished = true;
+        let mut problems = undo(self.m, self.cfg, &mut self.j, self.r);
+        if self.j.phase >= Phase::KernelLoaded {
+            if let Err(e) = self.m.unload_kernel() {
+                problems.push(e.to_string());
+            }
+        }
+        let resumed = self
+            .j
+            .targets
+            .iter()
+            .filter(|t| t.state == TargetState::Resumed)
+            .count();
+        let undone = if problems.is_empty() {
+            format!(
+                "every target is running again on the old kernel ({resumed} resumed) and no images were kept"
+            )
+        } else {
+            format!("{resumed} target(s) resumed, but: {}", problems.join("; "))
+        };
+        self.j.error = Some(format!("{reason}; {undone}"));
+        let boot = self.boot.clone();
+        // A journal that cannot be written stays at its last phase: the next server start on
+        // this boot resumes (harmlessly: everything already runs) and records the rollback.
+        let saved = self
+            .j
+            .advance(Phase::RolledBack, &boot)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                self.j
+                    .save(&self.cfg.server.criu_dir)
+                    .map_err(|e| e.to_string())
+            });
+        match saved {
+            Ok(()) => self.r.phase(Phase::RolledBack),
+            Err(e) => self.r.message(format!(
+                "the rollback could not be recorded ({e}); the next start of the nvwa server records it"
+            )),
+        }
+        undone
+    }
+}
+
+impl Drop for UpdateRun<'_, '_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let why = if std::thread::panicking() {
+                "internal error: the update panicked"
+            } else {
+                "internal error: the update ended without a result"
+            };
+            tracing::error!("{why}; rolling back");
+            self.roll_back(why);
+        }
+    }
+}
+
+/// Puts every target back into service on this kernel, whatever its recorded state: its whole
+/// live tree (the ids recorded at dump time and its current ones) gets SIGCONT, after any criu
+/// still working on it has finished. Then removes the images. Returns what went wrong.
+pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter) -> Vec<String> {
+    let mut problems = Vec::new();
+    for t in j.targets.iter_mut() {
+        let dir = image_dir(cfg, t);
+        wait_for_criu(m, &dir, r, t, cfg.server.dump_timeout_s);
+        if m.procs().alive(t.pid) {
+            let mut ids = t.tree_ids.clone();
+            ids.extend(m.tree_ids(t.pid));
+            ids.push(t.pid);
+            ids.sort_unstable();
+            ids.dedup();
+            match m.resume(&ids) {
+                Ok(()) => {
+                    t.state = TargetState::Resumed;
+                    r.target(t, "resumed", None);
+                }
+                Err(e) => {
+                    let why = format!(
+                        "{} (pid {}) could not be resumed: {e}; run `kill -CONT {}`",
+                        t.name,
+                        t.pid,
+                        ids.iter().map(i32::to_string).collect::<Vec<_>>().join(" ")
+                    );
+                    r.target(t, "failed", Some(why.clone()));
+                    problems.push(why.clone());
+                    t.state = TargetState::Failed(why);
+                }
+            }
+        } else if t.state != TargetState::Pending {
+            let why = format!("{} (pid {}) is no longer running", t.name, t.pid);
+            problems.push(why.clone());
+            t.state = TargetState::Failed(why);
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                problems.push(format!("cannot remove {}: {e}", dir.display()))
+            }
+            _ => {}
+        }
+    }
+    problems
+}
+
+/// A criu left behind by a server that died mid-dump still has the tree seized: resuming it under
+/// criu's feet would break the dump's parasite. Wait for it, within a dump deadline.
+fn wait_for_criu(m: &dyn Machine, dir: &Path, r: &Reporter, t: &Target, configured: Option<u64>) {
+    let deadline = std::time::Instant::now() + criu_deadline(configured, t.rss_bytes);
+    let mut told = false;
+    loop {
+        let busy = m.criu_working_on(dir);
+        if busy.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            r.message(format!(
+                "criu (pid {busy:?}) still works on {} after its deadline; stopping it",
+                dir.display()
+            ));
+            for p in busy {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            return;
+        }
+        if !told {
+            r.target(
+                t,
+                "waiting",
+                Some(format!("criu (pid {busy:?}) is still dumping it")),
+            );
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A fresh, private image directory carrying nvwa's marker.
+fn prepare_image_dir(dir: &Path, name: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    std::fs::write(dir.join(IMAGE_MARKER), name)
+}
+
+enum DumpFailure {
+    Criu(CriuError),
+    Panicked(String),
+}
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a dump thread panicked".into())
+}
+
+fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u64, DumpFailure> {
+    let opts = DumpOptions {
+        pin_memory: cfg.restore.enable_pin_memory,
+        deadline: criu_deadline(cfg.server.dump_timeout_s, t.rss_bytes),
+    };
+    let dir = image_dir(cfg, t);
+    // A panic here must not skip the rollback of the others: it becomes this target's failure.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        m.dump(criu, t.pid, &dir, opts)
+    }))
+    .map_err(|p| DumpFailure::Panicked(panic_text(p)))?
+    .map_err(DumpFailure::Criu)
 }
 
 fn dump_all(
     m: &dyn Machine,
     cfg: &Config,
     criu: &Criu,
-    opts: DumpOptions,
     targets: &[Target],
     r: &Reporter,
-) -> Vec<Result<u64, CriuError>> {
+) -> Vec<Result<u64, DumpFailure>> {
     // Pin memory is one shared area: the original dumps serially with it, and so do we.
-    if opts.pin_memory {
+    if cfg.restore.enable_pin_memory {
         return targets
             .iter()
             .map(|t| {
                 r.target(t, "dumping", None);
-                let res = m.dump(criu, t.pid, &image_dir(cfg, t), opts);
+                let res = dump_one(m, cfg, criu, t);
                 report_dump(r, t, &res);
                 res
             })
@@ -305,11 +574,11 @@ fn dump_all(
             r.target(t, "dumping", None);
             let tx = tx.clone();
             s.spawn(move || {
-                let _ = tx.send((i, m.dump(criu, t.pid, &image_dir(cfg, t), opts)));
+                let _ = tx.send((i, dump_one(m, cfg, criu, t)));
             });
         }
         drop(tx);
-        let mut results: Vec<Option<Result<u64, CriuError>>> =
+        let mut results: Vec<Option<Result<u64, DumpFailure>>> =
             targets.iter().map(|_| None).collect();
         for (i, res) in rx {
             report_dump(r, &targets[i], &res);
@@ -317,77 +586,49 @@ fn dump_all(
         }
         results
             .into_iter()
-            .map(|r| r.expect("every dump thread reports"))
+            .map(|r| r.unwrap_or_else(|| Err(DumpFailure::Panicked("a dump thread died".into()))))
             .collect()
     })
 }
 
-fn report_dump(r: &Reporter, t: &Target, res: &Result<u64, CriuError>) {
+fn report_dump(r: &Reporter, t: &Target, res: &Result<u64, DumpFailure>) {
     match res {
         Ok(ms) => r.target(t, "dumped", Some(format!("{ms} ms"))),
-        Err(e) => r.target(t, "failed", Some(e.to_string())),
+        Err(DumpFailure::Criu(e)) => r.target(t, "failed", Some(e.to_string())),
+        Err(DumpFailure::Panicked(p)) => r.target(t, "failed", Some(p.clone())),
     }
 }
 
 /// The reason a dump failed, with its criu log copied out of the image directory that the
 /// rollback is about to remove.
 fn describe_dump_failure(cfg: &Config, t: &Target, e: &CriuError) -> String {
-    let CriuError::Failed { summary, log, .. } = e else {
+    let (CriuError::Failed { log, .. } | CriuError::TimedOut { log, .. }) = e else {
         return e.to_string();
     };
-    let kept = keep_log(&cfg.server.log_dir, &format!("dump-{}", t.name), log);
-    match kept {
+    let summary = match e {
+        CriuError::Failed { summary, .. } => summary.clone(),
+        other => other.to_string(),
+    };
+    match keep_log(&cfg.server.log_dir, &format!("dump-{}", t.name), log) {
         Some(path) => format!("{summary} (criu log kept at {})", path.display()),
-        None => summary.clone(),
+        None => summary,
     }
 }
 
 fn keep_log(log_dir: &Path, stem: &str, log: &Path) -> Option<PathBuf> {
     let (wall, _) = crate::journal::now();
-    std::fs::create_dir_all(log_dir).ok()?;
+    trust::create_private_dir(log_dir, TrustedKind::LogDir).ok()?;
     let dest = log_dir.join(format!("{stem}-{wall}.log"));
     std::fs::copy(log, &dest).ok()?;
     Some(dest)
 }
 
-/// Resumes every stopped target, removes the images and unloads the kernel.
-fn roll_back(
-    m: &dyn Machine,
-    cfg: &Config,
-    j: &mut Journal,
-    reason: &str,
-    r: &Reporter,
-) -> Result<(), UpdateError> {
-    for t in j.targets.iter_mut() {
-        if t.state == TargetState::Dumped {
-            let ids = if t.tree_ids.is_empty() {
-                vec![t.pid]
-            } else {
-                t.tree_ids.clone()
-            };
-            match m.resume(&ids) {
-                Ok(()) => {
-                    t.state = TargetState::Resumed;
-                    r.target(t, "resumed", None);
-                }
-                Err(e) => {
-                    let why = format!("could not be resumed: {e}; run `kill -CONT {}`", t.pid);
-                    r.target(t, "failed", Some(why.clone()));
-                    t.state = TargetState::Failed(why);
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(image_dir(cfg, t));
-    }
-    m.unload_kernel();
-    j.error = Some(reason.to_string());
-    Ok(advance(j, cfg, Phase::RolledBack, r)?)
-}
-
-/// `nvwa init`: discard saved images, the journal and pinned memory.
+/// `nvwa init`: discard saved images, the journal and pinned memory. Only what nvwa made goes:
+/// the journal's targets, and directories that carry nvwa's marker.
 pub fn init(m: &dyn Machine, cfg: &Config) -> Result<String, UpdateError> {
     let dir = &cfg.server.criu_dir;
-    if let Some(j) = Journal::load(dir)? {
+    let journal = Journal::load(dir)?;
+    if let Some(j) = &journal {
         if j.phase.in_progress() {
             return Err(UpdateError::Busy(format!(
                 "an update to {} is in progress (phase {}); `nvwa init` would destroy its images",
@@ -395,15 +636,29 @@ pub fn init(m: &dyn Machine, cfg: &Config) -> Result<String, UpdateError> {
             )));
         }
     }
-    let mut removed = 0;
+    let mut doomed: Vec<PathBuf> = journal
+        .iter()
+        .flat_map(|j| j.targets.iter().map(|t| image_dir(cfg, t)))
+        .collect();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let p = e.path();
-            if p.join("inventory.img").exists() || p.join(crate::criu::DUMP_LOG).exists() {
-                std::fs::remove_dir_all(&p)
-                    .map_err(|source| UpdateError::RemoveImages { path: p, source })?;
-                removed += 1;
+            let marked = std::fs::read_to_string(p.join(IMAGE_MARKER))
+                .is_ok_and(|name| e.file_name().to_str() == Some(name.trim()));
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && marked {
+                doomed.push(p);
             }
+        }
+    }
+    doomed.sort();
+    doomed.dedup();
+    let mut removed = 0;
+    for p in doomed {
+        match std::fs::remove_dir_all(&p) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(UpdateError::RemoveImages { path: p, source }),
         }
     }
     let _ = std::fs::remove_file(Journal::path(dir));

@@ -18,13 +18,18 @@ which run locally.
 Configuration is read from nvwa-server.yaml and nvwa-restore.yaml, searched in `.`, `./config` and
 `/etc/nvwa` (or only in --config-dir).";
 
-const AFTER_HELP: &str = "\
+const AFTER_HELP: &str = concat!(
+    "\
 Typical use:
   nvwa check 6.6.0-28.oe2403.x86_64     # is this machine ready to switch to that kernel?
   nvwa update 6.6.0-28.oe2403.x86_64    # checkpoint, kexec, restore
   nvwa status                           # what the last update did, and the downtime
 
-Compatibility: `nvwa -server 1` (the original's way to start the server) means `nvwa server`.";
+Compatibility: `nvwa -server 1` (the original's way to start the server) means `nvwa server`.
+
+",
+    exit_status_help!()
+);
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,6 +1,8 @@
 //! `nvwa`: the kernel live-upgrade server and its command-line client (a thin layer over
 //! `nvwa_core`).
 
+#[macro_use]
+mod exit;
 mod cli;
 mod completions;
 mod render;
@@ -16,7 +18,7 @@ use clap::Parser;
 
 use nvwa_core::client::{self, ClientError};
 use nvwa_core::journal::{Journal, Phase};
-use nvwa_core::protocol::{Progress, Request, DEFAULT_SOCKET};
+use nvwa_core::protocol::{Failure, Progress, Request, DEFAULT_SOCKET};
 use nvwa_core::server::{self, Handler, Server};
 use nvwa_core::update::Daemon;
 use nvwa_core::{check, config};
@@ -29,7 +31,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("nvwa: error: {}", error_text(&e));
-            ExitCode::FAILURE
+            ExitCode::from(exit::OTHER)
         }
     }
 }
@@ -172,7 +174,7 @@ impl Handler for DaemonHandler {
         &self,
         request: Request,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<String, String> {
+    ) -> Result<String, Failure> {
         // The operator's terminal may be gone; the server's log keeps the whole story.
         let what = format!("{request:?}");
         tracing::info!("request: {what}");
@@ -182,7 +184,7 @@ impl Handler for DaemonHandler {
         });
         match &outcome {
             Ok(message) => tracing::info!("{what}: {message}"),
-            Err(message) => tracing::error!("{what} failed: {message}"),
+            Err(f) => tracing::error!("{what} failed ({}): {f}", f.kind.name()),
         }
         outcome
     }
@@ -198,6 +200,7 @@ fn run_server(cli: &Cli) -> anyhow::Result<()> {
             .with_context(|| format!("cannot start the update daemon ({})", dir.display()))?,
     );
     let server = Server::bind(&socket)?;
+    stop_on_signals(Arc::clone(&daemon), server.stopper())?;
     server::notify_ready();
 
     // Like the original: processes saved before the kexec are restored in the background while
@@ -218,6 +221,43 @@ fn run_server(cli: &Cli) -> anyhow::Result<()> {
 
     server.serve(Arc::new(DaemonHandler(daemon)))?;
     tracing::info!("nvwa server stopped");
+    Ok(())
+}
+
+/// SIGTERM (what `systemctl stop` sends) and SIGINT stop the server, never with a target left
+/// stopped: an update that has not committed rolls back first; after the commit the jump goes
+/// on (the signal is ignored until then); a restore in progress finishes.
+fn stop_on_signals(daemon: Arc<Daemon>, stopper: server::Stopper) -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    // Blocked here, before any other thread exists, so every thread inherits the mask and the
+    // signal is only ever taken by the waiting thread below.
+    set.thread_block()
+        .context("cannot block SIGTERM and SIGINT")?;
+    std::thread::Builder::new()
+        .name("nvwa-signals".into())
+        .spawn(move || {
+            let signal = match set.wait() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot wait for signals: {e}");
+                    return;
+                }
+            };
+            tracing::warn!(
+                "{signal:?}: stopping; an update that has not committed rolls back first"
+            );
+            let _owned = daemon.shut_down();
+            tracing::info!("no request owns the machine any more; the server stops");
+            stopper.stop();
+            // Keep the daemon owned until the process ends: nothing may start now.
+            loop {
+                std::thread::park();
+            }
+        })
+        .context("cannot start the signal thread")?;
     Ok(())
 }
 
@@ -302,6 +342,18 @@ fn send(cli: &Cli, req: Request) -> anyhow::Result<ExitCode> {
             println!("{message}");
             Ok(ExitCode::SUCCESS)
         }
+        Err(ClientError::Server(failure)) => {
+            eprintln!("nvwa: error: {failure}");
+            Ok(ExitCode::from(exit::for_failure(failure.kind)))
+        }
+        Err(
+            e @ (ClientError::NotRunning { .. }
+            | ClientError::PermissionDenied { .. }
+            | ClientError::Connect { .. }),
+        ) => {
+            eprintln!("nvwa: error: {e}");
+            Ok(ExitCode::from(exit::UNREACHABLE))
+        }
         // After the commit the server kexecs: the connection dying is the expected end.
         Err(ClientError::Closed { .. })
             if matches!(req, Request::Update { .. }) && last_phase == Some(Phase::Committed) =>
@@ -346,7 +398,11 @@ fn status(cli: &Cli, json: bool) -> anyhow::Result<ExitCode> {
     let cfg = load_config(cli.config_dir.as_deref())?;
     let criu_dir = &cfg.server.criu_dir;
     let Some(journal) = Journal::load(criu_dir)? else {
-        let text = format!("no update has run (no journal in {})", criu_dir.display());
+        let text = format!(
+            "no update has run (no journal in {}; configuration from {})",
+            criu_dir.display(),
+            cfg.dir.display()
+        );
         if json {
             println!("null");
             eprintln!("{text}");
@@ -355,14 +411,17 @@ fn status(cli: &Cli, json: bool) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     };
+    let code = ExitCode::from(exit::for_phase(journal.phase));
     if json {
         let mut value = serde_json::to_value(&journal)?;
         if let Some(obj) = value.as_object_mut() {
             obj.insert("downtime_ms".into(), journal.downtime_ms().into());
+            obj.insert("config_dir".into(), cfg.dir.display().to_string().into());
         }
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
+        println!("config: {}", cfg.dir.display());
         print!("{}", render::status(&journal));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }

@@ -22,10 +22,13 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A config dir whose criu_dir is inside it.
+/// A config dir whose criu_dir is inside it, in a place nvwa trusts: as root it refuses a config
+/// directory under the world-writable /tmp.
 fn config_dir() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
+    let base = nvwa_core::trust::trusted_scratch_base().unwrap();
+    let dir = tempfile::tempdir_in(base).unwrap();
     let criu = dir.path().join("running");
+    std::fs::create_dir(&criu).unwrap();
     std::fs::write(
         dir.path().join("nvwa-server.yaml"),
         format!(
@@ -90,7 +93,7 @@ fn no_server_names_the_socket_and_how_to_start_it() {
         .args(["--socket", sock.to_str().unwrap(), "update", "x"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "unreachable");
     let err = stderr(&out);
     assert!(err.starts_with("nvwa: error: "), "{err}");
     assert!(
@@ -107,7 +110,8 @@ fn no_server_names_the_socket_and_how_to_start_it() {
 }
 
 /// A server that answers one request with `lines`; returns the request line it got.
-fn answer_once(sock: &Path, lines: &'static str) -> std::thread::JoinHandle<String> {
+fn answer_once(sock: &Path, lines: &str) -> std::thread::JoinHandle<String> {
+    let lines = lines.to_string();
     let listener = UnixListener::bind(sock).unwrap();
     std::thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
@@ -120,7 +124,7 @@ fn answer_once(sock: &Path, lines: &'static str) -> std::thread::JoinHandle<Stri
 
 /// Runs `nvwa --socket S ARGS` against a server that answers `lines`; returns the client's
 /// output and the request line the server got.
-fn against_server(lines: &'static str, args: &[&str]) -> (std::process::Output, String) {
+fn against_server(lines: &str, args: &[&str]) -> (std::process::Output, String) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nvwa.socket");
     let server = answer_once(&sock, lines);
@@ -154,12 +158,12 @@ fn progress_is_printed_with_elapsed_time_then_the_result() {
 }
 
 #[test]
-fn a_server_error_is_printed_and_exits_1() {
+fn a_refusal_is_printed_and_exits_4() {
     let (out, request) = against_server(
-        "{\"response\":\"error\",\"message\":\"kernel 9.9 is not installed: no /boot/vmlinuz-9.9\"}\n",
+        "{\"response\":\"error\",\"kind\":\"refused\",\"message\":\"kernel 9.9 is not installed: no /boot/vmlinuz-9.9\"}\n",
         &["update", "9.9"],
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4));
     assert_eq!(
         stderr(&out),
         "nvwa: error: kernel 9.9 is not installed: no /boot/vmlinuz-9.9\n"
@@ -170,7 +174,7 @@ fn a_server_error_is_printed_and_exits_1() {
 #[test]
 fn restore_sends_service_and_pid() {
     let (out, request) = against_server(
-        "{\"response\":\"error\",\"message\":\"no saved images\"}\n",
+        "{\"response\":\"error\",\"kind\":\"internal\",\"message\":\"no saved images\"}\n",
         &["restore", "redis@4321"],
     );
     assert_eq!(out.status.code(), Some(1));
@@ -178,6 +182,58 @@ fn restore_sends_service_and_pid() {
         request,
         "{\"request\":\"restore\",\"service\":\"redis\",\"pid\":4321}\n"
     );
+}
+
+#[test]
+fn each_kind_of_failure_has_its_exit_code() {
+    for (kind, code) in [
+        ("refused", 4),
+        ("busy", 5),
+        ("rolled_back", 6),
+        ("restore_failed", 7),
+        ("internal", 1),
+    ] {
+        let (out, _) = against_server(
+            &format!("{{\"response\":\"error\",\"kind\":\"{kind}\",\"message\":\"m\"}}\n"),
+            &["update", "6.12"],
+        );
+        assert_eq!(out.status.code(), Some(code), "{kind}");
+    }
+}
+
+#[test]
+fn status_exit_code_follows_the_last_update() {
+    let (dir, criu) = config_dir();
+    let status = || {
+        nvwa()
+            .args(["--config-dir", dir.path().to_str().unwrap(), "status"])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    let mut j = journal();
+    j.save(&criu).unwrap();
+    assert_eq!(status(), Some(6), "rolled back");
+    j = Journal::new("6.1.0", "6.6.0", vec![], BOOT);
+    j.save(&criu).unwrap();
+    assert_eq!(status(), Some(5), "in progress");
+    for p in [
+        Phase::KernelLoaded,
+        Phase::Frozen,
+        Phase::Dumped,
+        Phase::Committed,
+        Phase::Booted,
+        Phase::RestoreFailed,
+    ] {
+        j.advance(p, BOOT).unwrap();
+    }
+    j.save(&criu).unwrap();
+    assert_eq!(status(), Some(7), "restore failed");
+    j.advance(Phase::Booted, BOOT).unwrap();
+    j.advance(Phase::Restored, BOOT).unwrap();
+    j.save(&criu).unwrap();
+    assert_eq!(status(), Some(0), "restored");
 }
 
 #[test]
@@ -195,6 +251,8 @@ fn status_without_a_journal() {
     );
 }
 
+const BOOT: &str = "0f5e1a8c-boot-one";
+
 fn journal() -> Journal {
     let mut j = Journal::new(
         "6.1.0",
@@ -210,10 +268,11 @@ fn journal() -> Journal {
             restore_ms: None,
             running_again_wall_ms: None,
         }],
+        BOOT,
     );
-    j.advance(Phase::KernelLoaded).unwrap();
-    j.advance(Phase::Frozen).unwrap();
-    j.advance(Phase::RolledBack).unwrap();
+    j.advance(Phase::KernelLoaded, BOOT).unwrap();
+    j.advance(Phase::Frozen, BOOT).unwrap();
+    j.advance(Phase::RolledBack, BOOT).unwrap();
     j.error = Some("criu dump of 777 failed".into());
     j
 }
@@ -226,9 +285,11 @@ fn status_as_text() {
         .args(["--config-dir", dir.path().to_str().unwrap(), "status"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(6), "rolled back: {}", stderr(&out));
     let text = stdout(&out);
+    let config_line = format!("config: {}", dir.path().display());
     for want in [
+        config_line.as_str(),
         "6.1.0 -> 6.6.0",
         "rolled_back",
         "criu dump of 777 failed",
@@ -256,7 +317,7 @@ fn status_as_json_has_the_journal_and_the_downtime() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(6), "rolled back: {}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["from_kernel"], "6.1.0");
     assert_eq!(v["to_kernel"], "6.6.0");

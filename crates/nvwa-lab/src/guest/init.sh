@@ -15,6 +15,9 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 umask 022
+# The kernel unpacks the initramfs into a rootfs whose / is 1777; nvwa (rightly) trusts no
+# configuration or image directory below a world-writable directory, as on any real root file system.
+chmod 0755 /
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -22,7 +25,7 @@ mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm /run /tmp
 mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /run
+mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs tmpfs /dev/shm
 exec </dev/console >/dev/console 2>&1
 # nvwa-pre.service's job, before anything else can take a pid: honour the reservation an
