@@ -6,6 +6,10 @@
 //! run:    nvwa-lab-workload run --log PATH [--threads N] [--buffer-mib M] [--tick-ms T]
 //!         [--io-uring]  (also hold an io_uring instance, which criu 3.17 cannot checkpoint)
 //! verify: nvwa-lab-workload verify --pid PID --log PATH [--threads N] [--kernel-changed]
+//!         [--max-gap-ms G]  (no two ticks further apart than G ms of wall time: it never stopped)
+//! as-user: nvwa-lab-workload as-user NAME CMD [ARGS...]
+//!         (run CMD as the user NAME of /etc/passwd: its uid and gid, no supplementary groups,
+//!         HOME/USER/LOGNAME set; no setuid bit anywhere, so only root can use it)
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -24,7 +28,10 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("verify") => verify(&args[1..]),
-        _ => Err("usage: nvwa-lab-workload run|verify [options] (see the source header)".into()),
+        Some("as-user") => as_user(&args[1..]),
+        _ => Err(
+            "usage: nvwa-lab-workload run|verify|as-user [options] (see the source header)".into(),
+        ),
     };
     if let Err(e) = result {
         eprintln!("nvwa-lab-workload: {e}");
@@ -112,7 +119,11 @@ fn run(args: &[String]) -> Result<(), String> {
     let mut n: u64 = 0;
     loop {
         n += 1;
-        let line = format!("tick {n} pid {pid} kernel {}\n", kernel_release());
+        let line = format!(
+            "tick {n} pid {pid} kernel {} ms {}\n",
+            kernel_release(),
+            wall_ms()
+        );
         log.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
         if VERIFY_REQUESTED.swap(false, Ordering::SeqCst) {
             let got = digest(&buffer);
@@ -127,9 +138,31 @@ fn run(args: &[String]) -> Result<(), String> {
     }
 }
 
+/// Wall-clock milliseconds: comparable across a kexec, unlike the monotonic clock.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Tick {
+    n: u64,
+    kernel: String,
+    /// When it was written (absent in logs of older workloads).
+    ms: Option<u64>,
+}
+
 struct LogFacts {
-    ticks: Vec<(u64, String)>,
+    ticks: Vec<Tick>,
     verdicts: Vec<String>,
+}
+
+/// The longest wall-clock gap between two consecutive ticks: (gap, tick before it).
+fn longest_gap(ticks: &[Tick]) -> Option<(u64, u64)> {
+    ticks
+        .windows(2)
+        .filter_map(|w| Some((w[1].ms?.saturating_sub(w[0].ms?), w[0].n)))
+        .max()
 }
 
 fn read_log(path: &str) -> Result<LogFacts, String> {
@@ -142,10 +175,14 @@ fn read_log(path: &str) -> Result<LogFacts, String> {
         let line = line.map_err(|e| e.to_string())?;
         let w: Vec<&str> = line.split_whitespace().collect();
         match w.as_slice() {
-            ["tick", n, "pid", _, "kernel", k] => facts.ticks.push((
-                n.parse().map_err(|_| format!("bad tick line {line:?}"))?,
-                k.to_string(),
-            )),
+            ["tick", n, "pid", _, "kernel", k, rest @ ..] => facts.ticks.push(Tick {
+                n: n.parse().map_err(|_| format!("bad tick line {line:?}"))?,
+                kernel: k.to_string(),
+                ms: match rest {
+                    ["ms", ms] => Some(ms.parse().map_err(|_| format!("bad tick line {line:?}"))?),
+                    _ => None,
+                },
+            }),
             ["verify", verdict, ..] => facts.verdicts.push(verdict.to_string()),
             _ => {}
         }
@@ -161,6 +198,12 @@ fn verify(args: &[String]) -> Result<(), String> {
     let log_path = opt(args, "--log").ok_or("verify needs --log PATH")?;
     let threads = opt(args, "--threads");
     let kernel_changed = args.iter().any(|a| a == "--kernel-changed");
+    let max_gap = opt(args, "--max-gap-ms")
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| format!("--max-gap-ms wants a number, got {v:?}"))
+        })
+        .transpose()?;
 
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|_| format!("pid {pid} is not running"))?;
@@ -199,15 +242,28 @@ fn verify(args: &[String]) -> Result<(), String> {
 
     // The counter never skipped or repeated: the file offset survived.
     for pair in facts.ticks.windows(2) {
-        if pair[1].0 != pair[0].0 + 1 {
+        if pair[1].n != pair[0].n + 1 {
             return Err(format!(
                 "tick {} is followed by tick {}: the log offset or counter was lost",
-                pair[0].0, pair[1].0
+                pair[0].n, pair[1].n
             ));
         }
     }
+    let gap = longest_gap(&facts.ticks);
+    let show = |v: Option<u64>| v.map_or("?".to_string(), |n| n.to_string());
+    if let Some(max) = max_gap {
+        match gap {
+            Some((g, after)) if g > max => {
+                return Err(format!(
+                    "pid {pid} stopped for {g} ms after tick {after} (more than {max} ms): it was frozen or starved"
+                ))
+            }
+            None => return Err(format!("{log_path} has no timed ticks to measure gaps with")),
+            _ => {}
+        }
+    }
     let kernels: Vec<&str> = {
-        let mut k: Vec<&str> = facts.ticks.iter().map(|(_, k)| k.as_str()).collect();
+        let mut k: Vec<&str> = facts.ticks.iter().map(|t| t.kernel.as_str()).collect();
         k.dedup();
         k
     };
@@ -224,10 +280,10 @@ fn verify(args: &[String]) -> Result<(), String> {
                 .and_then(|p| p.trim().parse::<u64>().ok())
         });
     let size = std::fs::metadata(&log_path).map(|m| m.len()).ok();
-    let show = |v: Option<u64>| v.map_or("?".to_string(), |n| n.to_string());
     println!(
-        "pid {pid}: buffer ok, {} ticks without a gap, kernels {}, log offset {} of {} bytes",
+        "pid {pid}: buffer ok, {} ticks without a gap (longest pause {} ms), kernels {}, log offset {} of {} bytes",
         facts.ticks.len(),
+        show(gap.map(|(g, _)| g)),
         kernels.join(" → "),
         show(pos),
         show(size)
@@ -258,4 +314,93 @@ fn hold_io_uring() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A user's entry in a passwd file: (uid, gid, home).
+fn passwd_entry(passwd: &str, name: &str) -> Option<(u32, u32, String)> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        match f.as_slice() {
+            [n, _, uid, gid, _, home, ..] if *n == name => {
+                Some((uid.parse().ok()?, gid.parse().ok()?, home.to_string()))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// Drops to `name`'s uid and gid, then execs the command: what `su` does, minus the password
+/// and the shell, so that arguments reach the command exactly as given.
+fn as_user(args: &[String]) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let [name, cmd, rest @ ..] = args else {
+        return Err("as-user needs a user name and a command".into());
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| format!("cannot read /etc/passwd: {e}"))?;
+    let (uid, gid, home) =
+        passwd_entry(&passwd, name).ok_or_else(|| format!("no user {name:?} in /etc/passwd"))?;
+    // Groups first, then the gid, then the uid: each step needs the privilege the next drops.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(format!(
+                "setgroups for {name}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::setresgid(gid, gid, gid) != 0 {
+            return Err(format!(
+                "setgid {gid} for {name}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::setresuid(uid, uid, uid) != 0 {
+            return Err(format!(
+                "setuid {uid} for {name}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    let e = std::process::Command::new(cmd)
+        .args(rest)
+        .env("HOME", home)
+        .env("USER", name)
+        .env("LOGNAME", name)
+        .exec();
+    Err(format!("cannot run {cmd} as {name}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_gap_between_timed_ticks_is_found() {
+        let t = |n, ms| Tick {
+            n,
+            kernel: "6.1".into(),
+            ms,
+        };
+        let ticks = [
+            t(1, Some(1000)),
+            t(2, Some(1100)),
+            t(3, Some(2600)),
+            t(4, Some(2700)),
+        ];
+        assert_eq!(longest_gap(&ticks), Some((1500, 2)));
+        assert_eq!(longest_gap(&[t(1, None), t(2, None)]), None);
+        assert_eq!(longest_gap(&[t(1, Some(5))]), None);
+    }
+
+    #[test]
+    fn passwd_entries_are_found_by_name() {
+        let p = "root:x:0:0:root:/root:/bin/sh\nlab:x:1000:1001:lab:/home/lab:/bin/sh\n";
+        assert_eq!(
+            passwd_entry(p, "lab"),
+            Some((1000, 1001, "/home/lab".into()))
+        );
+        assert_eq!(passwd_entry(p, "root"), Some((0, 0, "/root".into())));
+        assert_eq!(passwd_entry(p, "la"), None);
+        assert_eq!(passwd_entry("lab:x:oops:1:lab:/h:/bin/sh", "lab"), None);
+    }
 }

@@ -11,6 +11,14 @@ use crate::prepare::{Ingredients, KernelBits};
 use crate::scenario::Scenario;
 
 pub const INIT: &str = include_str!("guest/init.sh");
+/// `/usr/sbin/lab-power-cut`: what `lab_power_cut` runs (see the script).
+pub const POWER_CUT: &str = include_str!("guest/power-cut.sh");
+/// `/usr/sbin/lab-server-pid`: the pid of the running nvwa server.
+pub const SERVER_PID: &str = include_str!("guest/server-pid.sh");
+
+/// The unprivileged user of the guest (`lab_as_user`), next to root.
+pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nlab:x:1000:1000:lab:/home/lab:/bin/sh\n";
+pub const GROUP: &str = "root:x:0:\nlab:x:1000:\n";
 
 /// Modules criu needs (socket diagnostics, netfilter for locking the network, tun, veth) and the
 /// legacy persistent memory that keeps the images across the kexec. crc32c_generic is a soft
@@ -107,11 +115,17 @@ pub fn image_for(
     img.add_bytes("/etc/nvwa/nvwa-server.yaml", SERVER_YAML.into(), 0o644);
     img.add_bytes("/etc/nvwa/nvwa-restore.yaml", b"pids: []\n".to_vec(), 0o644);
     img.add_bytes(
-        "/etc/passwd",
-        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
-        0o644,
+        "/usr/sbin/lab-power-cut",
+        POWER_CUT.as_bytes().to_vec(),
+        0o755,
     );
-    img.add_bytes("/etc/group", b"root:x:0:\n".to_vec(), 0o644);
+    img.add_bytes(
+        "/usr/sbin/lab-server-pid",
+        SERVER_PID.as_bytes().to_vec(),
+        0o755,
+    );
+    img.add_bytes("/etc/passwd", PASSWD.as_bytes().to_vec(), 0o644);
+    img.add_bytes("/etc/group", GROUP.as_bytes().to_vec(), 0o644);
     img.add_dir("/var/nvwa", 0o755);
     img.add_bytes(
         "/lab/scenario.sh",
@@ -189,4 +203,40 @@ fn is_elf(path: &Path) -> bool {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
         .is_ok()
         && magic == *b"\x7fELF"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sh -n`: the guest's scripts parse (busybox sh and dash agree on what they use).
+    #[test]
+    fn the_guest_scripts_are_valid_sh() {
+        for (name, text) in [
+            ("init.sh", INIT),
+            ("power-cut.sh", POWER_CUT),
+            ("server-pid.sh", SERVER_PID),
+        ] {
+            let out = Command::new("sh")
+                .args(["-n", "-c", text])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn the_guest_has_root_and_an_unprivileged_user() {
+        assert!(PASSWD.lines().any(|l| l.starts_with("root:x:0:0:")));
+        assert!(PASSWD.lines().any(|l| l.starts_with("lab:x:1000:1000:")));
+        assert!(GROUP.lines().any(|l| l == "lab:x:1000:"));
+        assert!(
+            INIT.contains("lab_as_user() { nvwa-lab-workload as-user lab"),
+            "init.sh must give scenarios lab_as_user"
+        );
+    }
 }

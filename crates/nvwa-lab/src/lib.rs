@@ -5,6 +5,7 @@ pub mod elf;
 pub mod guest;
 pub mod image;
 pub mod modules;
+pub mod oops;
 pub mod prepare;
 pub mod report;
 pub mod runner;

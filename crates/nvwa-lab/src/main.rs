@@ -17,7 +17,7 @@ use nvwa_lab::vm::{Line, Stamped};
     name = "nvwa-lab",
     version,
     about = "Rehearse kernel live upgrades with nvwa in a QEMU guest: Debian's 6.1 kernel → 6.12",
-    long_about = "Rehearse kernel live upgrades with nvwa in a QEMU guest.\n\nThe lab fetches two real Debian kernels (6.1 through linux-image-cloud-amd64, 6.12 through linux-image-6.12-amd64), criu, kexec-tools and busybox into a cache (NVWA_LAB_CACHE, default ~/.cache/nvwa-lab), builds nvwa from this checkout into an initramfs, boots the old kernel under QEMU (TCG) and runs scenarios: set a workload up, `nvwa update` to the new kernel, check what survived."
+    long_about = "Rehearse kernel live upgrades with nvwa in a QEMU guest.\n\nThe lab fetches two real Debian kernels (6.1 through linux-image-cloud-amd64, 6.12 through linux-image-6.12-amd64), criu, kexec-tools and busybox into a cache (NVWA_LAB_CACHE, default ~/.cache/nvwa-lab), builds nvwa from this checkout into an initramfs, boots the old kernel under QEMU (single-threaded TCG, 2 vCPUs) and runs scenarios: set a workload up, `nvwa update` to the new kernel, check what survived.\n\nA scenario with power_cut = true cuts the guest's power itself; the lab then cold-boots the same machine (its RAM is a file, so the persistent memory keeps its contents) on the old kernel. A scenario that fails after a guest kernel oopsed or panicked before /init is run once more, and the report says so (reran_after in --json)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,7 +40,7 @@ enum Cmd {
         /// A scenario file from anywhere (repeatable)
         #[arg(long = "file", value_name = "PATH")]
         files: Vec<PathBuf>,
-        /// Print one JSON object per scenario (name, passed, kernels, phase timeline in ms)
+        /// Print one JSON object per scenario (name, passed, kernels, boots, power cut, rerun, phase timeline in ms)
         #[arg(long)]
         json: bool,
         /// Stream the guest's scenario output while it runs
@@ -181,11 +181,18 @@ fn print_live(l: &Stamped, s: &Scenario) {
     };
     match &l.line {
         Line::Event(v) => match v["event"].as_str() {
+            Some("boot") if v["stage"] == "cold" => println!(
+                "[{t:7.2}s] cold boot of {} (the same machine, powered on again)",
+                v["kernel"].as_str().unwrap_or("?")
+            ),
             Some("boot") => println!(
                 "[{t:7.2}s] booted {} ({} kernel)",
                 v["kernel"].as_str().unwrap_or("?"),
                 v["stage"].as_str().unwrap_or("?")
             ),
+            Some("power-cut") => {
+                println!("[{t:7.2}s] power cut ({})", v["by"].as_str().unwrap_or("?"))
+            }
             Some("check") => println!(
                 "[{t:7.2}s] {} check: {}",
                 if v["rc"] == 0 { "passed" } else { "FAILED" },

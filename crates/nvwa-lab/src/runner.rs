@@ -1,9 +1,10 @@
 //! Running scenarios: build the project's binaries, build both guest images, boot the old kernel
 //! in QEMU, and judge what the guest reports.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -11,7 +12,90 @@ use crate::guest::{self, Binaries};
 use crate::prepare::{self, Ingredients, KernelBits};
 use crate::report::{self, ScenarioResult};
 use crate::scenario::Scenario;
-use crate::vm::{self, Stamped, VmSpec};
+use crate::vm::{self, Line, Outcome, Stamped, VmSpec};
+
+/// On the kernel command line of the cold boot after a power cut: init.sh takes the "after
+/// restart" path (see guest/init.sh).
+pub const COLD_BOOT_FLAG: &str = "nvwa_lab.boot=cold";
+
+/// Whether the guest cut its power on purpose (`lab_power_cut` said so first) and did not
+/// finish afterwards.
+fn cut_power(o: &Outcome) -> bool {
+    let mut cut = false;
+    for l in &o.lines {
+        if let Line::Event(v) = &l.line {
+            match v["event"].as_str() {
+                Some("power-cut") => cut = true,
+                Some("finish") => cut = false,
+                _ => {}
+            }
+        }
+    }
+    cut
+}
+
+/// The file behind the guest's RAM; deleted when dropped (it is as large as the guest's memory,
+/// sparse where the guest never wrote).
+struct RamFile {
+    path: PathBuf,
+}
+
+impl RamFile {
+    fn new(path: PathBuf) -> RamFile {
+        // A file left by an earlier run would hand its memory to this one.
+        let _ = std::fs::remove_file(&path);
+        RamFile { path }
+    }
+
+    /// Disk space the file takes (allocated blocks, not its length).
+    fn disk_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).map_or(0, |m| m.blocks() * 512)
+    }
+}
+
+impl Drop for RamFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// An exclusive flock on a file, released when dropped (or when the process dies).
+struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    fn take(path: &Path, name: &str) -> Result<RunLock> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open the run lock {}", path.display()))?;
+        let fd = file.as_raw_fd();
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            eprintln!(
+                "nvwa-lab: another nvwa-lab is running scenario {name} ({} is locked); waiting for it",
+                path.display()
+            );
+            if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
+                bail!(
+                    "cannot lock {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        Ok(RunLock { _file: file })
+    }
+}
+
+fn writeln_log(log: &Path, line: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().append(true).open(log)?;
+    writeln!(f, "{line}")
+}
 
 pub struct Lab {
     pub ingredients: Ingredients,
@@ -64,12 +148,16 @@ impl Lab {
         })
     }
 
-    fn run_dir(&self, name: &str) -> Result<PathBuf> {
+    /// A fresh run directory for `name`, held (flock) until the returned lock is dropped: the
+    /// cache, runs included, is shared by every checkout on the machine, and two runs of one
+    /// scenario would otherwise delete each other's images and logs.
+    fn run_dir(&self, name: &str) -> Result<(PathBuf, RunLock)> {
+        let lock = RunLock::take(&self.runs.join(format!("{name}.lock")), name)?;
         let dir = self.runs.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(dir)
+        Ok((dir, lock))
     }
 
     /// The new kernel's image first: the old guest carries it in /boot, as a distribution
@@ -94,18 +182,76 @@ impl Lab {
         Ok((outer_path, inner))
     }
 
+    /// Runs a scenario. A run that fails after a guest kernel oopsed or panicked before /init
+    /// (an emulator artefact, see `oops`) is run once more; the result says so in `reran_after`,
+    /// and the first run's logs are kept as serial-1.log and events-1.json.
     pub fn run(&self, s: &Scenario, live: &mut dyn FnMut(&Stamped)) -> Result<ScenarioResult> {
-        let dir = self.run_dir(&s.name)?;
+        let (dir, _lock) = self.run_dir(&s.name)?;
         let (outer, _) = self.build_images(s, &dir)?;
+        let first = self.attempt(s, &dir, &outer, live)?;
+        let Some(oops) = first.early_oops.clone().filter(|_| !first.passed) else {
+            return Ok(first);
+        };
+        eprintln!(
+            "nvwa-lab: {}: the guest kernel died before /init ({oops}); running the scenario once more",
+            s.name
+        );
+        for (from, to) in [
+            ("serial.log", "serial-1.log"),
+            ("events.json", "events-1.json"),
+        ] {
+            std::fs::rename(dir.join(from), dir.join(to)).with_context(|| {
+                format!("cannot keep the first run's {from} in {}", dir.display())
+            })?;
+        }
+        let mut second = self.attempt(s, &dir, &outer, live)?;
+        second.reran_after = Some(oops);
+        Ok(second)
+    }
+
+    /// One run of a scenario: one boot, or two when the scenario cuts the power.
+    fn attempt(
+        &self,
+        s: &Scenario,
+        dir: &Path,
+        initrd: &Path,
+        live: &mut dyn FnMut(&Stamped),
+    ) -> Result<ScenarioResult> {
         let log = dir.join("serial.log");
+        let origin = Instant::now();
+        let deadline = origin + Duration::from_secs(s.timeout_s);
         let mut spec = VmSpec::new(
             &self.ingredients.old.vmlinuz,
-            &outer,
+            initrd,
             &log,
             Duration::from_secs(s.timeout_s),
         );
         spec.forwards = s.forwards.iter().map(|f| (f.host, f.guest)).collect();
-        let outcome = vm::run(&spec, live)?;
+        // Only a scenario that cuts the power needs its RAM to outlive QEMU.
+        let ram = s.power_cut.then(|| RamFile::new(dir.join("ram")));
+        spec.ram_file = ram.as_ref().map(|r| r.path.clone());
+        let mut outcome = vm::run(&spec, origin, live)?;
+        if s.power_cut && !outcome.timed_out && cut_power(&outcome) {
+            // The same machine powered on again: same kernel, initramfs and RAM file; the flag
+            // only tells init.sh to take the "after restart" path instead of setting up anew.
+            spec.append.push_str(&format!(" {COLD_BOOT_FLAG}"));
+            spec.timeout = deadline.saturating_duration_since(Instant::now());
+            let second = vm::run(&spec, origin, live)?;
+            outcome.lines.extend(second.lines);
+            outcome.timed_out = second.timed_out;
+        }
+        if let Some(r) = &ram {
+            let used = r.disk_bytes();
+            let _ = writeln_log(
+                &log,
+                &format!(
+                    "nvwa-lab: the RAM file {} used {} MiB of disk (sparse); deleted",
+                    r.path.display(),
+                    used / (1024 * 1024)
+                ),
+            );
+        }
+        drop(ram);
         let mut result = report::judge(s, &self.ingredients.new.version, &outcome, log.clone());
         let events = dir.join("events.json");
         let all: Vec<_> = outcome
@@ -141,7 +287,7 @@ impl Lab {
 
     /// Boots a guest with a console on this terminal.
     pub fn shell(&self, s: &Scenario, kernel: &KernelBits) -> Result<()> {
-        let dir = self.run_dir(&format!("shell-{}", s.name))?;
+        let (dir, _lock) = self.run_dir(&format!("shell-{}", s.name))?;
         let (outer, inner) = self.build_images(s, &dir)?;
         let initrd = if kernel.version == self.ingredients.old.version {
             outer
@@ -156,5 +302,66 @@ impl Lab {
         );
         spec.append.push_str(" nvwa_lab.shell=1");
         vm::run_interactive(&spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_lock_excludes_a_second_holder_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let first = RunLock::take(&path, "x").unwrap();
+        let probe = std::fs::File::open(&path).unwrap();
+        let try_lock = || {
+            use std::os::fd::AsRawFd;
+            let rc = unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_UN) };
+            }
+            rc == 0
+        };
+        assert!(!try_lock(), "the lock is held");
+        drop(first);
+        assert!(try_lock(), "the lock is released");
+    }
+
+    #[test]
+    fn a_deliberate_power_cut_is_told_from_a_finished_boot() {
+        let o = |raw: &[&str]| Outcome {
+            lines: raw
+                .iter()
+                .map(|r| Stamped {
+                    at_ms: 0,
+                    line: vm::classify(r),
+                })
+                .collect(),
+            timed_out: false,
+        };
+        assert!(cut_power(&o(&[
+            r#"NVWA-LAB {"event":"init"}"#,
+            r#"[ 9.1] NVWA-LAB {"event":"power-cut","by":"x"}"#,
+            "[ 9.2] reboot: Power down",
+        ])));
+        assert!(!cut_power(&o(&[
+            r#"NVWA-LAB {"event":"power-cut","by":"x"}"#,
+            r#"NVWA-LAB {"event":"finish","kernel":"6.1","failed":0}"#,
+        ])));
+        assert!(!cut_power(&o(&[r#"NVWA-LAB {"event":"finish"}"#])));
+    }
+
+    #[test]
+    fn the_ram_file_is_deleted_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        std::fs::write(&path, b"left by an earlier run").unwrap();
+        let ram = RamFile::new(path.clone());
+        assert!(!path.exists(), "an old RAM file is removed first");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        assert!(ram.disk_bytes() >= 8192);
+        drop(ram);
+        assert!(!path.exists());
     }
 }

@@ -37,14 +37,20 @@ pub struct Scenario {
     pub setup: String,
     #[serde(default)]
     pub update: Vec<Update>,
-    /// Shell run on the new kernel before the nvwa server starts (e.g. to take a saved pid).
+    /// The scenario cuts the power itself (`lab_power_cut`, during setup or an update); the lab
+    /// then cold-boots the same machine, old kernel and persistent memory intact, and runs the
+    /// "after restart" path there: `before_restore`, the nvwa server settles the journal, checks.
+    #[serde(default)]
+    pub power_cut: bool,
+    /// Shell run on the next boot (the new kernel, or the cold boot after a power cut) before the
+    /// nvwa server starts (e.g. to take a saved pid).
     #[serde(default)]
     pub before_restore: String,
-    /// How the restore on the new kernel must end.
-    #[serde(default = "default_expect")]
-    pub expect_restore: Expect,
-    /// Shell snippets that must exit 0: on the new kernel after a successful update, else on the
-    /// old one.
+    /// How the nvwa server on the next boot must settle the update.
+    #[serde(default = "default_settle")]
+    pub expect_restore: Settle,
+    /// Shell snippets that must exit 0: on the boot after a kernel switch or a power cut, else on
+    /// the old kernel.
     #[serde(default)]
     pub check: Vec<Check>,
     /// Shell snippets run on the host after the guest powered off, with LAB_SERIAL_LOG and
@@ -56,6 +62,7 @@ pub struct Scenario {
 const TOP_LEVEL: &[&str] = &[
     "description",
     "timeout_s",
+    "power_cut",
     "packages",
     "forwards",
     "config",
@@ -64,8 +71,8 @@ const TOP_LEVEL: &[&str] = &[
     "expect_restore",
 ];
 
-fn default_expect() -> Expect {
-    Expect::Success
+fn default_settle() -> Settle {
+    Settle::Success
 }
 
 fn default_timeout() -> u64 {
@@ -99,10 +106,45 @@ fn default_mode() -> u32 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Expect {
     Success,
     Failure,
+    /// The power is cut while this update runs: it never returns (only with `power_cut = true`).
+    PowerCut,
+}
+
+impl Expect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Expect::Success => "success",
+            Expect::Failure => "failure",
+            Expect::PowerCut => "power_cut",
+        }
+    }
+}
+
+/// How the nvwa server of the next boot settles the update: the journal's terminal phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Settle {
+    /// `restored`: every target runs again.
+    Success,
+    /// `restore_failed` (`failed` in older nvwa): a target could not be restored.
+    Failure,
+    /// `abandoned`: the update never committed; its images are deleted, never restored.
+    Abandoned,
+}
+
+impl Settle {
+    /// The journal phases that fulfil this expectation.
+    pub fn phases(self) -> &'static [&'static str] {
+        match self {
+            Settle::Success => &["restored"],
+            Settle::Failure => &["restore_failed", "failed"],
+            Settle::Abandoned => &["abandoned"],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -115,6 +157,9 @@ pub struct Update {
     /// Substrings the client's output must contain.
     #[serde(default)]
     pub output_contains: Vec<String>,
+    /// The exit status the client must return (for an update that returns).
+    #[serde(default)]
+    pub exit_code: Option<i32>,
 }
 
 fn default_version() -> String {
@@ -162,6 +207,38 @@ impl Scenario {
             if i + 1 != self.update.len() {
                 bail!("update {} expects success, so it must be the last update: nothing runs on the old kernel after a kernel switch", i + 1);
             }
+            if self.power_cut {
+                bail!("update {} expects success (a kernel switch), but with power_cut = true the machine comes back by a cold boot of the old kernel: expect \"power_cut\" or \"failure\"", i + 1);
+            }
+        }
+        for (i, u) in self.update.iter().enumerate() {
+            match (u.expect, u.exit_code) {
+                (Expect::Success | Expect::PowerCut, Some(_)) => bail!(
+                    "update {} expects {}: it never returns, so it has no exit_code to check",
+                    i + 1,
+                    u.expect.name()
+                ),
+                (Expect::Failure, Some(0)) => bail!(
+                    "update {} expects failure but exit_code = 0 (success)",
+                    i + 1
+                ),
+                _ => {}
+            }
+        }
+        if let Some(i) = self
+            .update
+            .iter()
+            .position(|u| u.expect == Expect::PowerCut)
+        {
+            if !self.power_cut {
+                bail!("update {} expects \"power_cut\": set power_cut = true at the top of the scenario", i + 1);
+            }
+            if i + 1 != self.update.len() {
+                bail!("update {} expects the power to be cut, so it must be the last update: nothing runs after it on that boot", i + 1);
+            }
+        }
+        if self.expect_restore == Settle::Abandoned && !self.power_cut {
+            bail!("expect_restore = \"abandoned\" needs power_cut = true: only a new boot before the commit abandons an update");
         }
         for f in &self.files {
             if !f.guest.starts_with('/') {
@@ -186,6 +263,12 @@ impl Scenario {
         self.update
             .last()
             .is_some_and(|u| u.expect == Expect::Success)
+    }
+
+    /// Whether the scenario ends on a second boot (new kernel or cold boot), where the nvwa
+    /// server settles the update and the checks run.
+    pub fn expects_next_boot(&self) -> bool {
+        self.expects_kernel_switch() || self.power_cut
     }
 
     /// The version an update asks for, with "@new" resolved.
@@ -219,10 +302,7 @@ impl Scenario {
         ));
         for (i, u) in self.update.iter().enumerate() {
             let n = i + 1;
-            let expect = match u.expect {
-                Expect::Success => "success",
-                Expect::Failure => "failure",
-            };
+            let expect = u.expect.name();
             s.push_str(&format!(
                 "lab_update_version_{n}() {{ echo {}; }}\nlab_update_expect_{n}() {{ echo {expect}; }}\n",
                 quote(Self::version_of(u, new_kernel))
@@ -344,6 +424,67 @@ run = "kill -0 $A"
             format!("{e:#}").contains("move it above the first"),
             "{e:#}"
         );
+    }
+
+    const POWER_CUT: &str = r#"
+description = "cut"
+power_cut = true
+expect_restore = "abandoned"
+[[update]]
+expect = "failure"
+[[update]]
+expect = "power_cut"
+"#;
+
+    #[test]
+    fn a_power_cut_scenario_parses() {
+        let s = Scenario::parse(POWER_CUT, Path::new("/x/cut.toml")).unwrap();
+        assert!(s.power_cut);
+        assert_eq!(s.expect_restore, Settle::Abandoned);
+        assert!(!s.expects_kernel_switch());
+        assert!(s.expects_next_boot());
+        let script = s.guest_script("6.1", "6.12");
+        assert!(
+            script.contains("lab_update_expect_2() { echo power_cut; }"),
+            "{script}"
+        );
+        let plain = Scenario::parse(GOOD, Path::new("/x/pids.toml")).unwrap();
+        assert!(!plain.power_cut);
+        assert_eq!(plain.expect_restore, Settle::Success);
+    }
+
+    #[test]
+    fn power_cut_mistakes_are_named() {
+        let err = |text: &str| {
+            format!(
+                "{:#}",
+                Scenario::parse(text, Path::new("a.toml")).unwrap_err()
+            )
+        };
+        let e = err("description = \"x\"\n[[update]]\nexpect = \"power_cut\"\n");
+        assert!(e.contains("set power_cut = true"), "{e}");
+        let e = err("description = \"x\"\npower_cut = true\n[[update]]\nexpect = \"success\"\n");
+        assert!(e.contains("cold boot of the old kernel"), "{e}");
+        let e = err(
+            "description = \"x\"\npower_cut = true\n[[update]]\nexpect = \"power_cut\"\n[[update]]\nexpect = \"failure\"\n",
+        );
+        assert!(e.contains("must be the last update"), "{e}");
+        let e = err("description = \"x\"\n[[update]]\nexpect = \"success\"\nexit_code = 0\n");
+        assert!(e.contains("no exit_code to check"), "{e}");
+        let e = err("description = \"x\"\n[[update]]\nexpect = \"failure\"\nexit_code = 0\n");
+        assert!(e.contains("exit_code = 0"), "{e}");
+        let e = err("description = \"x\"\nexpect_restore = \"abandoned\"\n");
+        assert!(e.contains("needs power_cut = true"), "{e}");
+        let e = err("description = \"x\"\n[[update]]\nexpect = \"success\"\npower_cut = true\n");
+        assert!(e.contains("move it above the first"), "{e}");
+    }
+
+    #[test]
+    fn restore_expectations_name_their_phases() {
+        assert_eq!(Settle::Success.phases(), ["restored"]);
+        assert!(Settle::Failure.phases().contains(&"restore_failed"));
+        assert!(Settle::Failure.phases().contains(&"failed"));
+        assert_eq!(Settle::Abandoned.phases(), ["abandoned"]);
     }
 
     #[test]

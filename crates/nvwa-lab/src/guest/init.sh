@@ -7,7 +7,10 @@
 #   NVWA-LAB {json}          a structured event
 #   NVWA-LAB-OUT tag: text   output of a scenario step, kept for the report
 # Persistent state (criu images, the journal, scenario variables) lives on /dev/pmem0: memory
-# reserved with memmap=, which the next kernel leaves alone.
+# reserved with memmap=, which the next kernel leaves alone. A scenario with power_cut = true
+# runs on RAM backed by a file on the host: after `lab_power_cut` the lab boots the same machine
+# again, cold, with nvwa_lab.boot=cold on the command line, and this script takes the "after
+# restart" path with what the persistent memory kept.
 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
@@ -59,8 +62,21 @@ if [ ! -b /dev/pmem0 ]; then
     finish 1
 fi
 mkdir -p /var/nvwa
+COLD_BOOT=0
+grep -q 'nvwa_lab.boot=cold' /proc/cmdline && COLD_BOOT=1
+if [ $COLD_BOOT = 1 ]; then
+    # After a power cut the persistent memory must come back as it was: formatting it here would
+    # hide exactly what this boot is meant to show.
+    if ! mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null && ! mount -t ext4 /dev/pmem0 /var/nvwa 2>/tmp/mount.err; then
+        ev "{\"event\":\"cold-boot-error\",\"error\":\"/dev/pmem0 holds no file system after the power cut: the persistent memory lost its contents ($(tr -d '"\\' </tmp/mount.err | head -c 200))\"}"
+        finish 1
+    fi
+    if [ ! -f /var/nvwa/lab/setup-done ]; then
+        ev '{"event":"cold-boot-error","error":"/var/nvwa/lab/setup-done, made durable before the update, is missing after the power cut: the persistent memory did not keep its files"}'
+        finish 1
+    fi
 # Busybox prefers its own applets to $PATH: e2fsprogs' mke2fs is called by its full path.
-if ! mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null && ! mount -t ext4 /dev/pmem0 /var/nvwa 2>/dev/null; then
+elif ! mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null && ! mount -t ext4 /dev/pmem0 /var/nvwa 2>/dev/null; then
     /usr/sbin/mke2fs -q -F -t ext4 -b 4096 /dev/pmem0 2>&1 | out init
     mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null || mount -t ext4 /dev/pmem0 /var/nvwa 2>&1 | out init
 fi
@@ -71,6 +87,8 @@ fi
 grep ' /var/nvwa ' /proc/mounts | out init
 export LAB_STATE=/var/nvwa/lab
 mkdir -p "$LAB_STATE" /var/nvwa/log
+# The unprivileged user's home (lab_as_user); the initramfs makes everything root's.
+mkdir -p /home/lab && chown lab:lab /home/lab && chmod 0700 /home/lab
 touch "$LAB_STATE/vars"
 
 . /lab/scenario.sh
@@ -82,24 +100,48 @@ start_server() {
     [ -S /run/nvwa/nvwa.socket ] || { echo "the nvwa server did not start" | out server; cat "/var/nvwa/log/server-$K.log" | out server; finish 1; }
 }
 
-# lab_wait_restore [N]: wait until the server has started restoring N times (default 1) and the
-# restore is over; prints the journal's phase. Scenarios use it after lab_restart_server.
+# The journal's terminal phases: the update is settled. `failed` is what older nvwa wrote for
+# restore_failed.
+SETTLED='restored|restore_failed|failed|rolled_back|abandoned'
+
+# lab_wait_restore [N]: wait until the server has settled the update N times (default 1: the
+# first restore, rollback or abandonment; 2 after a retry) and it is settled now; prints the
+# journal's phase. Counting settles rather than `booted` stamps also covers an update abandoned by
+# a new boot, which has no `booted` stamp. Scenarios use it after lab_restart_server.
 lab_wait_restore() {
     want=${1:-1}
     i=0
+    phase=
     while [ $i -lt 1800 ]; do
         j=$(nvwa status --json 2>/dev/null | tr -d ' \n')
-        boots=$(echo "$j" | grep -o '"phase":"booted"' | wc -l)
-        phase=$(echo "$j" | sed -n 's/.*"phase":"\([a-z_]*\)".*/\1/p')
-        if [ "$boots" -ge "$want" ]; then
-            case "$phase" in restored|failed|rolled_back) echo "$phase"; return 0 ;; esac
+        # The first "phase" is the journal's own (keys are sorted: timeline comes after it).
+        phase=$(echo "$j" | grep -o '"phase":"[a-z_]*"' | head -n 1 | sed 's/.*:"\(.*\)"/\1/')
+        # Every settle left a stamp in the timeline; the journal's own phase is one more match.
+        settles=$(( $(echo "$j" | grep -oE "\"phase\":\"($SETTLED)\"" | wc -l) - 1 ))
+        if echo "$phase" | grep -qxE "$SETTLED" && [ "$settles" -ge "$want" ]; then
+            echo "$phase"
+            return 0
         fi
         sleep 0.1
         i=$((i + 1))
     done
-    echo "$phase"
+    echo "${phase:-none}"
     return 1
 }
+
+# lab_phase: the journal's phase now ("none" without a journal).
+lab_phase() {
+    p=$(nvwa status --json 2>/dev/null | tr -d ' \n' | grep -o '"phase":"[a-z_]*"' | head -n 1 | sed 's/.*:"\(.*\)"/\1/')
+    echo "${p:-none}"
+}
+
+# lab_power_cut [WHY]: cut the power now, as a power failure would: no sync, no unmount. The
+# lab cold-boots the same machine afterwards if the scenario asked for it (power_cut = true).
+# Also /usr/sbin/lab-power-cut, for wrappers that the nvwa server runs.
+lab_power_cut() { /usr/sbin/lab-power-cut "$@"; }
+
+# lab_as_user CMD...: run CMD as the unprivileged user `lab` (uid and gid 1000, no other groups).
+lab_as_user() { nvwa-lab-workload as-user lab "$@"; }
 
 lab_restart_server() {
     nvwa exit >/dev/null
@@ -131,7 +173,27 @@ run_checks() {
     done
 }
 
-if [ ! -f "$LAB_STATE/update-started" ]; then
+settle_and_check() {
+    ( set -e; . "$LAB_STATE/vars"; lab_before_restore ) >/tmp/before.out 2>&1
+    rc=$?
+    out before_restore </tmp/before.out
+    ev "{\"event\":\"before-restore\",\"rc\":$rc}"
+    start_server
+    phase=$(lab_wait_restore)
+    ev "{\"event\":\"restored\",\"phase\":\"$phase\"}"
+    echo "NVWA-LAB {\"event\":\"journal\",\"journal\":$(nvwa status --json | tr -d '\n')}"
+    run_checks
+    cat "/var/nvwa/log/server-$K.log" | out server
+    finish $failed
+}
+
+if [ $COLD_BOOT = 1 ]; then
+    # --- the same machine, powered on again after lab_power_cut: old kernel, no kexec ---
+    ev "{\"event\":\"boot\",\"stage\":\"cold\",\"kernel\":\"$K\"}"
+    # ns_last_pid is left alone: this boot's own processes stay far below the saved pids (above
+    # 1000, see the old kernel's path), as after a real power-on.
+    settle_and_check
+elif [ ! -f "$LAB_STATE/update-started" ]; then
     # --- old kernel ---
     ev "{\"event\":\"boot\",\"stage\":\"old\",\"kernel\":\"$K\"}"
     # A server that has been up for a while runs its services far above the pids that the next
@@ -148,6 +210,10 @@ if [ ! -f "$LAB_STATE/update-started" ]; then
     cat /etc/nvwa/nvwa-restore.yaml | out config
     ev "{\"event\":\"setup\",\"rc\":$rc}"
     [ $rc -eq 0 ] || finish 1
+    # What ran before the update is on the persistent memory for good, as on a server that has
+    # been up for a while: a power cut during the update tests only what nvwa made durable.
+    touch "$LAB_STATE/setup-done"
+    sync
     n=0
     while [ $n -lt "$LAB_UPDATES" ]; do
         n=$((n + 1))
@@ -163,15 +229,5 @@ if [ ! -f "$LAB_STATE/update-started" ]; then
 else
     # --- new kernel: the server restores what the old one saved ---
     ev "{\"event\":\"boot\",\"stage\":\"new\",\"kernel\":\"$K\"}"
-    ( set -e; . "$LAB_STATE/vars"; lab_before_restore ) >/tmp/before.out 2>&1
-    rc=$?
-    out before_restore </tmp/before.out
-    ev "{\"event\":\"before-restore\",\"rc\":$rc}"
-    start_server
-    phase=$(lab_wait_restore)
-    ev "{\"event\":\"restored\",\"phase\":\"$phase\"}"
-    echo "NVWA-LAB {\"event\":\"journal\",\"journal\":$(nvwa status --json | tr -d '\n')}"
-    run_checks
-    cat "/var/nvwa/log/server-$K.log" | out server
-    finish $failed
+    settle_and_check
 fi
