@@ -397,11 +397,12 @@ fn send(cli: &Cli, req: Request, json: bool) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::from(code))
         }
-        Err(
-            e @ (ClientError::NotRunning { .. }
-            | ClientError::PermissionDenied { .. }
-            | ClientError::Connect { .. }),
-        ) => {
+        // The socket is root's: another user is refused before anything happens.
+        Err(e @ ClientError::PermissionDenied { .. }) => {
+            eprintln!("nvwa: error: {e}");
+            Ok(ExitCode::from(exit::REFUSED))
+        }
+        Err(e @ (ClientError::NotRunning { .. } | ClientError::Connect { .. })) => {
             eprintln!("nvwa: error: {e}");
             Ok(ExitCode::from(exit::UNREACHABLE))
         }
