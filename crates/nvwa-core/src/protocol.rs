@@ -27,6 +27,19 @@ pub enum Request {
     Ping,
 }
 
+/// How a request reads in the server's log.
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Update { version } => write!(f, "update to {version}"),
+            Request::Init => f.write_str("init"),
+            Request::Exit => f.write_str("exit"),
+            Request::Restore { service, pid } => write!(f, "restore {service}@{pid}"),
+            Request::Ping => f.write_str("ping"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum Response {

@@ -529,7 +529,7 @@ fn serve_connection(
             return false;
         }
     };
-    tracing::info!(peer_uid, peer_pid, ?request, "request");
+    tracing::info!("{request} requested by uid {peer_uid} (pid {peer_pid})");
 
     if request == Request::Ping {
         reply.send(&Response::Done {
@@ -543,6 +543,7 @@ fn serve_connection(
     }
 
     let is_exit = request == Request::Exit;
+    let what = request.to_string();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         handler.handle(request, &mut |p: Progress| {
             tracing::debug!(?p, "progress");
@@ -565,11 +566,11 @@ fn serve_connection(
     let stop = is_exit && outcome.is_ok();
     match outcome {
         Ok(message) => {
-            tracing::info!(peer_pid, "done: {message}");
+            tracing::info!("{what}: {message}");
             reply.send(&Response::Done { message });
         }
         Err(failure) => {
-            tracing::warn!(peer_pid, kind = failure.kind.name(), "failed: {failure}");
+            tracing::warn!("{what} failed ({}): {failure}", failure.kind.name());
             reply.send(&failure.into());
         }
     }

@@ -56,7 +56,7 @@ fn error_text(e: &anyhow::Error) -> String {
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Server => {
-            init_logging("info");
+            init_logging(cli, "info");
             run_server(cli)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -65,7 +65,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             latest,
             json,
         } => {
-            init_logging("warn");
+            init_logging(cli, "warn");
             let version = match (kernel, latest) {
                 (Some(v), _) => v.clone(),
                 (None, _) => {
@@ -101,15 +101,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Init => {
-            init_logging("warn");
+            init_logging(cli, "warn");
             send(cli, Request::Init, false)
         }
         Command::Exit => {
-            init_logging("warn");
+            init_logging(cli, "warn");
             send(cli, Request::Exit, false)
         }
         Command::Restore { target } => {
-            init_logging("warn");
+            init_logging(cli, "warn");
             let code = send(
                 cli,
                 Request::Restore {
@@ -122,7 +122,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(code)
         }
         Command::Check { kernel, json } => {
-            init_logging("warn");
+            init_logging(cli, "warn");
             let cfg = load_config(cli.config_dir.as_deref())?;
             let report =
                 check::run_checks(&cfg, kernel.as_deref(), Path::new("/"), &check::RealSystem);
@@ -153,7 +153,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Status { json } => {
-            init_logging("warn");
+            init_logging(cli, "warn");
             status(cli, *json)
         }
         Command::Completions { shell } => {
@@ -169,26 +169,32 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Logs to the journal when it is there (the server under systemd), else to stderr.
-/// `RUST_LOG` overrides `default_level`.
-fn init_logging(default_level: &str) {
+/// Logs to the journal when systemd connected our output to it (`JOURNAL_STREAM`, the server as
+/// nvwa.service), else to stderr, in colour only on a terminal and without `NO_COLOR`.
+/// `-v` lowers the level to debug, `-q` raises it to error; `RUST_LOG` overrides both.
+fn init_logging(cli: &Cli, default_level: &str) {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
 
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let level = match (cli.verbose, cli.quiet) {
+        (true, _) => "debug",
+        (_, true) => "error",
+        _ => default_level,
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let registry = tracing_subscriber::registry().with(filter);
-    if default_level == "info" && Path::new("/run/systemd/journal/socket").exists() {
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
             registry.with(journald).init();
             return;
         }
     }
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     registry
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal()),
+                .with_ansi(colour),
         )
         .init();
 }
@@ -208,18 +214,12 @@ impl Handler for DaemonHandler {
         request: Request,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<String, Failure> {
-        // The operator's terminal may be gone; the server's log keeps the whole story.
-        let what = format!("{request:?}");
-        tracing::info!("request: {what}");
-        let outcome = self.0.handle(request, &mut |p: Progress| {
+        // The operator's terminal may be gone; the server's log keeps the whole story (the
+        // request and its outcome are logged by the server itself).
+        self.0.handle(request, &mut |p: Progress| {
             tracing::info!("{}", render::progress(&p));
             progress(p)
-        });
-        match &outcome {
-            Ok(message) => tracing::info!("{what}: {message}"),
-            Err(f) => tracing::error!("{what} failed ({}): {f}", f.kind.name()),
-        }
-        outcome
+        })
     }
 }
 
@@ -317,11 +317,13 @@ fn client_socket(cli: &Cli) -> anyhow::Result<PathBuf> {
 struct Output {
     start: Instant,
     spinner: Option<indicatif::ProgressBar>,
+    quiet: bool,
 }
 
 impl Output {
-    fn new() -> Output {
-        let spinner = std::io::stdout().is_terminal().then(|| {
+    /// `quiet`: no progress lines and no spinner, only what `send` prints at the end.
+    fn new(quiet: bool) -> Output {
+        let spinner = (std::io::stdout().is_terminal() && !quiet).then(|| {
             let pb = indicatif::ProgressBar::with_draw_target(
                 None,
                 indicatif::ProgressDrawTarget::stdout(),
@@ -336,10 +338,14 @@ impl Output {
         Output {
             start: Instant::now(),
             spinner,
+            quiet,
         }
     }
 
     fn event(&self, p: &Progress) {
+        if self.quiet {
+            return;
+        }
         let text = render::progress(p);
         let line = format!("{} {text}", render::elapsed_prefix(self.start.elapsed()));
         match &self.spinner {
@@ -365,7 +371,7 @@ fn send(cli: &Cli, req: Request, json: bool) -> anyhow::Result<ExitCode> {
     use nvwa_core::protocol::Response;
     let socket = client_socket(cli)?;
     let json_line = |r: &Response| println!("{}", serde_json::to_string(r).expect("serializes"));
-    let out = (!json).then(Output::new);
+    let out = (!json).then(|| Output::new(cli.quiet));
     let mut last_phase = None;
     let result = client::request(&socket, &req, &mut |p| {
         if let Progress::Phase { phase } = p {

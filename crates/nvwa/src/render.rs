@@ -94,7 +94,7 @@ pub fn status(j: &Journal) -> String {
     let _ = writeln!(out, "\ntimeline:");
     let start = j.timeline.first().map(|s| s.wall_ms).unwrap_or(0);
     if let Some(first) = j.timeline.first() {
-        let _ = writeln!(out, "  started {}", utc(first.wall_ms));
+        let _ = writeln!(out, "  started {}", local(first.wall_ms));
     }
     let durations = j.phase_durations();
     let rows: Vec<[String; 3]> = j
@@ -150,6 +150,34 @@ fn table<const N: usize>(out: &mut String, header: [&str; N], rows: &[[String; N
 }
 
 /// `2025-03-01 12:00:00.123 UTC` for milliseconds since the epoch.
+/// `wall_ms` in the machine's local time zone, with its offset (`2026-11-29 20:01:02.345 +0100`),
+/// falling back to UTC when the zone cannot be read.
+pub fn local(wall_ms: u64) -> String {
+    let secs = (wall_ms / 1000) as libc::time_t;
+    // SAFETY: localtime_r writes only into `tm`, which lives for the whole call.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&secs, &mut tm).is_null() {
+            return utc(wall_ms);
+        }
+        tm
+    };
+    let off = tm.tm_gmtoff / 60;
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03} {}{:02}{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        wall_ms % 1000,
+        if off < 0 { '-' } else { '+' },
+        off.abs() / 60,
+        off.abs() % 60
+    )
+}
+
 pub fn utc(wall_ms: u64) -> String {
     let secs = wall_ms / 1000;
     let days = (secs / 86_400) as i64;
@@ -206,6 +234,16 @@ mod tests {
         );
         assert_eq!(elapsed_prefix(Duration::from_millis(412)), "[  0.412s]");
         assert_eq!(elapsed_prefix(Duration::from_millis(123_456)), "[123.456s]");
+    }
+
+    #[test]
+    fn local_times_carry_their_offset() {
+        let t = local(1_709_294_405_000);
+        assert!(t.starts_with("2024-03-0"), "{t}");
+        assert_eq!(t.len(), "2024-03-01 12:00:05.000 +0000".len(), "{t}");
+        let sign = t.as_bytes()[24];
+        assert!(sign == b'+' || sign == b'-', "{t}");
+        assert!(t[25..].bytes().all(|b| b.is_ascii_digit()), "{t}");
     }
 
     #[test]
