@@ -71,7 +71,14 @@ pub fn request(
             source,
         },
     };
-    write_message(&mut stream, req).map_err(protocol)?;
+    // A server that refuses a client answers and closes at once, possibly before the request
+    // is written: the write then fails, but the answer is waiting to be read.
+    if let Err(e) = write_message(&mut stream, req) {
+        match protocol(e) {
+            ClientError::Closed { .. } => {}
+            other => return Err(other),
+        }
+    }
     let mut reader = BufReader::new(stream);
     loop {
         match read_message::<Response>(&mut reader).map_err(protocol)? {

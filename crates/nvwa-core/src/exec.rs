@@ -3,8 +3,8 @@
 //!
 //! A hung helper must never hold the machine: while criu runs, every other dumped target is
 //! stopped and the server refuses other work. When the deadline passes (or the caller cancels),
-//! the whole process group gets SIGTERM, then SIGKILL after [`GRACE`]: wrappers and the helpers
-//! they started die with it.
+//! the whole process group (the program runs in a session of its own) gets SIGTERM, then SIGKILL
+//! after [`GRACE`]: wrappers and the helpers they started die with it.
 
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -82,16 +82,27 @@ pub fn run_cancellable(
 ) -> Result<Finished, ExecError> {
     let program = PathBuf::from(cmd.get_program());
     let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|source| ExecError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+        .stderr(Stdio::piped());
+    // Its own session (and so its own process group, to kill as one). Not merely a process group:
+    // if nvwa dies while something in that group is stopped (a criu held by a wrapper, or
+    // stopped by an operator), the group would become orphaned and the kernel would SIGHUP it;
+    // a session leader's group is orphaned from the start, so nvwa's death changes nothing and
+    // a criu at work finishes its dump for the next server to find.
+    // SAFETY: setsid(2) is async-signal-safe, as required between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let pgid = Pid::from_raw(child.id() as i32);
     let out = drain(child.stdout.take());
     let err = drain(child.stderr.take());
@@ -231,6 +242,17 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, ExecError::TimedOut { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn programs_run_in_a_session_of_their_own() {
+        let f = run(&mut sh("exec cat /proc/self/stat"), Duration::from_secs(10)).unwrap();
+        let stat = String::from_utf8(f.stdout).unwrap();
+        // pid (comm) state ppid pgrp session ...
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let pid: &str = stat.split(' ').next().unwrap();
+        assert_eq!(fields[2], pid, "process group: {stat}");
+        assert_eq!(fields[3], pid, "session: {stat}");
     }
 
     #[test]

@@ -370,6 +370,16 @@ impl Drop for Slot {
 fn refuse(stream: UnixStream, kind: protocol::ErrorKind, message: String) {
     let _ = stream.set_nonblocking(true);
     let _ = write_message(&mut &stream, &error_response(kind, message));
+    // Closing a unix socket with unread bytes in it (the request the client sent first) would
+    // flag the client's socket as reset; read what has arrived, and end our side first.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match (&stream).read(&mut buf) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
 }
 
 /// Stops a serving [`Server`].
