@@ -412,36 +412,49 @@ fn check_kernel_files(root: &Path, version: &str) -> CheckLine {
 
 /// The line for `svc`: whether systemd runs it. (Services are refused by the policy for now;
 /// this still tells the operator which main pid to list under `pids:` instead.)
+/// What would keep a listed service from being checkpointed with its main process: the policy's
+/// rules, on what systemd and the service's cgroup say.
 fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> CheckLine {
     let req = format!("service {svc}");
-    let args = ["show", "--property", "MainPID", "--value", svc];
-    let main_pid = match sys.run(Path::new(SYSTEMCTL), &args) {
-        Ok((0, out)) => out.trim().parse::<i32>().ok(),
-        _ => None,
+    let unit = match crate::systemd::unit_name(svc) {
+        Ok(u) => u,
+        Err(error) => {
+            let r = crate::policy::Refusal::ServiceName { error };
+            return CheckLine::fail(req, r.problem(), r.fix());
+        }
     };
-    match main_pid {
-        None => CheckLine::warn(
+    let property = format!("--property={}", crate::systemd::PROPERTIES);
+    let args = ["show", &property, &unit];
+    let info = match sys.run(Path::new(SYSTEMCTL), &args) {
+        Ok((0, out)) => crate::systemd::parse_show(&out),
+        _ => {
+            return CheckLine::warn(
+                req,
+                "cannot ask systemd about it; services are checked at update time",
+                format!("make sure `systemctl show {unit}` works"),
+            )
+        }
+    };
+    let members = info
+        .control_group
+        .as_deref()
+        .and_then(|cg| {
+            crate::systemd::cgroup_procs_files(cg)
+                .iter()
+                .find_map(|f| sys.read_file(f).ok())
+        })
+        .map(|text| crate::systemd::parse_procs(&text))
+        .unwrap_or_default();
+    match crate::policy::judge_service(cfg, &info, &members, sys.procs()) {
+        Ok(()) => CheckLine::ok(
             req,
-            "cannot ask systemd for its main pid; services are checked at update time",
-            format!("make sure `systemctl show --property MainPID --value {svc}` works"),
-        ),
-        Some(0) => CheckLine::fail(
-            req,
-            "not running (MainPID 0)",
             format!(
-                "`systemctl start {svc}`, or remove it from services in {}",
-                restore_file(cfg).display()
+                "running (Type={}), main process {}",
+                info.kind.name(),
+                sys.procs().describe(info.main_pid)
             ),
         ),
-        Some(pid) if !sys.procs().alive(pid) => CheckLine::fail(
-            req,
-            format!("systemd reports MainPID {pid}, but no such process exists"),
-            format!("`systemctl restart {svc}`"),
-        ),
-        Some(pid) => CheckLine::ok(
-            req,
-            format!("running, main process {}", sys.procs().describe(pid)),
-        ),
+        Err(r) => CheckLine::fail(req, r.problem(), r.fix()),
     }
 }
 
@@ -658,8 +671,11 @@ mod tests {
             s.runs
                 .insert("/usr/sbin/criu check".into(), (0, "Looks good.\n".into()));
             s.runs.insert(
-                "systemctl show --property MainPID --value nginx".into(),
-                (0, "200\n".into()),
+                format!("systemctl show --property={} nginx.service", crate::systemd::PROPERTIES),
+                (
+                    0,
+                    "Id=nginx.service\nMainPID=200\nType=forking\nActiveState=active\nSubState=running\nControlGroup=/system.slice/nginx.service\n".into(),
+                ),
             );
             s
         }
@@ -972,10 +988,21 @@ mod tests {
         let fx = fixture_with_service();
         let mut sys = FakeSystem::healthy();
         sys.runs.insert(
-            "systemctl show --property MainPID --value nginx".into(),
-            (0, "0\n".into()),
+            format!(
+                "systemctl show --property={} nginx.service",
+                crate::systemd::PROPERTIES
+            ),
+            (
+                0,
+                "Id=nginx.service\nMainPID=0\nType=forking\nActiveState=inactive\nSubState=dead\n"
+                    .into(),
+            ),
         );
-        assert_fails(&run(&fx, &sys), "service nginx", "MainPID 0");
+        assert_fails(
+            &run(&fx, &sys),
+            "service nginx",
+            "no running main process (inactive/dead)",
+        );
     }
 
     #[test]
@@ -990,6 +1017,23 @@ mod tests {
         assert!(report
             .render()
             .contains("services are checked at update time"));
+    }
+
+    #[test]
+    fn a_service_with_processes_outside_its_main_tree_fails() {
+        let fx = fixture_with_service();
+        let mut sys = FakeSystem::healthy();
+        sys.procs.add(300, 1, "helper", 0);
+        sys.file(
+            "/sys/fs/cgroup/system.slice/nginx.service/cgroup.procs",
+            "200\n300\n",
+        );
+        assert_fails(&run(&fx, &sys), "service nginx", "helper (pid 300)");
+        sys.file(
+            "/sys/fs/cgroup/system.slice/nginx.service/cgroup.procs",
+            "200\n",
+        );
+        assert_eq!(line(&run(&fx, &sys), "service nginx").verdict, Verdict::Ok);
     }
 
     #[test]

@@ -106,15 +106,8 @@ pub fn valid_target_name(kind: TargetKind, name: &str) -> bool {
                 && name.bytes().all(|b| b.is_ascii_digit())
                 && !name.starts_with('0')
         }
-        // systemd's unit name rules: at most 255 bytes of ASCII letters, digits, ":-_.\@".
-        TargetKind::Service => {
-            !name.is_empty()
-                && name.len() <= 255
-                && !name.starts_with('.')
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
-        }
+        // Stored as systemd names it (with `.service`), by systemd's rules.
+        TargetKind::Service => crate::systemd::unit_name(name).is_ok_and(|u| u == name),
     }
 }
 

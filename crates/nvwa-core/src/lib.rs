@@ -22,6 +22,7 @@ pub mod process;
 pub mod protocol;
 pub mod restore;
 pub mod server;
+pub mod systemd;
 pub mod trust;
 pub mod update;
 

@@ -144,6 +144,29 @@ pub enum Refusal {
     },
     /// The filesystem of `criu_dir` cannot be measured (statfs/statvfs failed).
     ImageStoreUnknown { dir: PathBuf, error: String },
+    /// A listed service name that is not a service unit name.
+    ServiceName {
+        error: crate::systemd::UnitNameError,
+    },
+    /// A listed service without a running main process.
+    ServiceNotRunning {
+        unit: String,
+        state: String,
+        file: PathBuf,
+    },
+    /// A service type whose main process nvwa cannot hand back to systemd.
+    ServiceType {
+        unit: String,
+        kind: String,
+        file: PathBuf,
+    },
+    /// Processes of the service's cgroup outside its main process's tree: a dump of that tree
+    /// would lose them.
+    ServiceStrays {
+        unit: String,
+        main: String,
+        strays: Vec<String>,
+    },
 }
 
 impl Refusal {
@@ -206,6 +229,19 @@ impl Refusal {
                 "cannot measure the filesystem that holds criu_dir {}: {error}",
                 dir.display()
             ),
+            Refusal::ServiceName { error } => error.to_string(),
+            Refusal::ServiceNotRunning { unit, state, file } => format!(
+                "service {unit} listed in {} has no running main process ({state})",
+                file.display()
+            ),
+            Refusal::ServiceType { unit, kind, file } => format!(
+                "service {unit} listed in {} is Type={kind}; only simple, exec, forking and notify services have a main process to preserve",
+                file.display()
+            ),
+            Refusal::ServiceStrays { unit, main, strays } => format!(
+                "service {unit} runs processes outside the tree of its main process {main}: {}; a checkpoint of that tree would lose them",
+                strays.join(", ")
+            ),
         }
     }
 
@@ -244,6 +280,14 @@ impl Refusal {
             Refusal::ImageStoreUnknown { dir, .. } => format!(
                 "check `df {}`, or point criu_dir in {SERVER_FILE} to a reachable directory",
                 dir.display()
+            ),
+            Refusal::ServiceName { .. } => "correct it in `services:`".to_string(),
+            Refusal::ServiceNotRunning { unit, .. } => {
+                format!("`systemctl start {unit}`, or remove it from `services:`")
+            }
+            Refusal::ServiceType { unit, .. } => format!("remove {unit} from `services:`"),
+            Refusal::ServiceStrays { unit, .. } => format!(
+                "stop the extra processes (`systemd-cgls -u {unit}` shows them), or remove {unit} from `services:`"
             ),
         }
     }
@@ -291,6 +335,47 @@ pub fn config_findings(cfg: &Config) -> Vec<Refusal> {
 /// first of [`config_findings`].
 pub fn judge_config(cfg: &Config) -> Result<(), Refusal> {
     config_findings(cfg).into_iter().next().map_or(Ok(()), Err)
+}
+
+/// Whether the service `unit` (as systemd reports it, with the pids of its cgroup) has what a
+/// checkpoint with its main process needs: running, a type with a main process, and nothing in
+/// its cgroup outside the main process's tree.
+pub fn judge_service(
+    cfg: &Config,
+    unit: &crate::systemd::UnitInfo,
+    members: &[i32],
+    procs: &dyn ProcView,
+) -> Result<(), Refusal> {
+    use crate::systemd::ServiceType;
+    let file = restore_file(cfg);
+    if unit.active_state != "active" || unit.main_pid <= 0 || !procs.alive(unit.main_pid) {
+        return Err(Refusal::ServiceNotRunning {
+            unit: unit.id.clone(),
+            state: format!("{}/{}", unit.active_state, unit.sub_state),
+            file,
+        });
+    }
+    if let ServiceType::Other(kind) = &unit.kind {
+        return Err(Refusal::ServiceType {
+            unit: unit.id.clone(),
+            kind: kind.clone(),
+            file,
+        });
+    }
+    let main = unit.main_pid;
+    let strays: Vec<String> = members
+        .iter()
+        .filter(|&&p| p != main && !ancestors(procs, p).contains(&main))
+        .map(|&p| procs.describe(p))
+        .collect();
+    if !strays.is_empty() {
+        return Err(Refusal::ServiceStrays {
+            unit: unit.id.clone(),
+            main: procs.describe(main),
+            strays,
+        });
+    }
+    Ok(())
 }
 
 /// Parent chains are walked at most this far: /proc can change under us, and a loop must not hang.
@@ -943,5 +1028,42 @@ mod tests {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 * GIB), "3.0 GiB");
+    }
+
+    fn unit(main_pid: i32, kind: &str, state: &str) -> crate::systemd::UnitInfo {
+        crate::systemd::parse_show(&format!(
+            "Id=app.service\nMainPID={main_pid}\nType={kind}\nActiveState={state}\nSubState=running\nControlGroup=/system.slice/app.service\n"
+        ))
+    }
+
+    #[test]
+    fn a_service_is_judged_by_its_state_type_and_cgroup() {
+        let c = cfg(&[]);
+        let p = procs();
+        assert_eq!(
+            judge_service(&c, &unit(100, "notify", "active"), &[100, 101], &p),
+            Ok(())
+        );
+        let err = judge_service(&c, &unit(0, "simple", "inactive"), &[], &p).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no running main process (inactive/running)"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("systemctl start app.service"),
+            "{err}"
+        );
+        let err = judge_service(&c, &unit(100, "oneshot", "active"), &[100], &p).unwrap_err();
+        assert!(err.to_string().contains("Type=oneshot"), "{err}");
+        // 200 is not in 100's tree: a dump of 100 would lose it.
+        let err = judge_service(&c, &unit(100, "forking", "active"), &[100, 101, 200], &p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("outside the tree of its main process") && err.contains("pid 200"),
+            "{err}"
+        );
+        assert!(!err.contains("pid 101"), "101 is 100's child: {err}");
     }
 }

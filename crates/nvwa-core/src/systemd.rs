@@ -1,0 +1,215 @@
+//! What nvwa asks systemd about a service: its main process, its type and its cgroup, read with
+//! `systemctl show` (the stable, documented interface; no D-Bus client library is needed for a
+//! handful of properties read once per update).
+//!
+//! A service can be checkpointed with its main process only if every process of its cgroup is in
+//! the main process's tree: criu dumps a process tree, and a helper that systemd started beside
+//! the main process (an `ExecStartPost=` leftover, a second daemon) would be lost.
+
+use std::path::{Path, PathBuf};
+
+/// The properties read, in one `systemctl show` call.
+pub const PROPERTIES: &str =
+    "Id,MainPID,Type,PIDFile,NotifyAccess,ControlGroup,ActiveState,SubState";
+
+/// How systemd starts a service (`Type=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceType {
+    Simple,
+    Exec,
+    Forking,
+    Notify,
+    NotifyReload,
+    /// oneshot, dbus, idle, or anything newer: not a long-running main process nvwa can hand
+    /// back to systemd.
+    Other(String),
+}
+
+impl ServiceType {
+    fn parse(s: &str) -> ServiceType {
+        match s {
+            "simple" => ServiceType::Simple,
+            "exec" => ServiceType::Exec,
+            "forking" => ServiceType::Forking,
+            "notify" => ServiceType::Notify,
+            "notify-reload" => ServiceType::NotifyReload,
+            other => ServiceType::Other(other.to_string()),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            ServiceType::Simple => "simple",
+            ServiceType::Exec => "exec",
+            ServiceType::Forking => "forking",
+            ServiceType::Notify => "notify",
+            ServiceType::NotifyReload => "notify-reload",
+            ServiceType::Other(s) => s,
+        }
+    }
+}
+
+/// A service as systemd reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitInfo {
+    pub id: String,
+    /// 0 when the service has no main process (stopped, or a oneshot).
+    pub main_pid: i32,
+    pub kind: ServiceType,
+    pub pid_file: Option<PathBuf>,
+    pub notify_access: String,
+    /// The cgroup path below the cgroup root, e.g. `/system.slice/redis-server.service`.
+    pub control_group: Option<String>,
+    pub active_state: String,
+    pub sub_state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitNameError {
+    #[error("{0:?} is not a systemd unit name: {1}; write the service's name as `systemctl status` shows it, e.g. redis-server or redis-server.service")]
+    Invalid(String, &'static str),
+}
+
+/// The unit name for a configured service: systemd's rules (ASCII letters, digits and `:-_.\@`, at
+/// most 255 bytes, no leading dot), `.service` added when missing; any other unit type is refused.
+pub fn unit_name(configured: &str) -> Result<String, UnitNameError> {
+    const OTHER_TYPES: [&str; 10] = [
+        "socket",
+        "target",
+        "timer",
+        "mount",
+        "path",
+        "slice",
+        "scope",
+        "device",
+        "swap",
+        "automount",
+    ];
+    let bad = |why| Err(UnitNameError::Invalid(configured.to_string(), why));
+    if configured
+        .rsplit_once('.')
+        .is_some_and(|(_, suffix)| OTHER_TYPES.contains(&suffix))
+    {
+        return bad("only .service units run processes nvwa can preserve");
+    }
+    let stem = configured.strip_suffix(".service").unwrap_or(configured);
+    if stem.is_empty() {
+        return bad("it is empty");
+    }
+    if stem.len() + ".service".len() > 255 {
+        return bad("it is longer than 255 bytes");
+    }
+    if stem.starts_with('.') {
+        return bad("it starts with a dot");
+    }
+    if !stem
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c))
+    {
+        return bad("only ASCII letters, digits and :-_.\\@ are allowed");
+    }
+    if stem.ends_with('@') {
+        return bad("it is a template; name an instance, e.g. getty@tty1");
+    }
+    Ok(format!("{stem}.service"))
+}
+
+/// Parses `systemctl show --property=PROPERTIES UNIT` output (`Key=value` lines).
+pub fn parse_show(text: &str) -> UnitInfo {
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    let non_empty = |s: String| (!s.is_empty()).then_some(s);
+    UnitInfo {
+        id: get("Id"),
+        main_pid: get("MainPID").parse().unwrap_or(0),
+        kind: ServiceType::parse(&get("Type")),
+        pid_file: non_empty(get("PIDFile")).map(PathBuf::from),
+        notify_access: get("NotifyAccess"),
+        control_group: non_empty(get("ControlGroup")),
+        active_state: get("ActiveState"),
+        sub_state: get("SubState"),
+    }
+}
+
+/// Where a cgroup's member processes are listed: the unified (v2) hierarchy, else systemd's own
+/// v1 hierarchy.
+pub fn cgroup_procs_files(control_group: &str) -> [PathBuf; 2] {
+    let rel = control_group.trim_start_matches('/');
+    [
+        Path::new("/sys/fs/cgroup").join(rel).join("cgroup.procs"),
+        Path::new("/sys/fs/cgroup/systemd")
+            .join(rel)
+            .join("cgroup.procs"),
+    ]
+}
+
+/// The pids of a `cgroup.procs` file.
+pub fn parse_procs(text: &str) -> Vec<i32> {
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_names_follow_systemd_rules() {
+        assert_eq!(unit_name("redis-server").unwrap(), "redis-server.service");
+        assert_eq!(
+            unit_name("redis-server.service").unwrap(),
+            "redis-server.service"
+        );
+        assert_eq!(unit_name("getty@tty1").unwrap(), "getty@tty1.service");
+        assert_eq!(unit_name("a\\x2db").unwrap(), "a\\x2db.service");
+        for (bad, why) in [
+            ("", "empty"),
+            (".service", "empty"),
+            ("../etc/passwd", "dot"),
+            ("etc/passwd", "only ASCII"),
+            ("red is", "only ASCII"),
+            ("sshd.socket", "only .service"),
+            ("getty@", "template"),
+            (".hidden", "dot"),
+            ("r\u{202e}", "only ASCII"),
+        ] {
+            let err = unit_name(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        assert!(unit_name(&"a".repeat(300)).is_err());
+    }
+
+    #[test]
+    fn show_output_is_parsed() {
+        let text = "Id=redis-server.service\nMainPID=812\nType=notify\nPIDFile=\n\
+                    NotifyAccess=main\nControlGroup=/system.slice/redis-server.service\n\
+                    ActiveState=active\nSubState=running\n";
+        let u = parse_show(text);
+        assert_eq!(u.id, "redis-server.service");
+        assert_eq!(u.main_pid, 812);
+        assert_eq!(u.kind, ServiceType::Notify);
+        assert_eq!(u.pid_file, None);
+        assert_eq!(
+            u.control_group.as_deref(),
+            Some("/system.slice/redis-server.service")
+        );
+        assert_eq!(u.active_state, "active");
+        let stopped = parse_show("Id=x.service\nMainPID=0\nType=oneshot\nControlGroup=\n");
+        assert_eq!(stopped.main_pid, 0);
+        assert_eq!(stopped.kind, ServiceType::Other("oneshot".into()));
+        assert_eq!(stopped.control_group, None);
+    }
+
+    #[test]
+    fn cgroup_members_are_listed() {
+        assert_eq!(parse_procs("12\n40\n\n"), vec![12, 40]);
+        assert_eq!(
+            cgroup_procs_files("/system.slice/a.service")[0],
+            Path::new("/sys/fs/cgroup/system.slice/a.service/cgroup.procs")
+        );
+    }
+}
