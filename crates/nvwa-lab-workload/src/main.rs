@@ -7,9 +7,12 @@
 //!         [--io-uring]  (also hold an io_uring instance, which criu 3.17 cannot checkpoint)
 //! verify: nvwa-lab-workload verify --pid PID --log PATH [--threads N] [--kernel-changed]
 //!         [--max-gap-ms G]  (no two ticks further apart than G ms of wall time: it never stopped)
+//! echo, connect, lock, try-lock: holders of sockets and file locks (see net_lock.rs)
 //! as-user: nvwa-lab-workload as-user NAME CMD [ARGS...]
 //!         (run CMD as the user NAME of /etc/passwd: its uid and gid, no supplementary groups,
 //!         HOME/USER/LOGNAME set; no setuid bit anywhere, so only root can use it)
+
+mod net_lock;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -29,8 +32,12 @@ fn main() {
         Some("run") => run(&args[1..]),
         Some("verify") => verify(&args[1..]),
         Some("as-user") => as_user(&args[1..]),
+        Some("echo") => net_lock::echo(&args[1..]),
+        Some("connect") => net_lock::connect(&args[1..]),
+        Some("lock") => net_lock::lock(&args[1..]),
+        Some("try-lock") => net_lock::try_lock(&args[1..]),
         _ => Err(
-            "usage: nvwa-lab-workload run|verify|as-user [options] (see the source header)".into(),
+            "usage: nvwa-lab-workload run|verify|echo|connect|lock|try-lock|as-user [options] (see the source header)".into(),
         ),
     };
     if let Err(e) = result {
