@@ -33,6 +33,28 @@ pub const SERVER_KEYS: &[&str] = &[
     "dump_timeout",
     "restore_timeout",
 ];
+/// What each key of nvwa-server.yaml means (the man page's CONFIGURATION section).
+pub const SERVER_KEY_DOCS: &[(&str, &str)] = &[
+    ("criu_dir", "Directory of the images (one subdirectory per target) and of the update journal, journal.json. It must survive the kernel switch (a disk or persistent memory, never tmpfs) and, like every path here, be root's alone. Default /var/nvwa/running/."),
+    ("criu_exe", "The criu binary. Default /usr/sbin/criu."),
+    ("kexec_exe", "kexec-tools, used only for kernels without kexec_file_load and for openEuler's quick kexec. Default /usr/sbin/kexec."),
+    ("systemd_etc", "The systemd configuration directory. Default /etc/systemd/system/."),
+    ("log_dir", "Where the criu logs of failed dumps are kept. Default /etc/nvwa/log/."),
+    ("socket", "The server's unix socket. Default /run/nvwa/nvwa.socket."),
+    ("dump_timeout", "Seconds one target's criu dump may take before it is killed and the update rolled back. Default: 60 plus 30 per GiB of the target's resident memory."),
+    ("restore_timeout", "Seconds one target's criu restore may take. Default: as for dump_timeout."),
+];
+
+/// What each key of nvwa-restore.yaml means.
+pub const RESTORE_KEY_DOCS: &[(&str, &str)] = &[
+    ("pids", "The processes to preserve, by pid; each with its whole process tree."),
+    ("services", "systemd services to preserve; refused by this version (list their main pids instead)."),
+    ("restore_net", "Carry the network configuration over; refused by this version unless false."),
+    ("enable_quick_kexec", "Load the kernel with openEuler's quick kexec (kexec -q)."),
+    ("enable_pin_memory", "Keep the targets' memory in openEuler's pinned memory across the switch."),
+    ("enable_debug_mode", "Keep the images after a successful restore (also spelled enbale_debug_mode, as in the original)."),
+];
+
 /// Canonical restore keys; the original's misspelling `enbale_debug_mode` is accepted too
 /// but not advertised.
 pub const RESTORE_KEYS: &[&str] = &[
@@ -1274,6 +1296,17 @@ enbale_debug_mode: false   # sic
             }
             let cfg = parse_restore(&text, &p()).unwrap();
             prop_assert_eq!(cfg.pids, pids);
+        }
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        for (keys, docs) in [
+            (SERVER_KEYS, SERVER_KEY_DOCS),
+            (RESTORE_KEYS, RESTORE_KEY_DOCS),
+        ] {
+            let documented: Vec<&str> = docs.iter().map(|(k, _)| *k).collect();
+            assert_eq!(keys, documented.as_slice());
         }
     }
 }

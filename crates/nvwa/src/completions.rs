@@ -1,4 +1,4 @@
-//! Shell completions and the manual page.
+//! Shell completions.
 
 use std::io::Write;
 
@@ -40,8 +40,4 @@ pub fn completions(shell: Shell, out: &mut dyn Write) -> std::io::Result<()> {
         out.write_all(BASH_KERNELS.as_bytes())?;
     }
     out.flush()
-}
-
-pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
-    clap_mangen::Man::new(Cli::command()).render(out)
 }

@@ -1,5 +1,5 @@
 //! The exit codes of the `nvwa` command, one per outcome an automation must tell apart.
-//! Documented in `nvwa --help` (the end of its `after_help`, which [`HELP`] must match), the man
+//! Documented in `nvwa --help` (the end of its `after_help`, which [`HELP_LINES`] must match), the man
 //! page and the README.
 
 use nvwa_core::journal::Phase;
@@ -31,8 +31,8 @@ Exit status:
     };
 }
 
-#[cfg(test)]
-const HELP: &str = exit_status_help!();
+/// The same text, for the man page.
+pub const HELP_LINES: &str = exit_status_help!();
 
 pub fn for_failure(kind: ErrorKind) -> u8 {
     match kind {
@@ -80,9 +80,15 @@ mod tests {
         unique.dedup();
         assert_eq!(unique.len(), codes.len(), "{codes:?}");
         for c in codes {
-            assert!(HELP.contains(&format!("  {c}  ")), "code {c} is documented");
+            assert!(
+                HELP_LINES.contains(&format!("  {c}  ")),
+                "code {c} is documented"
+            );
         }
         let help = crate::cli::Cli::command().render_long_help().to_string();
-        assert!(help.contains(HELP), "--help shows the exit codes:\n{help}");
+        assert!(
+            help.contains(HELP_LINES),
+            "--help shows the exit codes:\n{help}"
+        );
     }
 }

@@ -5,6 +5,7 @@
 mod exit;
 mod cli;
 mod completions;
+mod man;
 mod render;
 
 use std::io::IsTerminal;
@@ -162,8 +163,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Man => {
-            completions::man(&mut std::io::stdout().lock())
-                .context("cannot write the manual page")?;
+            man::man(&mut std::io::stdout().lock()).context("cannot write the manual page")?;
             Ok(ExitCode::SUCCESS)
         }
     }

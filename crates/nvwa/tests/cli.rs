@@ -384,7 +384,7 @@ fn completions_and_man_page() {
     let man = stdout(&out);
     assert!(man.contains(".TH nvwa"), "{man}");
     assert!(
-        man.contains("Exit status") && man.contains("rolled back"),
+        man.contains("EXIT STATUS") && man.contains("rolled back"),
         "the man page documents the exit codes:\n{man}"
     );
 }

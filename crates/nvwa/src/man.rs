@@ -1,0 +1,181 @@
+//! The manual page, nvwa(8): clap's NAME, SYNOPSIS, DESCRIPTION and OPTIONS, then the sections
+//! an operator looks for: every command, every configuration key, the files, the exit status,
+//! the environment, examples.
+
+use std::io::Write;
+
+use clap::CommandFactory;
+use nvwa_core::config::{RESTORE_FILE, RESTORE_KEY_DOCS, SERVER_FILE, SERVER_KEY_DOCS};
+
+use crate::cli::Cli;
+
+/// Text for roff: backslashes and hyphens escaped, and no line may start with a control
+/// character.
+fn esc(s: &str) -> String {
+    let s = s.replace('\\', "\\e").replace('-', "\\-");
+    if s.starts_with('.') || s.starts_with('\'') {
+        format!("\\&{s}")
+    } else {
+        s
+    }
+}
+
+fn section(out: &mut dyn Write, title: &str) -> std::io::Result<()> {
+    writeln!(out, ".SH {title}")
+}
+
+/// A tagged paragraph: `tag` in bold, then `text`.
+fn item(out: &mut dyn Write, tag: &str, text: &str) -> std::io::Result<()> {
+    writeln!(out, ".TP\n\\fB{}\\fR\n{}", esc(tag), esc(text))
+}
+
+fn commands(out: &mut dyn Write) -> std::io::Result<()> {
+    section(out, "COMMANDS")?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    for sub in cmd.get_subcommands() {
+        let usage = sub
+            .clone()
+            .render_usage()
+            .to_string()
+            .trim_start_matches("Usage: ")
+            .to_string();
+        let text = sub
+            .get_long_about()
+            .or(sub.get_about())
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        writeln!(out, ".TP\n\\fB{}\\fR", esc(&usage))?;
+        for (i, para) in text.split("\n\n").enumerate() {
+            if i > 0 {
+                writeln!(out, ".IP")?;
+            }
+            writeln!(out, "{}", esc(&para.replace('\n', " ")))?;
+        }
+    }
+    Ok(())
+}
+
+fn configuration(out: &mut dyn Write) -> std::io::Result<()> {
+    section(out, "CONFIGURATION")?;
+    writeln!(
+        out,
+        "{}",
+        esc("Two YAML files, searched in ., ./config and /etc/nvwa (or only in --config-dir). As root, a directory that another user could change is skipped. A missing file means its defaults; an unknown key or a wrong type is an error naming the file, the line and the key.")
+    )?;
+    for (file, docs) in [
+        (SERVER_FILE, SERVER_KEY_DOCS),
+        (RESTORE_FILE, RESTORE_KEY_DOCS),
+    ] {
+        writeln!(out, ".SS {}", esc(file))?;
+        for (key, doc) in docs {
+            item(out, key, doc)?;
+        }
+    }
+    Ok(())
+}
+
+const FILES: &[(&str, &str)] = &[
+    ("/etc/nvwa/nvwa-server.yaml", "Where nvwa keeps things (see CONFIGURATION)."),
+    ("/etc/nvwa/nvwa-restore.yaml", "What nvwa preserves."),
+    ("/var/nvwa/running/journal.json", "The journal of the last update (in criu_dir): phases, targets, timeline; what `nvwa status` shows."),
+    ("/var/nvwa/running/PID/", "The images of one target, private to root; removed after a successful restore or a rollback."),
+    ("/run/nvwa/nvwa.socket", "The server's socket (directory 0700, socket 0600)."),
+    ("/boot/vmlinuz-VERSION", "The kernel of `nvwa update VERSION`, with /boot/initrd.img-VERSION or /boot/initramfs-VERSION.img (or /usr/lib/modules/VERSION/vmlinuz)."),
+    ("nvwa.service, nvwa-pre.service", "The systemd units: the server, and the early step that keeps saved pids free on the new boot."),
+];
+
+const ENVIRONMENT: &[(&str, &str)] = &[
+    ("RUST_LOG", "Log filter (e.g. debug), overriding -v and -q."),
+    ("NO_COLOR", "No colour in log output."),
+    (
+        "NOTIFY_SOCKET",
+        "Set by systemd: the server reports READY=1 to it.",
+    ),
+    (
+        "JOURNAL_STREAM",
+        "Set by systemd: the server logs to the journal instead of standard error.",
+    ),
+];
+
+const EXAMPLES: &[(&str, &str)] = &[
+    ("nvwa check 6.12.118-amd64", "Is this machine ready to switch to that kernel, with the targets listed in nvwa-restore.yaml?"),
+    ("nvwa update --latest", "Checkpoint the targets and switch to the newest installed kernel newer than the running one."),
+    ("nvwa update 6.12.118-amd64 --json", "The same for a given kernel, with the server's progress as JSON lines."),
+    ("nvwa status", "After the new boot: the phases, the targets and the downtime; the exit status says how it ended."),
+];
+
+pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
+    let page = clap_mangen::Man::new(Cli::command()).section("8");
+    page.render_title(out)?;
+    page.render_name_section(out)?;
+    page.render_synopsis_section(out)?;
+    page.render_description_section(out)?;
+    page.render_options_section(out)?;
+    commands(out)?;
+    configuration(out)?;
+    section(out, "FILES")?;
+    for (f, what) in FILES {
+        item(out, f, what)?;
+    }
+    section(out, "EXIT STATUS")?;
+    for line in crate::exit::HELP_LINES.lines().skip(1) {
+        let line = line.trim();
+        match line.split_once("  ") {
+            Some((code, text)) if code.chars().all(|c| c.is_ascii_digit()) => {
+                item(out, code, text.trim())?
+            }
+            _ => writeln!(out, "{}", esc(line))?,
+        }
+    }
+    section(out, "ENVIRONMENT")?;
+    for (var, what) in ENVIRONMENT {
+        item(out, var, what)?;
+    }
+    section(out, "EXAMPLES")?;
+    for (example, what) in EXAMPLES {
+        item(out, example, what)?;
+    }
+    section(out, "SEE ALSO")?;
+    writeln!(
+        out,
+        "\\fBcriu\\fR(8), \\fBkexec\\fR(8), \\fBsystemctl\\fR(1)"
+    )?;
+    page.render_version_section(out)?;
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_section_an_operator_looks_for_is_there() {
+        let mut out = Vec::new();
+        man(&mut out).unwrap();
+        let page = String::from_utf8(out).unwrap();
+        for want in [
+            ".TH nvwa 8",
+            ".SH NAME",
+            ".SH SYNOPSIS",
+            ".SH COMMANDS",
+            ".SH CONFIGURATION",
+            ".SS nvwa\\-server.yaml",
+            "dump_timeout",
+            "enable_pin_memory",
+            ".SH FILES",
+            ".SH EXIT STATUS",
+            "rolled back",
+            ".SH ENVIRONMENT",
+            ".SH EXAMPLES",
+            ".SH SEE ALSO",
+            "nvwa update",
+        ] {
+            assert!(page.contains(want), "missing {want:?}:\n{page}");
+        }
+        assert!(
+            !page.lines().any(|l| l.starts_with("'")),
+            "no line may start with a quote"
+        );
+    }
+}
