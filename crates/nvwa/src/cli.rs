@@ -131,7 +131,13 @@ pub enum Command {
         json: bool,
     },
 
-    /// Print a shell completion script (bash also completes installed kernel versions)
+    /// List the installed kernel versions (what `update` and `check` accept), newest first
+    ///
+    /// A version is listed when /boot/vmlinuz-VERSION (or /usr/lib/modules/VERSION/vmlinuz)
+    /// exists; the shell completions offer these.
+    Kernels,
+
+    /// Print a shell completion script (bash, zsh and fish also complete installed kernel versions)
     ///
     /// For example: `nvwa completions bash > /etc/bash_completion.d/nvwa`
     Completions {

@@ -157,6 +157,14 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             init_logging(cli, "warn");
             status(cli, *json)
         }
+        Command::Kernels => {
+            let mut versions = nvwa_core::boot::installed_versions(Path::new("/"));
+            versions.sort_by(|a, b| nvwa_core::boot::compare_versions(b, a));
+            for v in versions {
+                println!("{v}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Completions { shell } => {
             completions::completions(*shell, &mut std::io::stdout().lock())
                 .context("cannot write the completion script")?;

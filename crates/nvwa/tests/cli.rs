@@ -375,10 +375,6 @@ fn completions_and_man_page() {
         text.contains("_nvwa") && text.contains("/boot/vmlinuz-"),
         "{text}"
     );
-    for shell in ["zsh", "fish"] {
-        let out = nvwa().args(["completions", shell]).output().unwrap();
-        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
-    }
     let out = nvwa().arg("man").output().unwrap();
     assert!(out.status.success());
     let man = stdout(&out);
@@ -418,6 +414,106 @@ fn start_server(dir: &Path, sock: &Path) -> KillOnDrop {
     };
     assert!(pong.contains("running"), "{pong}");
     server
+}
+
+/// A shell that the completion tests need; its absence fails with the install command.
+fn shell(name: &str) -> std::path::PathBuf {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!("{name} is needed to test its completions: apt-get install {name}")
+    })
+}
+
+/// Writes the completion script for `sh_name` and a stub `nvwa` (first in PATH) whose `kernels`
+/// lists 9.9.1-test and 9.10.0-test; returns (dir, script, PATH).
+fn completion_setup(sh_name: &str) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = nvwa().args(["completions", sh_name]).output().unwrap();
+    assert!(out.status.success());
+    let script = dir.path().join(format!("completion.{sh_name}"));
+    std::fs::write(&script, &out.stdout).unwrap();
+    let stub = dir.path().join("nvwa");
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\n[ \"$1\" = kernels ] && printf '9.10.0-test\\n9.9.1-test\\n'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    (dir, script, path)
+}
+
+#[test]
+fn bash_completes_kernel_versions_for_update_and_check() {
+    let (_dir, script, path) = completion_setup("bash");
+    for sub in ["update", "check"] {
+        let out = std::process::Command::new(shell("bash"))
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=(nvwa {sub} 9.9); COMP_CWORD=2; _nvwa_with_kernels; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                script.display()
+            ))
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        assert_eq!(stdout(&out), "9.9.1-test\n", "{sub}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn fish_completes_kernel_versions_for_update_and_check() {
+    let (_dir, script, path) = completion_setup("fish");
+    for sub in ["update", "check"] {
+        let out = std::process::Command::new(shell("fish"))
+            .arg("--no-config")
+            .arg("-c")
+            .arg(format!(
+                "source {}; complete -C 'nvwa {sub} 9.'",
+                script.display()
+            ))
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        let text = stdout(&out);
+        assert!(
+            text.lines().any(|l| l == "9.10.0-test") && text.lines().any(|l| l == "9.9.1-test"),
+            "{sub}: {text}{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn zsh_completes_kernel_versions_for_update_and_check() {
+    let (_dir, script, path) = completion_setup("zsh");
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert_eq!(
+        text.matches(":_nvwa_kernels'").count(),
+        2,
+        "update and check use it"
+    );
+    // The lister itself, with compadd (only usable inside completion) standing in as a printer.
+    let out = std::process::Command::new(shell("zsh"))
+        .arg("-fc")
+        .arg(format!(
+            "compdef() {{ :; }}; compadd() {{ [[ $1 == -a ]] && print -l -- ${{(P)2}}; }}; source {}; _nvwa_kernels",
+            script.display()
+        ))
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&out),
+        "9.10.0-test\n9.9.1-test\n",
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Driven by the real client: the server answers, `nvwa exit` stops it and its socket goes away.
