@@ -32,6 +32,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "socket",
     "dump_timeout",
     "restore_timeout",
+    "metrics_file",
 ];
 /// What each key of nvwa-server.yaml means (the man page's CONFIGURATION section).
 pub const SERVER_KEY_DOCS: &[(&str, &str)] = &[
@@ -43,6 +44,7 @@ pub const SERVER_KEY_DOCS: &[(&str, &str)] = &[
     ("socket", "The server's unix socket. Default /run/nvwa/nvwa.socket."),
     ("dump_timeout", "Seconds one target's criu dump may take before it is killed and the update rolled back. Default: 60 plus 30 per GiB of the target's resident memory."),
     ("restore_timeout", "Seconds one target's criu restore may take. Default: as for dump_timeout."),
+    ("metrics_file", "A Prometheus textfile (for node_exporter's textfile collector) that the server rewrites after every update and restore: the last update's phase, result, downtime and per-target times. Default: none."),
 ];
 
 /// What each key of nvwa-restore.yaml means.
@@ -83,6 +85,8 @@ pub struct ServerConfig {
     /// `restore_timeout`: the same for one target's restore.
     #[serde(rename = "restore_timeout")]
     pub restore_timeout_s: Option<u64>,
+    /// `metrics_file`: where to write the Prometheus textfile, if anywhere.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// Longest `dump_timeout` / `restore_timeout` accepted, in seconds: a day. Anything longer is
@@ -114,6 +118,7 @@ impl Default for ServerConfig {
             socket: PathBuf::from("/run/nvwa/nvwa.socket"),
             dump_timeout_s: None,
             restore_timeout_s: None,
+            metrics_file: None,
         }
     }
 }
@@ -366,6 +371,10 @@ pub fn parse_server(text: &str, path: &Path) -> Result<ServerConfig, ConfigError
             }
             "restore_timeout" => {
                 cfg.restore_timeout_s = ctx.seconds()?;
+                continue;
+            }
+            "metrics_file" => {
+                cfg.metrics_file = ctx.absolute_path()?;
                 continue;
             }
             "criu_dir" => &mut cfg.criu_dir,
@@ -843,7 +852,12 @@ enbale_debug_mode: false   # sic
     #[test]
     fn original_server_file_gives_defaults() {
         let cfg = parse_server(ORIGINAL_SERVER, &p()).unwrap();
-        assert_eq!(cfg, ServerConfig::default());
+        // The original kept its logs in /etc/nvwa/log/; ours default to /var/log/nvwa/.
+        let expected = ServerConfig {
+            log_dir: PathBuf::from("/etc/nvwa/log/"),
+            ..ServerConfig::default()
+        };
+        assert_eq!(cfg, expected);
         assert_eq!(cfg.socket, PathBuf::from("/run/nvwa/nvwa.socket"));
     }
 

@@ -29,6 +29,26 @@ fn failure(e: UpdateError) -> Failure {
     Failure::new(e.kind(), e.to_string())
 }
 
+/// Tells monitoring how the last update stands: the metrics file (if configured) and systemd's
+/// STATUS= line. Failures here are logged, never fatal: they must not change an update's outcome.
+fn publish(cfg: &config::Config) {
+    let journal = match crate::journal::Journal::load(&cfg.server.criu_dir) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!("cannot read the journal for monitoring: {e}");
+            return;
+        }
+    };
+    if let Some(path) = &cfg.server.metrics_file {
+        if let Err(e) = crate::metrics::write(path, &crate::metrics::render(journal.as_ref())) {
+            tracing::warn!("cannot write the metrics file {}: {e}", path.display());
+        }
+    }
+    if let Some(j) = &journal {
+        crate::server::notify_status(&crate::metrics::summary(j));
+    }
+}
+
 impl Daemon {
     /// A daemon for the real machine; fails if the configuration does not load, so a server
     /// never starts on a broken config.
@@ -83,7 +103,9 @@ impl Daemon {
             return Err(failure(UpdateError::Stopping(what)));
         }
         let cfg = config::load(&self.config_dir).map_err(|e| failure(e.into()))?;
-        f(&cfg).map_err(failure)
+        let outcome = f(&cfg).map_err(failure);
+        publish(&cfg);
+        outcome
     }
 
     /// Restores every saved image set (once, at server start).

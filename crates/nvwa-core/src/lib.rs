@@ -15,6 +15,7 @@ pub mod exec;
 pub mod journal;
 pub mod kexec;
 pub mod machine;
+pub mod metrics;
 pub mod pidns;
 pub mod pinmem;
 pub mod policy;

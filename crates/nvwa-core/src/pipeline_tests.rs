@@ -625,3 +625,43 @@ fn a_journal_that_cannot_be_written_rolls_back_and_the_next_start_records_it() {
     assert!(msg.contains("resumed"), "{msg}");
     assert_eq!(journal(&cfg).phase, Phase::RolledBack);
 }
+
+#[test]
+fn every_request_publishes_the_last_update_to_the_metrics_file() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100]);
+    let prom = dir.path().join("nvwa.prom");
+    cfg.server.metrics_file = Some(prom.clone());
+    // The daemon reads its configuration from disk: write this one out.
+    std::fs::write(
+        dir.path().join(crate::config::SERVER_FILE),
+        format!(
+            "criu_dir: {}\ncriu_exe: /bin/true\nkexec_exe: /bin/true\nlog_dir: {}\nmetrics_file: {}\n",
+            cfg.server.criu_dir.display(),
+            cfg.server.log_dir.display(),
+            prom.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join(crate::config::RESTORE_FILE),
+        "pids: [100]\n",
+    )
+    .unwrap();
+    let m = Arc::new(FakeMachine::with_pids(&[100]));
+    m.inject(Fault::Dump(100));
+    let d = crate::daemon::Daemon::with_machine(dir.path().into(), m);
+    let mut sink = |_p: Progress| {};
+    let err = d
+        .handle(
+            crate::protocol::Request::Update {
+                version: "6.12-new".into(),
+            },
+            &mut sink,
+        )
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::RolledBack);
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(text.contains("phase=\"rolled_back\"} 1"), "{text}");
+    assert!(text.contains("nvwa_last_update_success 0"), "{text}");
+}

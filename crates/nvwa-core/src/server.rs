@@ -588,6 +588,16 @@ fn serve_connection(
     stop
 }
 
+/// Sets the line `systemctl status nvwa` shows, when started by systemd.
+pub fn notify_status(text: &str) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]) {
+        tracing::warn!("cannot tell systemd the status: {e}");
+    }
+}
+
 /// Tells systemd the server is ready (`READY=1`), only when started by it (`NOTIFY_SOCKET` set):
 /// in an initramfs or by hand there is nobody to tell.
 pub fn notify_ready() {

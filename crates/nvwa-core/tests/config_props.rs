@@ -96,17 +96,21 @@ fn server_config() -> impl Strategy<Value = ServerConfig> {
         ],
         timeout(),
         timeout(),
+        prop::option::of(plain_path()),
     )
-        .prop_map(|([a, b, c, d, e, f], dump, restore)| ServerConfig {
-            criu_dir: a,
-            criu_exe: b,
-            kexec_exe: c,
-            systemd_etc: d,
-            log_dir: e,
-            socket: f,
-            dump_timeout_s: dump,
-            restore_timeout_s: restore,
-        })
+        .prop_map(
+            |([a, b, c, d, e, f], dump, restore, metrics)| ServerConfig {
+                criu_dir: a,
+                criu_exe: b,
+                kexec_exe: c,
+                systemd_etc: d,
+                log_dir: e,
+                socket: f,
+                dump_timeout_s: dump,
+                restore_timeout_s: restore,
+                metrics_file: metrics,
+            },
+        )
 }
 
 fn render_server(c: &ServerConfig) -> String {
@@ -126,6 +130,9 @@ fn render_server(c: &ServerConfig) -> String {
     }
     if let Some(s) = c.restore_timeout_s {
         text.push_str(&format!("restore_timeout: {s}   # seconds\n"));
+    }
+    if let Some(p) = &c.metrics_file {
+        text.push_str(&format!("metrics_file: {}\n", p.display()));
     }
     text
 }
