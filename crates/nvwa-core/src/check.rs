@@ -97,6 +97,13 @@ impl CheckReport {
             }
             out.push('\n');
         }
+        let count = |v| self.lines.iter().filter(|l| l.verdict == v).count();
+        let (failed, warned) = (count(Verdict::Fail), count(Verdict::Warn));
+        out.push_str(&if failed > 0 {
+            format!("not ready: {failed} requirement(s) failed, {warned} warning(s)\n")
+        } else {
+            format!("ready: every requirement is met, {warned} warning(s)\n")
+        });
         out
     }
 }
@@ -329,7 +336,16 @@ fn check_criu(cfg: &Config, sys: &dyn System) -> Vec<CheckLine> {
             ),
         )];
     }
-    let installed = CheckLine::ok("criu installed", criu.display().to_string());
+    // `criu --version` prints "Version: 3.17.1" (and a GitCommitID line on builds from git).
+    let version = match sys.run(criu, &["--version"]) {
+        Ok((0, out)) => out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Version:"))
+            .map(|v| format!(", version {}", v.trim()))
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    let installed = CheckLine::ok("criu installed", format!("{}{version}", criu.display()));
     if sys.euid() != 0 {
         // criu check as a user fails on permissions and would hide the real answer.
         let skipped = CheckLine::warn(
@@ -671,6 +687,10 @@ mod tests {
             s.runs
                 .insert("/usr/sbin/criu check".into(), (0, "Looks good.\n".into()));
             s.runs.insert(
+                "/usr/sbin/criu --version".into(),
+                (0, "Version: 3.17.1\n".into()),
+            );
+            s.runs.insert(
                 format!("systemctl show --property={} nginx.service", crate::systemd::PROPERTIES),
                 (
                     0,
@@ -816,7 +836,11 @@ mod tests {
         let report = run(&fx, &sys);
         assert_fails(&report, "running as root", "uid 1000");
         assert_eq!(line(&report, "criu check").verdict, Verdict::Warn);
-        assert!(sys.ran.borrow().iter().all(|c| !c.contains("criu")));
+        assert!(
+            sys.ran.borrow().iter().all(|c| !c.ends_with("criu check")),
+            "{:?}",
+            sys.ran.borrow()
+        );
     }
 
     #[test]
@@ -879,6 +903,21 @@ mod tests {
             "criu check",
             "exited with 1: Error: UFFD is not supported",
         );
+    }
+
+    #[test]
+    fn the_report_names_the_criu_version_and_ends_with_a_verdict() {
+        let fx = fixture();
+        let text = run(&fx, &FakeSystem::healthy()).render();
+        assert!(text.contains("/usr/sbin/criu, version 3.17.1"), "{text}");
+        assert!(
+            text.ends_with("warning(s)\n") && text.contains("\nready: "),
+            "{text}"
+        );
+        let mut sys = FakeSystem::healthy();
+        sys.paths.clear();
+        let text = run(&fx, &sys).render();
+        assert!(text.contains("\nnot ready: "), "{text}");
     }
 
     #[test]
