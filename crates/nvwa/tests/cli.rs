@@ -77,7 +77,7 @@ fn help_lists_the_subcommands() {
 #[test]
 fn restore_without_a_pid_is_refused_clearly() {
     let out = nvwa().args(["restore", "foo"]).output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a command line clap cannot parse");
     let err = stderr(&out);
     assert!(
         err.contains("SERVICE@PID") && err.contains("foo"),
