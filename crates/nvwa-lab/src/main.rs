@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nvwa_lab::prepare;
 use nvwa_lab::report::{self, ScenarioResult};
 use nvwa_lab::runner::Lab;
-use nvwa_lab::scenario::{self, Scenario};
+use nvwa_lab::scenario::{self, KernelPair, Scenario};
+use nvwa_lab::server_guest;
 use nvwa_lab::vm::{Line, Stamped};
 
 #[derive(Parser)]
@@ -26,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Fetch and cache the kernels and packages (idempotent; a second run is offline)
+    /// Fetch and cache the kernels and packages, and build the Debian 13 server guest (idempotent:
+    /// the server guest is rebuilt only when its inputs or the archive's kernels changed)
     Prepare,
     /// List the scenarios shipped in lab/scenarios
     List,
@@ -97,6 +99,24 @@ fn run() -> Result<()> {
                 ing.new.version,
                 ing.cache.display()
             );
+            let server = server_guest::prepare(&prepare::cache_dir(), true)?;
+            let k = &server.kernels;
+            println!(
+                "server guest: {}\nserver kernels: {} (previous), {} (current), {} (newest)",
+                server.disk.display(),
+                k.previous.release(),
+                k.current.release(),
+                k.newest.release()
+            );
+            for p in [KernelPair::Series, KernelPair::Major, KernelPair::Downgrade] {
+                let (a, b) = server.pair(p);
+                println!(
+                    "  kernels = \"{}\": {} → {}",
+                    p.name(),
+                    a.release(),
+                    b.release()
+                );
+            }
             Ok(())
         }
         Cmd::List => {
