@@ -500,13 +500,68 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
     }
 
-    #[test]
-    fn pairs_name_their_kernels() {
-        let k = |p: &str| Kernel {
-            package: format!("linux-image-{p}"),
+    fn kernel(release: &str) -> Kernel {
+        Kernel {
+            package: format!("linux-image-{release}"),
             deb_version: "1".into(),
             suite: "trixie".into(),
+        }
+    }
+
+    /// A cache holding a built guest: its manifest, disk and boot files.
+    fn cached_guest(cache: &Path, customize: &str) -> KernelSet {
+        let dir = cache.join("server");
+        let kernels = KernelSet {
+            previous: kernel("6.12.1"),
+            current: kernel("6.12.2"),
+            newest: kernel("7.0.1"),
         };
+        std::fs::create_dir_all(dir.join("boot")).unwrap();
+        for k in ["6.12.1", "6.12.2", "7.0.1"] {
+            std::fs::write(dir.join(format!("boot/vmlinuz-{k}")), b"k").unwrap();
+            std::fs::write(dir.join(format!("boot/initrd.img-{k}")), b"i").unwrap();
+        }
+        std::fs::write(dir.join("disk.raw"), b"disk").unwrap();
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            packages: PACKAGES.iter().map(|p| p.to_string()).collect(),
+            customize: customize.into(),
+            files: file_list(),
+            kernels: kernels.clone(),
+            disk_bytes: 4,
+        };
+        std::fs::write(dir.join(MANIFEST), serde_json::to_string(&m).unwrap()).unwrap();
+        kernels
+    }
+
+    #[test]
+    fn a_cached_guest_is_used_without_apt_or_root() {
+        let t = tempfile::tempdir().unwrap();
+        let kernels = cached_guest(t.path(), CUSTOMIZE);
+        let g = prepare(t.path(), false).unwrap();
+        assert_eq!(g.kernels, kernels);
+        assert_eq!(g.disk, t.path().join("server/disk.raw"));
+    }
+
+    #[test]
+    fn a_changed_input_is_not_served_from_the_cache() {
+        let t = tempfile::tempdir().unwrap();
+        cached_guest(t.path(), "an older hook");
+        let m = load_manifest(&t.path().join("server")).unwrap();
+        assert!(!static_inputs_match(&m));
+        let mut m2 = m.clone();
+        m2.customize = CUSTOMIZE.into();
+        assert!(static_inputs_match(&m2));
+        m2.files[0].1.push_str("# edited\n");
+        assert!(
+            !static_inputs_match(&m2),
+            "an edited dist unit rebuilds the guest"
+        );
+    }
+
+    #[test]
+    fn pairs_name_their_kernels() {
+        let k = kernel;
         let g = ServerGuest {
             dir: PathBuf::from("/c/server"),
             disk: PathBuf::from("/c/server/disk.raw"),
