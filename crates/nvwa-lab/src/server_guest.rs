@@ -379,7 +379,12 @@ fn make_ext4(dir: &Path, image: &Path, label: &str, free: u64) -> Result<u64> {
             .arg(format!("{}k", bytes >> 10)),
         DISK_DEADLINE,
     )
-    .with_context(|| format!("making the ext4 image {}", image.display()))?;
+    .with_context(|| {
+        format!(
+            "making the ext4 image {} (mke2fs is in e2fsprogs: apt-get install e2fsprogs)",
+            image.display()
+        )
+    })?;
     std::fs::rename(&tmp, image)?;
     Ok(bytes)
 }
@@ -394,7 +399,12 @@ pub fn overlay(base: &Path, overlay: &Path) -> Result<()> {
             .arg(overlay),
         SMALL_DEADLINE,
     )
-    .with_context(|| format!("creating the overlay {}", overlay.display()))?;
+    .with_context(|| {
+        format!(
+            "creating the overlay {} (qemu-img is in qemu-utils: apt-get install qemu-utils)",
+            overlay.display()
+        )
+    })?;
     Ok(())
 }
 
@@ -557,6 +567,61 @@ mod tests {
             !static_inputs_match(&m2),
             "an edited dist unit rebuilds the guest"
         );
+    }
+
+    #[test]
+    fn the_lab_disk_carries_the_binaries_scripts_and_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let bins = Binaries::in_dir(t.path());
+        std::fs::write(&bins.nvwa, b"nvwa").unwrap();
+        std::fs::write(&bins.workload, b"workload").unwrap();
+        let text = "description = \"x\"\nguest = \"server\"\n[[files]]\nguest = \"/etc/app.conf\"\ncontent = \"a = 1\"\nmode = 0o600\n";
+        let s = Scenario::parse(text, &t.path().join("s.toml")).unwrap();
+        let run = t.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let image = lab_disk(&run, &bins, &s, "LAB_CHECKS=0\n").unwrap();
+        assert!(std::fs::metadata(&image).unwrap().len() >= 8 << 20);
+        let stage = run.join("lab");
+        assert_eq!(std::fs::read(stage.join("bin/nvwa")).unwrap(), b"nvwa");
+        assert_eq!(
+            std::fs::read_to_string(stage.join("scenario.sh")).unwrap(),
+            "LAB_CHECKS=0\n"
+        );
+        let mode = |p: &str| {
+            std::fs::metadata(stage.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("server.sh"), 0o755);
+        assert_eq!(mode("install.sh"), 0o755);
+        assert_eq!(mode("files/etc/app.conf"), 0o600);
+        // mke2fs labelled it for the guest's fstab (LABEL=nvwa-lab).
+        let raw = std::fs::read(&image).unwrap();
+        // ext4 superblock at 1024, volume name at offset 0x78 in it
+        assert_eq!(&raw[1024 + 0x78..1024 + 0x78 + 8], b"nvwa-lab");
+    }
+
+    #[test]
+    fn a_run_writes_an_overlay_never_the_cached_disk() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("disk.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let ov = t.path().join("root.qcow2");
+        overlay(&base, &ov).unwrap();
+        let info = exec::run(
+            Command::new("qemu-img")
+                .args(["info", "--output=json"])
+                .arg(&ov),
+            SMALL_DEADLINE,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+        assert_eq!(v["format"], "qcow2");
+        assert_eq!(v["backing-filename-format"], "raw");
+        assert_eq!(v["backing-filename"], base.display().to_string());
     }
 
     #[test]
