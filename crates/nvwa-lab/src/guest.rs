@@ -11,6 +11,8 @@ use crate::prepare::{Ingredients, KernelBits};
 use crate::scenario::Scenario;
 
 pub const INIT: &str = include_str!("guest/init.sh");
+/// `/lab/lib.sh`: shell functions init.sh shares with the server guest.
+pub const LIB: &str = include_str!("guest/lib.sh");
 /// `/usr/sbin/lab-power-cut`: what `lab_power_cut` runs (see the script).
 pub const POWER_CUT: &str = include_str!("guest/power-cut.sh");
 /// `/usr/sbin/lab-server-pid`: the pid of the running nvwa server.
@@ -112,6 +114,7 @@ pub fn image_for(
     img.add_kernel_modules(kernel, MODULES)?;
     img.add_binary("/init", &bins.init, &roots)?;
     img.add_bytes("/lab/init.sh", INIT.as_bytes().to_vec(), 0o755);
+    img.add_bytes("/lab/lib.sh", LIB.as_bytes().to_vec(), 0o644);
     img.add_bytes("/etc/nvwa/nvwa-server.yaml", SERVER_YAML.into(), 0o644);
     img.add_bytes("/etc/nvwa/nvwa-restore.yaml", b"pids: []\n".to_vec(), 0o644);
     img.add_bytes(
@@ -214,6 +217,7 @@ mod tests {
     fn the_guest_scripts_are_valid_sh() {
         for (name, text) in [
             ("init.sh", INIT),
+            ("lib.sh", LIB),
             ("power-cut.sh", POWER_CUT),
             ("server-pid.sh", SERVER_PID),
         ] {

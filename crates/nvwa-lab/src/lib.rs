@@ -1,7 +1,9 @@
 //! The nvwa lab: rehearses real kernel live upgrades inside QEMU guests.
 
+pub mod apt;
 pub mod cpio;
 pub mod elf;
+pub mod exec;
 pub mod guest;
 pub mod image;
 pub mod modules;
@@ -10,6 +12,7 @@ pub mod prepare;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod server_guest;
 pub mod vm;
 
 /// The checkout this lab was built from: scenarios and the nvwa sources live there.

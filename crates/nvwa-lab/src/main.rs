@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nvwa_lab::prepare;
 use nvwa_lab::report::{self, ScenarioResult};
 use nvwa_lab::runner::Lab;
-use nvwa_lab::scenario::{self, Scenario};
+use nvwa_lab::scenario::{self, KernelPair, Scenario};
+use nvwa_lab::server_guest;
 use nvwa_lab::vm::{Line, Stamped};
 
 #[derive(Parser)]
@@ -17,7 +18,7 @@ use nvwa_lab::vm::{Line, Stamped};
     name = "nvwa-lab",
     version,
     about = "Rehearse kernel live upgrades with nvwa in a QEMU guest: Debian's 6.1 kernel → 6.12",
-    long_about = "Rehearse kernel live upgrades with nvwa in a QEMU guest.\n\nThe lab fetches two real Debian kernels (6.1 through linux-image-cloud-amd64, 6.12 through linux-image-6.12-amd64), criu, kexec-tools and busybox into a cache (NVWA_LAB_CACHE, default ~/.cache/nvwa-lab), builds nvwa from this checkout into an initramfs, boots the old kernel under QEMU (single-threaded TCG, 2 vCPUs) and runs scenarios: set a workload up, `nvwa update` to the new kernel, check what survived.\n\nA scenario with power_cut = true cuts the guest's power itself; the lab then cold-boots the same machine (its RAM is a file, so the persistent memory keeps its contents) on the old kernel. A scenario that fails after a guest kernel oopsed or panicked before /init is run once more, and the report says so (reran_after in --json)."
+    long_about = "Rehearse kernel live upgrades with nvwa in a QEMU guest.\n\nThe lab fetches two real Debian kernels (6.1 through linux-image-cloud-amd64, 6.12 through linux-image-6.12-amd64), criu, kexec-tools and busybox into a cache (NVWA_LAB_CACHE, default ~/.cache/nvwa-lab), builds nvwa from this checkout into an initramfs, boots the old kernel under QEMU (single-threaded TCG, 2 vCPUs) and runs scenarios: set a workload up, `nvwa update` to the new kernel, check what survived.\n\nA scenario with power_cut = true cuts the guest's power itself; the lab then cold-boots the same machine (its RAM is a file, so the persistent memory keeps its contents) on the old kernel. A scenario that fails after a guest kernel oopsed or panicked before /init is run once more, and the report says so (reran_after in --json).\n\nA scenario with guest = \"server\" runs in a Debian 13 (trixie) guest built with mmdebstrap (as root) from the host's mirror: systemd as PID 1, nvwa installed as a service (/usr/bin/nvwa, nvwa.service and nvwa-pre.service enabled, images in /var/lib/nvwa on its ext4 disk), its kernels installed as Debian packages. kernels = \"series\" (the previous 6.12 point release → the current one, the default), \"major\" (trixie's current kernel → the newest, from backports) or \"downgrade\" (the newest → trixie's current); `prepare` resolves them from the archive and prints them."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Fetch and cache the kernels and packages (idempotent; a second run is offline)
+    /// Fetch and cache the kernels and packages, and build the Debian 13 server guest (idempotent:
+    /// the server guest is rebuilt only when its inputs or the archive's kernels changed)
     Prepare,
     /// List the scenarios shipped in lab/scenarios
     List,
@@ -97,6 +99,24 @@ fn run() -> Result<()> {
                 ing.new.version,
                 ing.cache.display()
             );
+            let server = server_guest::prepare(&prepare::cache_dir(), true)?;
+            let k = &server.kernels;
+            println!(
+                "server guest: {}\nserver kernels: {} (previous), {} (current), {} (newest)",
+                server.disk.display(),
+                k.previous.release(),
+                k.current.release(),
+                k.newest.release()
+            );
+            for p in [KernelPair::Series, KernelPair::Major, KernelPair::Downgrade] {
+                let (a, b) = server.pair(p);
+                println!(
+                    "  kernels = \"{}\": {} → {}",
+                    p.name(),
+                    a.release(),
+                    b.release()
+                );
+            }
             Ok(())
         }
         Cmd::List => {

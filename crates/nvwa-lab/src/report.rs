@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::scenario::{Expect, Scenario};
+use crate::scenario::{Expect, Guest, KernelPair, Scenario};
 use crate::vm::{Line, Outcome, Stamped};
 
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +28,10 @@ pub struct Boot {
 pub struct ScenarioResult {
     pub name: String,
     pub passed: bool,
+    /// The guest it ran in (`busybox` or `server`).
+    pub guest: Guest,
+    /// The server guest's kernel pair (`series`, `major` or `downgrade`).
+    pub kernel_pair: Option<KernelPair>,
     pub kernel_before: Option<String>,
     pub kernel_after: Option<String>,
     pub boots: Vec<Boot>,
@@ -280,6 +284,8 @@ pub fn judge(s: &Scenario, new_kernel: &str, out: &Outcome, serial_log: PathBuf)
     ScenarioResult {
         name: s.name.clone(),
         passed: failures.is_empty(),
+        guest: s.guest,
+        kernel_pair: s.kernel_pair(),
         kernel_before,
         kernel_after,
         boots,
@@ -366,8 +372,13 @@ fn timeline(f: &Facts, s: &Scenario) -> Vec<PhaseTime> {
 }
 
 pub fn render(r: &ScenarioResult) -> String {
+    let guest = match (r.guest, r.kernel_pair) {
+        (Guest::Server, Some(p)) => format!("  [server guest, {} kernels]", p.name()),
+        (Guest::Server, None) => "  [server guest]".to_string(),
+        (Guest::Busybox, _) => String::new(),
+    };
     let mut s = format!(
-        "{} {}  ({} → {})\n",
+        "{} {}  ({} → {}){guest}\n",
         if r.passed { "PASS" } else { "FAIL" },
         r.name,
         r.kernel_before.as_deref().unwrap_or("?"),
@@ -593,5 +604,36 @@ run = "true"
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["reran_after"], "[ 2.8] Oops: int3");
         assert!(render(&r).contains("RERUN"), "{}", render(&r));
+        assert_eq!(v["guest"], "busybox");
+        assert!(v["kernel_pair"].is_null(), "{v}");
+    }
+
+    #[test]
+    fn the_report_names_the_server_guest_and_its_kernel_pair() {
+        let s = scenario(
+            "description = \"x\"\nguest = \"server\"\nkernels = \"major\"\n[[update]]\nexpect = \"success\"\n",
+        );
+        let r = judge(
+            &s,
+            "7.3",
+            &outcome(&[
+                r#"NVWA-LAB {"event":"boot","stage":"old","kernel":"6.12"}"#,
+                r#"NVWA-LAB {"event":"setup","rc":0}"#,
+                r#"NVWA-LAB {"event":"update","index":1}"#,
+                r#"NVWA-LAB {"event":"boot","stage":"new","kernel":"7.3"}"#,
+                r#"NVWA-LAB {"event":"restored","phase":"restored"}"#,
+                r#"NVWA-LAB {"event":"finish","kernel":"7.3","failed":0}"#,
+            ]),
+            "log".into(),
+        );
+        assert!(r.passed, "{:?}", r.failures);
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["guest"], "server");
+        assert_eq!(v["kernel_pair"], "major");
+        assert!(
+            render(&r).contains("(6.12 → 7.3)  [server guest, major kernels]"),
+            "{}",
+            render(&r)
+        );
     }
 }

@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::apt;
 use crate::guest::{self, Binaries};
 use crate::prepare::{self, Ingredients, KernelBits};
 use crate::report::{self, ScenarioResult};
-use crate::scenario::Scenario;
+use crate::scenario::{Guest, Scenario};
+use crate::server_guest::{self, ServerGuest};
 use crate::vm::{self, Line, Outcome, Stamped, VmSpec};
 
 /// On the kernel command line of the cold boot after a power cut: init.sh takes the "after
@@ -99,8 +101,19 @@ fn writeln_log(log: &Path, line: &str) -> std::io::Result<()> {
 
 pub struct Lab {
     pub ingredients: Ingredients,
+    /// Built when a scenario runs in the server guest.
+    pub server: Option<ServerGuest>,
     pub bins: Binaries,
     pub runs: PathBuf,
+}
+
+/// What a scenario boots from.
+enum Boot {
+    /// The busybox guest: the old kernel's initramfs (the new one is inside it).
+    Busybox { initrd: PathBuf },
+    /// The server guest: its cached disk (behind a fresh overlay per attempt) and this run's
+    /// lab disk.
+    Server { lab_disk: PathBuf },
 }
 
 /// Builds `nvwa` and the workload from this checkout, unless NVWA_LAB_BIN_DIR names a directory
@@ -138,11 +151,17 @@ impl Lab {
         extra.sort();
         extra.dedup();
         let ingredients = prepare::prepare(&prepare::cache_dir(), &extra)?;
+        let server = if scenarios.iter().any(|s| s.guest == Guest::Server) {
+            Some(server_guest::prepare(&prepare::cache_dir(), false)?)
+        } else {
+            None
+        };
         let bins = build_binaries()?;
         let runs = ingredients.cache.join("runs");
         std::fs::create_dir_all(&runs)?;
         Ok(Lab {
             ingredients,
+            server,
             bins,
             runs,
         })
@@ -187,8 +206,19 @@ impl Lab {
     /// and the first run's logs are kept as serial-1.log and events-1.json.
     pub fn run(&self, s: &Scenario, live: &mut dyn FnMut(&Stamped)) -> Result<ScenarioResult> {
         let (dir, _lock) = self.run_dir(&s.name)?;
-        let (outer, _) = self.build_images(s, &dir)?;
-        let first = self.attempt(s, &dir, &outer, live)?;
+        let boot = match s.guest {
+            Guest::Busybox => Boot::Busybox {
+                initrd: self.build_images(s, &dir)?.0,
+            },
+            Guest::Server => {
+                let (old, new) = self.server_pair(s)?;
+                let script = s.guest_script(old.release(), new.release());
+                Boot::Server {
+                    lab_disk: server_guest::lab_disk(&dir, &self.bins, s, &script)?,
+                }
+            }
+        };
+        let first = self.attempt(s, &dir, &boot, live)?;
         let Some(oops) = first.early_oops.clone().filter(|_| !first.passed) else {
             return Ok(first);
         };
@@ -204,9 +234,45 @@ impl Lab {
                 format!("cannot keep the first run's {from} in {}", dir.display())
             })?;
         }
-        let mut second = self.attempt(s, &dir, &outer, live)?;
+        let mut second = self.attempt(s, &dir, &boot, live)?;
         second.reran_after = Some(oops);
         Ok(second)
+    }
+
+    /// The server guest's (old, new) kernels for `s`.
+    fn server_pair(&self, s: &Scenario) -> Result<(&apt::Kernel, &apt::Kernel)> {
+        let g = self
+            .server
+            .as_ref()
+            .context("the server guest was not prepared")?;
+        Ok(g.pair(s.kernel_pair().unwrap_or_default()))
+    }
+
+    /// The server guest's machine: its old kernel and initramfs-tools' initrd from the guest's
+    /// /boot, the root disk as a fresh overlay of the cached image, the lab disk read-only.
+    fn server_spec(&self, s: &Scenario, dir: &Path, lab_disk: &Path) -> Result<VmSpec> {
+        let g = self
+            .server
+            .as_ref()
+            .context("the server guest was not prepared")?;
+        let (old, _) = self.server_pair(s)?;
+        let overlay = dir.join("root.qcow2");
+        server_guest::overlay(&g.disk, &overlay)?;
+        let (vmlinuz, initrd) = g.boot_files(old);
+        let mut spec = VmSpec::new(
+            &vmlinuz,
+            &initrd,
+            &dir.join("serial.log"),
+            Duration::from_secs(s.timeout_s),
+        );
+        spec.append = "console=ttyS0 root=/dev/vda rw panic=-1 loglevel=3".into();
+        // QEMU's option syntax: a comma in a value is written twice.
+        let q = |p: &Path| p.display().to_string().replace(',', ",,");
+        spec.drives = vec![
+            format!("file={},format=qcow2,if=virtio", q(&overlay)),
+            format!("file={},format=raw,if=virtio,readonly=on", q(lab_disk)),
+        ];
+        Ok(spec)
     }
 
     /// One run of a scenario: one boot, or two when the scenario cuts the power.
@@ -214,18 +280,27 @@ impl Lab {
         &self,
         s: &Scenario,
         dir: &Path,
-        initrd: &Path,
+        boot: &Boot,
         live: &mut dyn FnMut(&Stamped),
     ) -> Result<ScenarioResult> {
         let log = dir.join("serial.log");
         let origin = Instant::now();
         let deadline = origin + Duration::from_secs(s.timeout_s);
-        let mut spec = VmSpec::new(
-            &self.ingredients.old.vmlinuz,
-            initrd,
-            &log,
-            Duration::from_secs(s.timeout_s),
-        );
+        let (mut spec, new_version) = match boot {
+            Boot::Busybox { initrd } => (
+                VmSpec::new(
+                    &self.ingredients.old.vmlinuz,
+                    initrd,
+                    &log,
+                    Duration::from_secs(s.timeout_s),
+                ),
+                self.ingredients.new.version.clone(),
+            ),
+            Boot::Server { lab_disk } => (
+                self.server_spec(s, dir, lab_disk)?,
+                self.server_pair(s)?.1.release().to_string(),
+            ),
+        };
         spec.forwards = s.forwards.iter().map(|f| (f.host, f.guest)).collect();
         // Only a scenario that cuts the power needs its RAM to outlive QEMU.
         let ram = s.power_cut.then(|| RamFile::new(dir.join("ram")));
@@ -252,7 +327,7 @@ impl Lab {
             );
         }
         drop(ram);
-        let mut result = report::judge(s, &self.ingredients.new.version, &outcome, log.clone());
+        let mut result = report::judge(s, &new_version, &outcome, log.clone());
         let events = dir.join("events.json");
         let all: Vec<_> = outcome
             .lines
@@ -287,6 +362,9 @@ impl Lab {
 
     /// Boots a guest with a console on this terminal.
     pub fn shell(&self, s: &Scenario, kernel: &KernelBits) -> Result<()> {
+        if s.guest == Guest::Server {
+            bail!("`nvwa-lab shell` boots the busybox guest only; scenario {} runs in the server guest", s.name);
+        }
         let (dir, _lock) = self.run_dir(&format!("shell-{}", s.name))?;
         let (outer, inner) = self.build_images(s, &dir)?;
         let initrd = if kernel.version == self.ingredients.old.version {

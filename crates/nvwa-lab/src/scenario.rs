@@ -17,6 +17,12 @@ pub struct Scenario {
     #[serde(skip)]
     pub path: PathBuf,
     pub description: String,
+    /// Which guest runs the scenario: the busybox initramfs (default) or the Debian 13 server.
+    #[serde(default)]
+    pub guest: Guest,
+    /// The server guest's kernel pair (default `series`); the busybox guest has one pair.
+    #[serde(default)]
+    pub kernels: Option<KernelPair>,
     /// Hard limit for the whole guest run, both kernels.
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
@@ -61,6 +67,8 @@ pub struct Scenario {
 
 const TOP_LEVEL: &[&str] = &[
     "description",
+    "guest",
+    "kernels",
     "timeout_s",
     "power_cut",
     "packages",
@@ -77,6 +85,40 @@ fn default_settle() -> Settle {
 
 fn default_timeout() -> u64 {
     900
+}
+
+/// The guest a scenario runs in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guest {
+    /// An initramfs with busybox as init: fast, for the core scenarios.
+    #[default]
+    Busybox,
+    /// Debian 13 with systemd, its kernels installed as packages, nvwa as a service.
+    Server,
+}
+
+/// Which kernels of the server guest an update goes between (resolved at prepare time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelPair {
+    /// The previous point release of trixie's kernel series → the current one.
+    #[default]
+    Series,
+    /// trixie's current kernel → the newest (backports).
+    Major,
+    /// The newest kernel → trixie's current one.
+    Downgrade,
+}
+
+impl KernelPair {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPair::Series => "series",
+            KernelPair::Major => "major",
+            KernelPair::Downgrade => "downgrade",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -203,6 +245,23 @@ impl Scenario {
     }
 
     fn validate(&self) -> Result<()> {
+        match self.guest {
+            Guest::Busybox if self.kernels.is_some() => bail!(
+                "kernels = \"{}\" chooses a kernel pair of the server guest: add guest = \"server\"",
+                self.kernels.unwrap_or_default().name()
+            ),
+            Guest::Server => {
+                let unsupported = [
+                    (!self.packages.is_empty(), "packages"),
+                    (self.power_cut, "power_cut"),
+                    (!self.before_restore.trim().is_empty(), "before_restore"),
+                ];
+                if let Some((_, key)) = unsupported.iter().find(|(set, _)| *set) {
+                    bail!("`{key}` is not available on the server guest (guest = \"server\"); nvwa.service restores at boot by itself there");
+                }
+            }
+            Guest::Busybox => {}
+        }
         if let Some(i) = self.update.iter().position(|u| u.expect == Expect::Success) {
             if i + 1 != self.update.len() {
                 bail!("update {} expects success, so it must be the last update: nothing runs on the old kernel after a kernel switch", i + 1);
@@ -257,6 +316,11 @@ impl Scenario {
             }
         }
         Ok(())
+    }
+
+    /// The server guest's kernel pair (`series` unless the scenario names one).
+    pub fn kernel_pair(&self) -> Option<KernelPair> {
+        (self.guest == Guest::Server).then(|| self.kernels.unwrap_or_default())
     }
 
     pub fn expects_kernel_switch(&self) -> bool {
@@ -396,6 +460,40 @@ run = "kill -0 $A"
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6.12");
+    }
+
+    #[test]
+    fn the_guest_and_its_kernel_pair_are_chosen_by_keys() {
+        let s = Scenario::parse(GOOD, Path::new("/x/pids.toml")).unwrap();
+        assert_eq!(s.guest, Guest::Busybox);
+        assert_eq!(s.kernel_pair(), None);
+        let server = format!("guest = \"server\"\n{GOOD}");
+        let s = Scenario::parse(&server, Path::new("/x/s.toml")).unwrap();
+        assert_eq!(s.kernel_pair(), Some(KernelPair::Series));
+        let major = format!("guest = \"server\"\nkernels = \"major\"\n{GOOD}");
+        let s = Scenario::parse(&major, Path::new("/x/s.toml")).unwrap();
+        assert_eq!(s.kernel_pair(), Some(KernelPair::Major));
+        let e = Scenario::parse(
+            &format!("kernels = \"downgrade\"\n{GOOD}"),
+            Path::new("a.toml"),
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("add guest = \"server\""), "{e:#}");
+        let e = Scenario::parse(
+            &format!("guest = \"server\"\nbefore_restore = \"true\"\n{GOOD}"),
+            Path::new("a.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("`before_restore` is not available"),
+            "{e:#}"
+        );
+        let e = Scenario::parse(
+            &format!("kernels = \"sideways\"\n{GOOD}"),
+            Path::new("a.toml"),
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("sideways"), "{e:#}");
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct VmSpec {
     pub timeout: Duration,
     /// (host port, guest port) TCP forwards on 127.0.0.1.
     pub forwards: Vec<(u16, u16)>,
+    /// QEMU `-drive` specifications, in order (the first virtio one is /dev/vda).
+    pub drives: Vec<String>,
 }
 
 impl VmSpec {
@@ -69,6 +71,7 @@ impl VmSpec {
             serial_log: serial_log.to_path_buf(),
             timeout,
             forwards: Vec::new(),
+            drives: Vec::new(),
         }
     }
 
@@ -97,6 +100,10 @@ impl VmSpec {
             ));
             args.push("-machine".into());
             args.push("memory-backend=ram".into());
+        }
+        for d in &self.drives {
+            args.push("-drive".into());
+            args.push(d.clone());
         }
         args.into_iter()
             .chain([

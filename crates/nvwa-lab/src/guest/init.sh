@@ -33,8 +33,7 @@ exec </dev/console >/dev/console 2>&1
 nvwa pre >/dev/null
 
 K=$(uname -r)
-ev() { echo "NVWA-LAB $1"; }
-out() { tag=$1; while IFS= read -r line; do echo "NVWA-LAB-OUT $tag: $line"; done; }
+. /lab/lib.sh
 finish() {
     sync
     ev "{\"event\":\"finish\",\"kernel\":\"$K\",\"failed\":$1}"
@@ -100,41 +99,6 @@ start_server() {
     [ -S /run/nvwa/nvwa.socket ] || { echo "the nvwa server did not start" | out server; cat "/var/nvwa/log/server-$K.log" | out server; finish 1; }
 }
 
-# The journal's terminal phases: the update is settled. `failed` is what older nvwa wrote for
-# restore_failed.
-SETTLED='restored|restore_failed|failed|rolled_back|abandoned'
-
-# lab_wait_restore [N]: wait until the server has settled the update N times (default 1: the
-# first restore, rollback or abandonment; 2 after a retry) and it is settled now; prints the
-# journal's phase. Counting settles rather than `booted` stamps also covers an update abandoned by
-# a new boot, which has no `booted` stamp. Scenarios use it after lab_restart_server.
-lab_wait_restore() {
-    want=${1:-1}
-    i=0
-    phase=
-    while [ $i -lt 1800 ]; do
-        j=$(nvwa status --json 2>/dev/null | tr -d ' \n')
-        # The first "phase" is the journal's own (keys are sorted: timeline comes after it).
-        phase=$(echo "$j" | grep -o '"phase":"[a-z_]*"' | head -n 1 | sed 's/.*:"\(.*\)"/\1/')
-        # Every settle left a stamp in the timeline; the journal's own phase is one more match.
-        settles=$(( $(echo "$j" | grep -oE "\"phase\":\"($SETTLED)\"" | wc -l) - 1 ))
-        if echo "$phase" | grep -qxE "$SETTLED" && [ "$settles" -ge "$want" ]; then
-            echo "$phase"
-            return 0
-        fi
-        sleep 0.1
-        i=$((i + 1))
-    done
-    echo "${phase:-none}"
-    return 1
-}
-
-# lab_phase: the journal's phase now ("none" without a journal).
-lab_phase() {
-    p=$(nvwa status --json 2>/dev/null | tr -d ' \n' | grep -o '"phase":"[a-z_]*"' | head -n 1 | sed 's/.*:"\(.*\)"/\1/')
-    echo "${p:-none}"
-}
-
 # lab_power_cut [WHY]: cut the power now, as a power failure would: no sync, no unmount. The
 # lab cold-boots the same machine afterwards if the scenario asked for it (power_cut = true).
 # Also /usr/sbin/lab-power-cut, for wrappers that the nvwa server runs.
@@ -150,9 +114,6 @@ lab_restart_server() {
     start_server
 }
 
-# lab_save NAME VALUE: keep a variable for the checks after the kernel switch.
-lab_save() { echo "$1='$2'" >> "$LAB_STATE/vars"; eval "$1='$2'"; export "$1"; }
-
 if grep -q nvwa_lab.shell=1 /proc/cmdline; then
     start_server
     echo "nvwa lab shell on $K (nvwa server running, state on /var/nvwa); 'poweroff -f' to leave"
@@ -161,17 +122,6 @@ if grep -q nvwa_lab.shell=1 /proc/cmdline; then
 fi
 
 failed=0
-run_checks() {
-    n=0
-    while [ $n -lt "$LAB_CHECKS" ]; do
-        n=$((n + 1))
-        ( set -e; . "$LAB_STATE/vars"; "lab_check_$n" ) >/tmp/check.out 2>&1
-        rc=$?
-        out "check$n" </tmp/check.out
-        ev "{\"event\":\"check\",\"index\":$n,\"rc\":$rc,\"kernel\":\"$K\"}"
-        [ $rc -eq 0 ] || failed=1
-    done
-}
 
 settle_and_check() {
     ( set -e; . "$LAB_STATE/vars"; lab_before_restore ) >/tmp/before.out 2>&1

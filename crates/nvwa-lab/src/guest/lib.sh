@@ -1,0 +1,59 @@
+# Shell functions shared by the lab's guests: the busybox guest's init.sh and the server guest's
+# server.sh source this file after setting K (the running kernel) and LAB_STATE (a directory that
+# survives the kernel switch).
+
+# NVWA-LAB {json}: a structured event; NVWA-LAB-OUT tag: text: output of a step, for the report.
+ev() { echo "NVWA-LAB $1"; }
+out() { tag=$1; while IFS= read -r line; do echo "NVWA-LAB-OUT $tag: $line"; done; }
+
+# The journal's terminal phases: the update is settled. `failed` is what older nvwa wrote for
+# restore_failed.
+SETTLED='restored|restore_failed|failed|rolled_back|abandoned'
+
+# lab_wait_restore [N]: wait until the server has settled the update N times (default 1: the
+# first restore, rollback or abandonment; 2 after a retry) and it is settled now; prints the
+# journal's phase. Counting settles rather than `booted` stamps also covers an update abandoned by
+# a new boot, which has no `booted` stamp. Scenarios use it after lab_restart_server.
+lab_wait_restore() {
+    want=${1:-1}
+    i=0
+    phase=
+    while [ $i -lt 1800 ]; do
+        j=$(nvwa status --json 2>/dev/null | tr -d ' \n')
+        # The first "phase" is the journal's own (keys are sorted: timeline comes after it).
+        phase=$(echo "$j" | grep -o '"phase":"[a-z_]*"' | head -n 1 | sed 's/.*:"\(.*\)"/\1/')
+        # Every settle left a stamp in the timeline; the journal's own phase is one more match.
+        settles=$(( $(echo "$j" | grep -oE "\"phase\":\"($SETTLED)\"" | wc -l) - 1 ))
+        if echo "$phase" | grep -qxE "$SETTLED" && [ "$settles" -ge "$want" ]; then
+            echo "$phase"
+            return 0
+        fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+    echo "${phase:-none}"
+    return 1
+}
+
+# lab_phase: the journal's phase now ("none" without a journal).
+lab_phase() {
+    p=$(nvwa status --json 2>/dev/null | tr -d ' \n' | grep -o '"phase":"[a-z_]*"' | head -n 1 | sed 's/.*:"\(.*\)"/\1/')
+    echo "${p:-none}"
+}
+
+# lab_save NAME VALUE: keep a variable for the checks after the kernel switch.
+lab_save() { echo "$1='$2'" >> "$LAB_STATE/vars"; eval "$1='$2'"; export "$1"; }
+
+# run_checks: every check of the scenario, each in a subshell with the saved variables; sets
+# failed=1 when one fails.
+run_checks() {
+    n=0
+    while [ $n -lt "$LAB_CHECKS" ]; do
+        n=$((n + 1))
+        ( set -e; . "$LAB_STATE/vars"; "lab_check_$n" ) >/tmp/check.out 2>&1
+        rc=$?
+        out "check$n" </tmp/check.out
+        ev "{\"event\":\"check\",\"index\":$n,\"rc\":$rc,\"kernel\":\"$K\"}"
+        [ $rc -eq 0 ] || failed=1
+    done
+}

@@ -1,0 +1,87 @@
+#!/bin/sh
+# The server guest's scenario runner: lab.service, started once the machine reached
+# multi-user.target. On the old kernel it sets the scenario up and runs `nvwa update`; on the new
+# kernel nvwa.service has already restored the saved processes by itself (no step of the lab's):
+# this script waits for the restore to settle and runs the checks. It reports on the serial
+# console with the same NVWA-LAB events as the busybox guest's init.sh (see lib.sh).
+
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+umask 022
+exec </dev/null >/dev/ttyS0 2>&1
+
+K=$(uname -r)
+export LAB_STATE=/var/lib/nvwa-lab
+. /lab/lib.sh
+finish() {
+    sync
+    ev "{\"event\":\"finish\",\"kernel\":\"$K\",\"failed\":$1}"
+    systemctl poweroff --force --force
+}
+
+ev "{\"event\":\"init\",\"kernel\":\"$K\"}"
+mkdir -p "$LAB_STATE"
+touch "$LAB_STATE/vars"
+. /lab/scenario.sh
+# systemd's own account of this boot (kernel, initrd, userspace up to now).
+systemd-analyze time 2>&1 | out boot
+
+# wait_server: nvwa.service is active and its socket is there.
+wait_server() {
+    i=0
+    until systemctl is-active -q nvwa.service && [ -S /run/nvwa/nvwa.socket ]; do
+        i=$((i + 1))
+        if [ $i -gt 600 ]; then
+            echo "nvwa.service is not running" | out server
+            systemctl status --no-pager nvwa.service 2>&1 | out server
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+lab_restart_server() { systemctl restart nvwa.service && wait_server; }
+
+# server_log: what nvwa.service logged on this boot.
+server_log() { journalctl -b 0 -u nvwa.service --no-pager -o short-monotonic 2>&1 | out server; }
+
+failed=0
+if [ ! -f "$LAB_STATE/update-started" ]; then
+    # --- old kernel ---
+    ev "{\"event\":\"boot\",\"stage\":\"old\",\"kernel\":\"$K\"}"
+    # A server that has been up for a while runs its services far above the pids that the next
+    # boot's kernel threads and early daemons take, which no reservation can move.
+    echo 1000 >/proc/sys/kernel/ns_last_pid
+    wait_server || finish 1
+    (
+        set -e
+        lab_setup
+        lab_render_config >/etc/nvwa/nvwa-restore.yaml
+    ) >/tmp/setup.out 2>&1
+    rc=$?
+    out setup </tmp/setup.out
+    out config </etc/nvwa/nvwa-restore.yaml
+    ev "{\"event\":\"setup\",\"rc\":$rc}"
+    [ $rc -eq 0 ] || finish 1
+    n=0
+    while [ $n -lt "$LAB_UPDATES" ]; do
+        n=$((n + 1))
+        if [ "$(lab_update_expect_$n)" = success ]; then touch "$LAB_STATE/update-started"; sync; fi
+        ev "{\"event\":\"update\",\"index\":$n}"
+        { nvwa update "$(lab_update_version_$n)" 2>&1; echo "exit $?"; } | tee "/tmp/update$n.out" | out "update$n"
+        rc=$(tail -n 1 "/tmp/update$n.out" | sed 's/^exit //')
+        ev "{\"event\":\"update-returned\",\"index\":$n,\"rc\":$rc}"
+    done
+    run_checks
+    server_log
+    finish $failed
+else
+    # --- new kernel: nvwa.service restored at boot; wait for it to settle ---
+    ev "{\"event\":\"boot\",\"stage\":\"new\",\"kernel\":\"$K\"}"
+    phase=$(lab_wait_restore)
+    ev "{\"event\":\"restored\",\"phase\":\"$phase\"}"
+    echo "NVWA-LAB {\"event\":\"journal\",\"journal\":$(nvwa status --json | tr -d '\n')}"
+    run_checks
+    server_log
+    finish $failed
+fi
