@@ -261,6 +261,11 @@ impl Journal {
         Ok(())
     }
 
+    /// Moves through `phases` in order (replaying an update, e.g. in tests and tools).
+    pub fn advance_all(&mut self, phases: &[Phase], boot_id: &str) -> Result<(), JournalError> {
+        phases.iter().try_for_each(|&p| self.advance(p, boot_id))
+    }
+
     /// Whether the update started on the boot `boot_id` (the processes it froze may still live).
     pub fn started_on(&self, boot_id: &str) -> bool {
         self.timeline.first().is_some_and(|s| s.boot_id == boot_id)
@@ -479,16 +484,18 @@ mod tests {
     fn journals_of_the_previous_format_still_load() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::new("6.1", "6.12", vec![target("10")], BOOT);
-        for p in [
-            Phase::KernelLoaded,
-            Phase::Frozen,
-            Phase::Dumped,
-            Phase::Committed,
-            Phase::Booted,
-            Phase::RestoreFailed,
-        ] {
-            j.advance(p, BOOT).unwrap();
-        }
+        j.advance_all(
+            &[
+                Phase::KernelLoaded,
+                Phase::Frozen,
+                Phase::Dumped,
+                Phase::Committed,
+                Phase::Booted,
+                Phase::RestoreFailed,
+            ],
+            BOOT,
+        )
+        .unwrap();
         j.save(dir.path()).unwrap();
         let text = fs::read_to_string(Journal::path(dir.path()))
             .unwrap()

@@ -154,16 +154,18 @@ mod tests {
             running_again_wall_ms: None,
         };
         let mut j = Journal::new("6.1", "6.12", vec![t], BOOT);
-        for p in [
-            Phase::KernelLoaded,
-            Phase::Frozen,
-            Phase::Dumped,
-            Phase::Committed,
-            Phase::Booted,
-            Phase::Restored,
-        ] {
-            j.advance(p, BOOT).unwrap();
-        }
+        j.advance_all(
+            &[
+                Phase::KernelLoaded,
+                Phase::Frozen,
+                Phase::Dumped,
+                Phase::Committed,
+                Phase::Booted,
+                Phase::Restored,
+            ],
+            BOOT,
+        )
+        .unwrap();
         let frozen = j.stamp_of(Phase::Frozen).unwrap().wall_ms;
         j.targets[0].running_again_wall_ms = Some(frozen + 11_100);
         j

@@ -209,18 +209,12 @@ fn is_elf(path: &Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `sh -n`: the guest's scripts parse (busybox sh and dash agree on what they use).
-    #[test]
-    fn the_guest_scripts_are_valid_sh() {
-        for (name, text) in [
-            ("init.sh", INIT),
-            ("lib.sh", LIB),
-            ("power-cut.sh", POWER_CUT),
-            ("server-pid.sh", SERVER_PID),
-        ] {
+    pub(crate) fn assert_valid_sh(scripts: &[(&str, &str)]) {
+        for (name, text) in scripts {
             let out = Command::new("sh")
                 .args(["-n", "-c", text])
                 .output()
@@ -231,6 +225,16 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    #[test]
+    fn the_guest_scripts_are_valid_sh() {
+        assert_valid_sh(&[
+            ("init.sh", INIT),
+            ("lib.sh", LIB),
+            ("power-cut.sh", POWER_CUT),
+            ("server-pid.sh", SERVER_PID),
+        ]);
     }
 
     #[test]

@@ -456,22 +456,12 @@ mod tests {
 
     #[test]
     fn the_guest_scripts_are_valid_sh() {
-        for (name, text) in [
+        crate::guest::tests::assert_valid_sh(&[
             ("customize.sh", CUSTOMIZE),
             ("install.sh", INSTALL),
             ("server.sh", RUNNER),
             ("lib.sh", LIB),
-        ] {
-            let out = Command::new("sh")
-                .args(["-n", "-c", text])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        ]);
     }
 
     #[test]

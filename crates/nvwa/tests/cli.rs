@@ -77,7 +77,11 @@ fn help_lists_the_subcommands() {
 #[test]
 fn restore_without_a_pid_is_refused_clearly() {
     let out = nvwa().args(["restore", "foo"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "a command line clap cannot parse");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a command line clap cannot parse"
+    );
     let err = stderr(&out);
     assert!(
         err.contains("SERVICE@PID") && err.contains("foo"),
@@ -218,20 +222,22 @@ fn status_exit_code_follows_the_last_update() {
     j = Journal::new("6.1.0", "6.6.0", vec![], BOOT);
     j.save(&criu).unwrap();
     assert_eq!(status(), Some(5), "in progress");
-    for p in [
-        Phase::KernelLoaded,
-        Phase::Frozen,
-        Phase::Dumped,
-        Phase::Committed,
-        Phase::Booted,
-        Phase::RestoreFailed,
-    ] {
-        j.advance(p, BOOT).unwrap();
-    }
+    j.advance_all(
+        &[
+            Phase::KernelLoaded,
+            Phase::Frozen,
+            Phase::Dumped,
+            Phase::Committed,
+            Phase::Booted,
+            Phase::RestoreFailed,
+        ],
+        BOOT,
+    )
+    .unwrap();
     j.save(&criu).unwrap();
     assert_eq!(status(), Some(7), "restore failed");
-    j.advance(Phase::Booted, BOOT).unwrap();
-    j.advance(Phase::Restored, BOOT).unwrap();
+    j.advance_all(&[Phase::Booted, Phase::Restored], BOOT)
+        .unwrap();
     j.save(&criu).unwrap();
     assert_eq!(status(), Some(0), "restored");
 }

@@ -164,15 +164,7 @@ elif [ ! -f "$LAB_STATE/update-started" ]; then
     # been up for a while: a power cut during the update tests only what nvwa made durable.
     touch "$LAB_STATE/setup-done"
     sync
-    n=0
-    while [ $n -lt "$LAB_UPDATES" ]; do
-        n=$((n + 1))
-        if [ "$(lab_update_expect_$n)" = success ]; then touch "$LAB_STATE/update-started"; sync; fi
-        ev "{\"event\":\"update\",\"index\":$n}"
-        { nvwa update "$(lab_update_version_$n)" 2>&1; echo "exit $?"; } | tee "/tmp/update$n.out" | out "update$n"
-        rc=$(tail -n 1 "/tmp/update$n.out" | sed 's/^exit //')
-        ev "{\"event\":\"update-returned\",\"index\":$n,\"rc\":$rc}"
-    done
+    run_updates
     run_checks
     cat "/var/nvwa/log/server-$K.log" | out server
     finish $failed

@@ -44,6 +44,20 @@ lab_phase() {
 # lab_save NAME VALUE: keep a variable for the checks after the kernel switch.
 lab_save() { echo "$1='$2'" >> "$LAB_STATE/vars"; eval "$1='$2'"; export "$1"; }
 
+# run_updates: every `nvwa update` of the scenario, in order, each reported with its output and
+# exit status; marks the update as started (for the next boot) before one expected to succeed.
+run_updates() {
+    n=0
+    while [ $n -lt "$LAB_UPDATES" ]; do
+        n=$((n + 1))
+        if [ "$(lab_update_expect_$n)" = success ]; then touch "$LAB_STATE/update-started"; sync; fi
+        ev "{\"event\":\"update\",\"index\":$n}"
+        { nvwa update "$(lab_update_version_$n)" 2>&1; echo "exit $?"; } | tee "/tmp/update$n.out" | out "update$n"
+        rc=$(tail -n 1 "/tmp/update$n.out" | sed 's/^exit //')
+        ev "{\"event\":\"update-returned\",\"index\":$n,\"rc\":$rc}"
+    done
+}
+
 # run_checks: every check of the scenario, each in a subshell with the saved variables; sets
 # failed=1 when one fails.
 run_checks() {

@@ -63,15 +63,7 @@ if [ ! -f "$LAB_STATE/update-started" ]; then
     out config </etc/nvwa/nvwa-restore.yaml
     ev "{\"event\":\"setup\",\"rc\":$rc}"
     [ $rc -eq 0 ] || finish 1
-    n=0
-    while [ $n -lt "$LAB_UPDATES" ]; do
-        n=$((n + 1))
-        if [ "$(lab_update_expect_$n)" = success ]; then touch "$LAB_STATE/update-started"; sync; fi
-        ev "{\"event\":\"update\",\"index\":$n}"
-        { nvwa update "$(lab_update_version_$n)" 2>&1; echo "exit $?"; } | tee "/tmp/update$n.out" | out "update$n"
-        rc=$(tail -n 1 "/tmp/update$n.out" | sed 's/^exit //')
-        ev "{\"event\":\"update-returned\",\"index\":$n,\"rc\":$rc}"
-    done
+    run_updates
     run_checks
     server_log
     finish $failed
