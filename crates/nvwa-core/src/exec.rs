@@ -158,12 +158,25 @@ pub fn run_cancellable(
             after: deadline,
         }),
         Some(false) => Err(ExecError::Cancelled { program }),
-        None => Ok(Finished {
-            status,
-            stdout: collect(out),
-            stderr: collect(err),
-            elapsed: start.elapsed(),
-        }),
+        None => {
+            let elapsed = start.elapsed();
+            let until = Instant::now() + DRAIN;
+            let (stdout, stderr) = (collect(out, until), collect(err, until));
+            let drained = start.elapsed() - elapsed;
+            if drained > Duration::from_millis(100) {
+                tracing::warn!(
+                    program = %program.display(),
+                    "its output stayed open {} ms after it exited (a process it started holds it)",
+                    drained.as_millis()
+                );
+            }
+            Ok(Finished {
+                status,
+                stdout,
+                stderr,
+                elapsed,
+            })
+        }
     }
 }
 
@@ -179,8 +192,9 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
     rx
 }
 
-fn collect(rx: mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
-    rx.recv_timeout(DRAIN).unwrap_or_default()
+fn collect(rx: mpsc::Receiver<Vec<u8>>, until: Instant) -> Vec<u8> {
+    rx.recv_timeout(until.saturating_duration_since(Instant::now()))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
