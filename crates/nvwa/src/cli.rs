@@ -11,12 +11,14 @@ const LONG_ABOUT: &str = "\
 Upgrade the kernel of a running server without losing its important processes.
 
 nvwa checkpoints the configured processes (`pids:` in nvwa-restore.yaml) with CRIU, kexecs into
-the new kernel, and restores them there; if anything fails before the jump, every process runs on. The work is done by the nvwa server (`nvwa server`, normally the systemd unit
-nvwa.service); the other commands talk to it over its unix socket, except `check` and `status`,
-which run locally.
+the new kernel, and restores them there; if anything fails before the jump, every process runs
+on. The work is done by the nvwa server (`nvwa server`, normally the systemd unit nvwa.service);
+the other commands talk to it over its unix socket, except `check`, `status` and `kernels`, which
+run locally.
 
 Configuration is read from nvwa-server.yaml and nvwa-restore.yaml, searched in `.`, `./config` and
-`/etc/nvwa` (or only in --config-dir).";
+`/etc/nvwa` (or only in --config-dir); as root, a directory that another user could change is
+skipped.";
 
 const AFTER_HELP: &str = concat!(
     "\
