@@ -150,16 +150,7 @@ elif [ ! -f "$LAB_STATE/update-started" ]; then
     # boot's kernel threads take (a few hundred at most), which no reservation can move.
     echo 1000 > /proc/sys/kernel/ns_last_pid
     start_server
-    (
-        set -e
-        lab_setup
-        lab_render_config > /etc/nvwa/nvwa-restore.yaml
-    ) >/tmp/setup.out 2>&1
-    rc=$?
-    out setup </tmp/setup.out
-    cat /etc/nvwa/nvwa-restore.yaml | out config
-    ev "{\"event\":\"setup\",\"rc\":$rc}"
-    [ $rc -eq 0 ] || finish 1
+    run_setup || finish 1
     # What ran before the update is on the persistent memory for good, as on a server that has
     # been up for a while: a power cut during the update tests only what nvwa made durable.
     touch "$LAB_STATE/setup-done"

@@ -44,6 +44,21 @@ lab_phase() {
 # lab_save NAME VALUE: keep a variable for the checks after the kernel switch.
 lab_save() { echo "$1='$2'" >> "$LAB_STATE/vars"; eval "$1='$2'"; export "$1"; }
 
+# run_setup: the scenario's setup and its nvwa-restore.yaml, with their output and an event;
+# fails when the setup failed.
+run_setup() {
+    (
+        set -e
+        lab_setup
+        lab_render_config >/etc/nvwa/nvwa-restore.yaml
+    ) >/tmp/setup.out 2>&1
+    rc=$?
+    out setup </tmp/setup.out
+    out config </etc/nvwa/nvwa-restore.yaml
+    ev "{\"event\":\"setup\",\"rc\":$rc}"
+    [ $rc -eq 0 ]
+}
+
 # run_updates: every `nvwa update` of the scenario, in order, each reported with its output and
 # exit status; marks the update as started (for the next boot) before one expected to succeed.
 run_updates() {

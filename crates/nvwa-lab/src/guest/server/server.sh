@@ -53,16 +53,7 @@ if [ ! -f "$LAB_STATE/update-started" ]; then
     # boot's kernel threads and early daemons take, which no reservation can move.
     echo 1000 >/proc/sys/kernel/ns_last_pid
     wait_server || finish 1
-    (
-        set -e
-        lab_setup
-        lab_render_config >/etc/nvwa/nvwa-restore.yaml
-    ) >/tmp/setup.out 2>&1
-    rc=$?
-    out setup </tmp/setup.out
-    out config </etc/nvwa/nvwa-restore.yaml
-    ev "{\"event\":\"setup\",\"rc\":$rc}"
-    [ $rc -eq 0 ] || finish 1
+    run_setup || finish 1
     run_updates
     run_checks
     server_log
