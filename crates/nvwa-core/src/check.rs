@@ -222,7 +222,16 @@ pub fn run_checks(
         lines.push(check_service(cfg, svc, sys));
     }
     if !cfg.restore.services.is_empty() {
-        lines.push(check_systemd_etc(cfg, sys));
+        lines.push(match policy::judge_service_support(cfg, sys.fs()) {
+            Ok(()) => CheckLine::ok(
+                "services handed back at boot",
+                format!(
+                    "{} installed; criu_dir on the root filesystem",
+                    crate::service::GENERATOR
+                ),
+            ),
+            Err(r) => CheckLine::fail("services handed back at boot", r.problem(), r.fix()),
+        });
     }
 
     lines.push(check_trusted_paths(cfg, sys));
@@ -241,9 +250,6 @@ pub fn run_checks(
 /// still be checked.
 fn config_line(r: &Refusal) -> CheckLine {
     match r {
-        Refusal::ServicesUnsupported { .. } => {
-            CheckLine::fail("services supported", r.problem(), r.fix())
-        }
         Refusal::RestoreNetUnsupported { .. } => {
             CheckLine::fail("restore_net supported", r.problem(), r.fix())
         }
@@ -426,8 +432,6 @@ fn check_kernel_files(root: &Path, version: &str) -> CheckLine {
     }
 }
 
-/// The line for `svc`: whether systemd runs it. (Services are refused by the policy for now;
-/// this still tells the operator which main pid to list under `pids:` instead.)
 /// What would keep a listed service from being checkpointed with its main process: the policy's
 /// rules, on what systemd and the service's cgroup say.
 fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> CheckLine {
@@ -471,26 +475,6 @@ fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> CheckLine {
             ),
         ),
         Err(r) => CheckLine::fail(req, r.problem(), r.fix()),
-    }
-}
-
-fn check_systemd_etc(cfg: &Config, sys: &dyn System) -> CheckLine {
-    const REQ: &str = "systemd drop-in directory";
-    let dir = &cfg.server.systemd_etc;
-    if sys.is_dir_writable(dir) {
-        CheckLine::ok(REQ, format!("{} writable", dir.display()))
-    } else {
-        CheckLine::fail(
-            REQ,
-            format!(
-                "{} is not a writable directory; service drop-ins go there",
-                dir.display()
-            ),
-            format!(
-                "check the path, or set systemd_etc in {}",
-                server_file(cfg).display()
-            ),
-        )
     }
 }
 
@@ -999,15 +983,21 @@ mod tests {
     }
 
     #[test]
-    fn a_running_service_is_reported_but_refused_until_services_are_supported() {
+    fn a_running_service_is_reported_with_how_it_comes_back() {
         let fx = fixture_with_service();
         let report = run(&fx, &FakeSystem::healthy());
         assert_eq!(line(&report, "service nginx").verdict, Verdict::Ok);
         assert!(report.render().contains("main process nginx (pid 200)"));
+        assert_eq!(
+            line(&report, "services handed back at boot").verdict,
+            Verdict::Ok
+        );
+        let mut sys = FakeSystem::healthy();
+        sys.fs.no_generator = true;
         assert_fails(
-            &report,
-            "services supported",
-            "not supported by this nvwa yet",
+            &run(&fx, &sys),
+            "services handed back at boot",
+            "reinstall nvwa",
         );
     }
 

@@ -39,7 +39,7 @@ pub const SERVER_KEY_DOCS: &[(&str, &str)] = &[
     ("criu_dir", "Directory of the images (one subdirectory per target) and of the update journal, journal.json. It must survive the kernel switch (a disk or persistent memory, never tmpfs) and, like every path here, be root's alone. Default /var/nvwa/running/."),
     ("criu_exe", "The criu binary. Default /usr/sbin/criu."),
     ("kexec_exe", "kexec-tools, used only for kernels without kexec_file_load and for openEuler's quick kexec. Default /usr/sbin/kexec."),
-    ("systemd_etc", "The systemd configuration directory. Default /etc/systemd/system/."),
+    ("systemd_etc", "Accepted for compatibility with the original nvwa, which wrote its service drop-ins there. This nvwa writes nothing to it: its drop-ins are generated at boot (see SERVICES). Default /etc/systemd/system/."),
     ("log_dir", "Where the criu logs of failed dumps are kept. Default /var/log/nvwa/."),
     ("socket", "The server's unix socket. Default /run/nvwa/nvwa.socket."),
     ("dump_timeout", "Seconds one target's criu dump may take before it is killed and the update rolled back. Default: 60 plus 30 per GiB of the target's resident memory."),
@@ -50,7 +50,7 @@ pub const SERVER_KEY_DOCS: &[(&str, &str)] = &[
 /// What each key of nvwa-restore.yaml means.
 pub const RESTORE_KEY_DOCS: &[(&str, &str)] = &[
     ("pids", "The processes to preserve, by pid; each with its whole process tree."),
-    ("services", "systemd services to preserve; refused by this version (list their main pids instead)."),
+    ("services", "systemd services to preserve (with or without .service), each from its main process with its whole process tree; on the new boot their units take them back (see SERVICES)."),
     ("restore_net", "Carry the network configuration over; refused by this version unless false."),
     ("enable_quick_kexec", "Load the kernel with openEuler's quick kexec (kexec -q)."),
     ("enable_pin_memory", "Keep the targets' memory in openEuler's pinned memory across the switch."),

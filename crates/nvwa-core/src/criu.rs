@@ -85,10 +85,21 @@ pub struct Criu {
     pub cancel: Option<Arc<AtomicBool>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
     pub pin_memory: bool,
     pub deadline: Duration,
+    /// Inodes of unix stream sockets whose peer stays behind (a service's journald streams):
+    /// dumped as external, handed in again at restore with `--inherit-fd`.
+    pub external_unix: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub deadline: Duration,
+    /// `(fd of ours, socket inode in the images)`: criu gives the restored process our fd
+    /// wherever it had that socket. The fd must be open and inheritable when criu starts.
+    pub inherit: Vec<(i32, u64)>,
 }
 
 impl Criu {
@@ -117,9 +128,14 @@ impl Criu {
                 source,
             })?;
         let pid_s = pid.to_string();
-        let mut args = vec!["dump", "-t", &pid_s, "--leave-stopped"];
+        let mut args: Vec<String> = ["dump", "-t", &pid_s, "--leave-stopped"]
+            .map(String::from)
+            .into();
         if opts.pin_memory {
-            args.push("--pin-memory");
+            args.push("--pin-memory".into());
+        }
+        for ino in &opts.external_unix {
+            args.extend(["--external".into(), format!("unix[{ino}]")]);
         }
         let run = Run {
             action: "dump",
@@ -133,17 +149,23 @@ impl Criu {
     }
 
     /// Restores the image set in `dir` detached from criu; returns the restored root pid.
-    pub fn restore(&self, dir: &Path, deadline: Duration) -> Result<(i32, u64), CriuError> {
+    pub fn restore(&self, dir: &Path, opts: &RestoreOptions) -> Result<(i32, u64), CriuError> {
         let _ = std::fs::remove_file(dir.join(PIDFILE));
         let run = Run {
             action: "restore",
             object: dir.display().to_string(),
             log: RESTORE_LOG,
-            deadline,
+            deadline: opts.deadline,
             deadline_key: "restore_timeout",
             cancellable: false,
         };
-        let ms = self.run(run, dir, &["restore", "-d", "--pidfile", PIDFILE])?;
+        let mut args: Vec<String> = ["restore", "-d", "--pidfile", PIDFILE]
+            .map(String::from)
+            .into();
+        for (fd, ino) in &opts.inherit {
+            args.extend(["--inherit-fd".into(), format!("fd[{fd}]:socket:[{ino}]")]);
+        }
+        let ms = self.run(run, dir, &args)?;
         let pid = std::fs::read_to_string(dir.join(PIDFILE))
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -151,7 +173,7 @@ impl Criu {
         Ok((pid, ms))
     }
 
-    fn run(&self, run: Run, dir: &Path, args: &[&str]) -> Result<u64, CriuError> {
+    fn run(&self, run: Run, dir: &Path, args: &[String]) -> Result<u64, CriuError> {
         let mut cmd = Command::new(&self.exe);
         cmd.args(args)
             .arg("-D")
@@ -292,6 +314,49 @@ mod tests {
     }
 
     #[test]
+    fn journal_streams_are_external_at_dump_and_inherited_at_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("criu");
+        let args = dir.path().join("args");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\necho \"$*\" >>{}\nop=$1\nwhile [ $# -gt 0 ]; do [ \"$1\" = -D ] && d=$2; shift; done\n[ $op = restore ] && echo 77 >$d/restored.pid\nexit 0\n",
+                args.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let images = dir.path().join("svc");
+        let criu = Criu::new(&fake);
+        let dump = DumpOptions {
+            deadline: Duration::from_secs(5),
+            external_unix: vec![20466],
+            ..Default::default()
+        };
+        criu.dump(42, &images, dump).unwrap();
+        let restore = RestoreOptions {
+            deadline: Duration::from_secs(5),
+            inherit: vec![(10, 20466)],
+        };
+        let (pid, _) = criu.restore(&images, &restore).unwrap();
+        let seen = std::fs::read_to_string(&args).unwrap();
+        let lines: Vec<&str> = seen.lines().collect();
+        assert!(
+            lines[0].starts_with("dump -t 42 --leave-stopped --external unix[20466] -D"),
+            "{seen}"
+        );
+        assert!(
+            lines[1].starts_with(
+                "restore -d --pidfile restored.pid --inherit-fd fd[10]:socket:[20466] -D"
+            ),
+            "{seen}"
+        );
+        assert_eq!(pid, 77);
+    }
+
+    #[test]
     fn a_hung_criu_is_killed_at_its_deadline_naming_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("criu");
@@ -303,8 +368,8 @@ mod tests {
                 42,
                 &dir.path().join("42"),
                 DumpOptions {
-                    pin_memory: false,
                     deadline: Duration::from_millis(300),
+                    ..Default::default()
                 },
             )
             .unwrap_err();
@@ -321,8 +386,8 @@ mod tests {
                 1,
                 dir.path(),
                 DumpOptions {
-                    pin_memory: false,
                     deadline: Duration::from_secs(5),
+                    ..Default::default()
                 },
             )
             .unwrap_err();

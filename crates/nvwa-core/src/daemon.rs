@@ -130,11 +130,13 @@ impl Daemon {
             Request::Init => {
                 self.exclusive("init", |cfg| update::init(self.machine.as_ref(), cfg))
             }
+            // The original's client asked its server; ours restores inside the unit, where
+            // the restored process must live, so the server has nothing to do here.
             Request::Restore { service, pid } => Err(Failure::new(
                 ErrorKind::Refused,
                 format!(
-                "cannot restore {service}@{pid}: systemd services are not supported by this nvwa yet"
-            ),
+                    "cannot restore {service}@{pid} from the server: a service is restored inside its unit by `nvwa restore {service}@{pid}`, which nvwa's drop-in runs when systemd starts the unit"
+                ),
             )),
             // Stopping mid-update would leave frozen processes without anyone to resume them.
             // Once accepted, the stop flag keeps any later request from starting.

@@ -158,6 +158,34 @@ pub struct Target {
     /// Wall time at which the restored tree was running again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_again_wall_ms: Option<u64>,
+    /// For a service: what its unit's restore on the next boot needs to know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<SavedService>,
+}
+
+/// A service target's unit, as systemd ran it when it was dumped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedService {
+    /// The identifier its journal lines carry (`SyslogIdentifier=`, else the executable's name):
+    /// the restore's stream to journald is opened under it, so `journalctl -t` still finds them.
+    pub identifier: String,
+    /// The unit's own `PIDFile=`, rewritten with the restored pid (it lived on /run, which the
+    /// kexec emptied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_file: Option<PathBuf>,
+    /// The main process's standard output and error when they are unix stream sockets (journald's
+    /// stdout streams): criu dumps them as external and the restore hands in fresh ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<StdStream>,
+}
+
+/// One standard stream of a dumped process that is a unix stream socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdStream {
+    /// 1 or 2.
+    pub fd: i32,
+    /// The socket's inode on the old boot: how criu's images name it.
+    pub inode: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,6 +405,7 @@ mod tests {
             dump_ms: None,
             restore_ms: None,
             running_again_wall_ms: None,
+            service: None,
         }
     }
 

@@ -23,11 +23,14 @@ pub mod process;
 pub mod protocol;
 pub mod restore;
 pub mod server;
+pub mod service;
 pub mod systemd;
 pub mod trust;
 pub mod update;
 
 #[cfg(test)]
 mod pipeline_tests;
+#[cfg(test)]
+mod service_tests;
 #[cfg(test)]
 mod testing;

@@ -7,12 +7,14 @@ use std::time::Duration;
 use crate::journal::JournalError;
 
 use crate::boot::{self, BootError, KernelFiles};
-use crate::criu::{Criu, CriuError, DumpOptions};
+use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
+use crate::journal::StdStream;
 use crate::kexec::{self, KexecError};
 use crate::pidns::{self, PidError};
 use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
 use crate::policy::{FsView, ProcView, RealFs, RealProcs};
 use crate::process;
+use crate::systemd::{self, SystemdError, UnitInfo};
 
 pub trait Machine: Send + Sync {
     fn running_kernel(&self) -> String;
@@ -40,8 +42,12 @@ pub trait Machine: Send + Sync {
     fn make_durable(&self, dir: &Path) -> std::io::Result<()>;
     /// Jumps into the loaded kernel; returns only on failure.
     fn kexec(&self) -> KexecError;
-    fn restore(&self, criu: &Criu, dir: &Path, deadline: Duration)
-        -> Result<(i32, u64), CriuError>;
+    fn restore(
+        &self,
+        criu: &Criu,
+        dir: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<(i32, u64), CriuError>;
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError>;
     fn wait_pids_free(&self, ids: &[i32], timeout: Duration) -> Result<(), PidError>;
     fn boot_id(&self) -> Result<String, JournalError>;
@@ -51,6 +57,17 @@ pub trait Machine: Send + Sync {
     /// openEuler's pin memory (`/dev/pinmem`): keeps the targets' pages where the next kernel
     /// finds them. `Clear` before the dumps, `Finish` after them.
     fn pin_memory(&self, op: PinOp) -> Result<(), PinMemError>;
+    /// What systemd says about the service `unit`, and the pids of its cgroup.
+    fn service(&self, unit: &str) -> Result<(UnitInfo, Vec<i32>), SystemdError>;
+    /// Standard output and error of `pid` that are unix stream sockets (journald's streams).
+    fn std_streams(&self, pid: i32) -> Vec<StdStream>;
+    /// Starts `unit` (on the new boot: through nvwa's drop-in, i.e. its restore), waiting at
+    /// most `deadline`, and returns what systemd says about it afterwards.
+    fn start_service(&self, unit: &str, deadline: Duration) -> Result<UnitInfo, SystemdError>;
+    /// Re-runs systemd's generators (nvwa's drop-ins disappear once restores are recorded).
+    fn daemon_reload(&self) -> Result<(), SystemdError>;
+    /// Writes `pid` into `path` (a pid file systemd reads), creating its directory.
+    fn write_pid_file(&self, path: &Path, pid: i32) -> std::io::Result<()>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,9 +145,9 @@ impl Machine for RealMachine {
         &self,
         criu: &Criu,
         dir: &Path,
-        deadline: Duration,
+        opts: &RestoreOptions,
     ) -> Result<(i32, u64), CriuError> {
-        criu.restore(dir, deadline)
+        criu.restore(dir, opts)
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
         pidns::reserve_above(ids)
@@ -150,5 +167,38 @@ impl Machine for RealMachine {
             PinOp::Clear => dev.clear(),
             PinOp::Finish => dev.finish_dump(),
         }
+    }
+    fn service(&self, unit: &str) -> Result<(UnitInfo, Vec<i32>), SystemdError> {
+        let info = systemd::show(unit)?;
+        let members = info
+            .control_group
+            .as_deref()
+            .and_then(|cg| {
+                systemd::cgroup_procs_files(cg)
+                    .iter()
+                    .find_map(|f| std::fs::read_to_string(f).ok())
+            })
+            .map(|text| systemd::parse_procs(&text))
+            .unwrap_or_default();
+        Ok((info, members))
+    }
+    fn std_streams(&self, pid: i32) -> Vec<StdStream> {
+        process::std_stream_sockets(pid)
+            .into_iter()
+            .map(|(fd, inode)| StdStream { fd, inode })
+            .collect()
+    }
+    fn start_service(&self, unit: &str, deadline: Duration) -> Result<UnitInfo, SystemdError> {
+        systemd::start(unit, deadline)?;
+        systemd::show(unit)
+    }
+    fn daemon_reload(&self) -> Result<(), SystemdError> {
+        systemd::daemon_reload()
+    }
+    fn write_pid_file(&self, path: &Path, pid: i32) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, format!("{pid}\n"))
     }
 }

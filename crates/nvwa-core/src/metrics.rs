@@ -152,6 +152,7 @@ mod tests {
             dump_ms: Some(2618),
             restore_ms: Some(4066),
             running_again_wall_ms: None,
+            service: None,
         };
         let mut j = Journal::new("6.1", "6.12", vec![t], BOOT);
         j.advance_all(

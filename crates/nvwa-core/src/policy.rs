@@ -56,6 +56,10 @@ pub trait FsView {
     fn free_bytes(&self, path: &Path) -> io::Result<u64>;
     /// `f_type` of statfs(2) for that filesystem.
     fn fs_magic(&self, path: &Path) -> io::Result<i64>;
+    /// Whether `path` is (or would be created) on the filesystem mounted at `/`.
+    fn on_root_fs(&self, path: &Path) -> io::Result<bool>;
+    /// Whether the file `path` exists.
+    fn exists(&self, path: &Path) -> bool;
 }
 
 /// The filesystems of this machine. `criu_dir` may not exist yet (the update creates it), so
@@ -84,6 +88,16 @@ impl FsView for RealFs {
         let st = nix::sys::statfs::statfs(&Self::nearest_existing(path))?;
         #[allow(clippy::unnecessary_cast)] // the field type differs between libcs and arches
         Ok(st.filesystem_type().0 as i64)
+    }
+
+    fn on_root_fs(&self, path: &Path) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(Self::nearest_existing(path))?.dev();
+        Ok(dev == std::fs::metadata("/")?.dev())
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
     }
 }
 
@@ -128,8 +142,15 @@ pub enum Refusal {
         what: String,
         file: PathBuf,
     },
-    /// `services:` is not implemented yet.
-    ServicesUnsupported { services: String, file: PathBuf },
+    /// Services are listed but `criu_dir` is not on the root filesystem, where nvwa's generator
+    /// looks at boot (before other filesystems are mounted).
+    ServicesNeedRootFs { dir: PathBuf },
+    /// Services are listed but nvwa's systemd generator is not installed.
+    GeneratorMissing { path: PathBuf },
+    /// systemd could not be asked about a listed service.
+    ServiceQuery { unit: String, error: String },
+    /// A listed pid inside a listed service's main tree (or the reverse).
+    ServiceOverlap { unit: String, pid: i32 },
     /// `restore_net: true` is not implemented yet.
     RestoreNetUnsupported { file: PathBuf },
     /// Neither pids nor services: an update would switch kernels with nothing saved.
@@ -203,9 +224,19 @@ impl Refusal {
                 "{what} listed in {} is inside the tree of pid {outer}, which is listed too and whose dump already includes it",
                 file.display()
             ),
-            Refusal::ServicesUnsupported { services, file } => format!(
-                "systemd services ({services}) listed in {} are not supported by this nvwa yet",
-                file.display()
+            Refusal::ServicesNeedRootFs { dir } => format!(
+                "services are listed but criu_dir {} is not on the root filesystem; the next boot hands each service to nvwa from a systemd generator, which runs before other filesystems are mounted",
+                dir.display()
+            ),
+            Refusal::GeneratorMissing { path } => format!(
+                "services are listed but nvwa's systemd generator {} is missing; without it the next boot would start them afresh instead of restoring them",
+                path.display()
+            ),
+            Refusal::ServiceQuery { unit, error } => {
+                format!("cannot ask systemd about service {unit}: {error}")
+            }
+            Refusal::ServiceOverlap { unit, pid } => format!(
+                "pid {pid} is listed under `pids:` and is in the process tree of service {unit}, whose dump already includes it"
             ),
             Refusal::RestoreNetUnsupported { file } => format!(
                 "restore_net: true in {} is not supported by this nvwa yet (the network configuration would not be carried over)",
@@ -264,9 +295,16 @@ impl Refusal {
             Refusal::Nested { pid, .. } => {
                 format!("list only the root: remove {pid} from `pids:`")
             }
-            Refusal::ServicesUnsupported { .. } => {
-                "list their main pids under `pids:` or remove them from `services:`".to_string()
+            Refusal::ServicesNeedRootFs { .. } => format!(
+                "point criu_dir in {SERVER_FILE} to a directory on the root filesystem (the default /var/lib/nvwa), or list the services' main pids under `pids:` instead"
+            ),
+            Refusal::GeneratorMissing { .. } => {
+                "reinstall nvwa (its package installs the generator)".to_string()
             }
+            Refusal::ServiceQuery { unit, .. } => {
+                format!("make sure `systemctl show {unit}` works, then retry")
+            }
+            Refusal::ServiceOverlap { pid, .. } => format!("remove {pid} from `pids:`"),
             Refusal::RestoreNetUnsupported { .. } => "set it to false".to_string(),
             Refusal::NothingListed { file } => {
                 format!("list the processes to keep in {}", file.display())
@@ -316,12 +354,6 @@ pub fn config_findings(cfg: &Config) -> Vec<Refusal> {
     let file = restore_file(cfg);
     let r = &cfg.restore;
     let mut out = Vec::new();
-    if !r.services.is_empty() {
-        out.push(Refusal::ServicesUnsupported {
-            services: r.services.join(", "),
-            file: file.clone(),
-        });
-    }
     if r.restore_net {
         out.push(Refusal::RestoreNetUnsupported { file: file.clone() });
     }
@@ -335,6 +367,29 @@ pub fn config_findings(cfg: &Config) -> Vec<Refusal> {
 /// first of [`config_findings`].
 pub fn judge_config(cfg: &Config) -> Result<(), Refusal> {
     config_findings(cfg).into_iter().next().map_or(Ok(()), Err)
+}
+
+/// Whether this machine can hand listed services back to systemd on the next boot: nvwa's
+/// generator is installed and finds the journal before other filesystems are mounted.
+pub fn judge_service_support(cfg: &Config, fs: &dyn FsView) -> Result<(), Refusal> {
+    if cfg.restore.services.is_empty() {
+        return Ok(());
+    }
+    let generator = Path::new(crate::service::GENERATOR);
+    if !fs.exists(generator) {
+        return Err(Refusal::GeneratorMissing {
+            path: generator.to_path_buf(),
+        });
+    }
+    let dir = &cfg.server.criu_dir;
+    match fs.on_root_fs(dir) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Refusal::ServicesNeedRootFs { dir: dir.clone() }),
+        Err(e) => Err(Refusal::ImageStoreUnknown {
+            dir: dir.clone(),
+            error: e.to_string(),
+        }),
+    }
 }
 
 /// Whether the service `unit` (as systemd reports it, with the pids of its cgroup) has what a
@@ -659,6 +714,10 @@ pub(crate) mod fake {
     pub struct FakeFs {
         pub free: io::Result<u64>,
         pub magic: io::Result<i64>,
+        /// criu_dir on a filesystem other than `/`.
+        pub separate_fs: bool,
+        /// nvwa's generator not installed.
+        pub no_generator: bool,
     }
 
     pub const EXT4_MAGIC: i64 = 0xef53;
@@ -668,6 +727,8 @@ pub(crate) mod fake {
             FakeFs {
                 free: Ok(free),
                 magic: Ok(EXT4_MAGIC),
+                separate_fs: false,
+                no_generator: false,
             }
         }
     }
@@ -685,6 +746,12 @@ pub(crate) mod fake {
         }
         fn fs_magic(&self, _: &Path) -> io::Result<i64> {
             copy(&self.magic)
+        }
+        fn on_root_fs(&self, _: &Path) -> io::Result<bool> {
+            Ok(!self.separate_fs)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            path != Path::new(crate::service::GENERATOR) || !self.no_generator
         }
     }
 }
@@ -865,22 +932,6 @@ mod tests {
     }
 
     #[test]
-    fn services_are_refused_with_the_update_wording() {
-        let mut c = cfg(&[100]);
-        c.restore.services = vec!["nginx".into(), "redis".into()];
-        let r = judge_config(&c).unwrap_err();
-        assert_eq!(r.pid(), None);
-        let text = r.to_string();
-        assert!(text.contains("systemd services (nginx, redis)"), "{text}");
-        assert!(
-            text.contains("not supported by this nvwa yet; list their main pids under `pids:` or remove them from `services:`"),
-            "{text}"
-        );
-        assert!(text.contains("/etc/nvwa/nvwa-restore.yaml"), "{text}");
-        assert_eq!(preservable_pids(&c, &procs(), ME), Err(r));
-    }
-
-    #[test]
     fn restore_net_is_refused_with_the_update_wording() {
         let mut c = cfg(&[100]);
         c.restore.restore_net = true;
@@ -901,14 +952,52 @@ mod tests {
         assert!(r.fix().contains("/etc/nvwa/nvwa-restore.yaml"), "{r}");
         assert_eq!(preservable_pids(&c, &procs(), ME), Err(r));
         assert!(judge_pids(&c, &procs(), ME).is_empty());
-        // Services alone are not "nothing": they get their own refusal.
+        // Services alone are something to preserve.
         let mut c = cfg(&[]);
         c.restore.services = vec!["nginx".into()];
-        assert_eq!(config_findings(&c).len(), 1);
-        assert!(matches!(
-            config_findings(&c)[0],
-            Refusal::ServicesUnsupported { .. }
-        ));
+        assert!(config_findings(&c).is_empty());
+    }
+
+    #[test]
+    fn services_need_the_generator_and_images_on_the_root_filesystem() {
+        let mut c = cfg(&[]);
+        assert_eq!(
+            judge_service_support(
+                &c,
+                &FakeFs {
+                    no_generator: true,
+                    ..FakeFs::disk(1)
+                }
+            ),
+            Ok(())
+        );
+        c.restore.services = vec!["nginx".into()];
+        assert_eq!(judge_service_support(&c, &FakeFs::disk(1)), Ok(()));
+        let r = judge_service_support(
+            &c,
+            &FakeFs {
+                no_generator: true,
+                ..FakeFs::disk(1)
+            },
+        )
+        .unwrap_err();
+        assert!(r.to_string().contains("nvwa-generator is missing"), "{r}");
+        assert!(r.to_string().contains("reinstall nvwa"), "{r}");
+        let r = judge_service_support(
+            &c,
+            &FakeFs {
+                separate_fs: true,
+                ..FakeFs::disk(1)
+            },
+        )
+        .unwrap_err();
+        let text = r.to_string();
+        assert!(text.contains("is not on the root filesystem"), "{text}");
+        assert!(
+            text.contains("before other filesystems are mounted"),
+            "{text}"
+        );
+        assert!(text.contains("point criu_dir"), "{text}");
     }
 
     #[test]
@@ -916,8 +1005,8 @@ mod tests {
         let mut c = cfg(&[100]);
         assert_eq!(judge_config(&c), Ok(()));
         assert!(config_findings(&c).is_empty());
-        c.restore.services = vec!["nginx".into()];
         c.restore.restore_net = true;
+        c.restore.pids = vec![];
         let all = config_findings(&c);
         assert_eq!(all.len(), 2, "{all:?}");
         assert_eq!(judge_config(&c), Err(all[0].clone()));
@@ -942,6 +1031,7 @@ mod tests {
             let fs = FakeFs {
                 free: Ok(u64::MAX),
                 magic: Ok(magic),
+                ..FakeFs::disk(0)
             };
             let r = image_store(dir, 0, &fs).unwrap_err();
             assert!(matches!(r, Refusal::VolatileImageStore { fs, .. } if fs == name));
@@ -971,6 +1061,7 @@ mod tests {
         let fs = FakeFs {
             free: Ok(u64::MAX),
             magic: Err(io::Error::from_raw_os_error(libc::EACCES)),
+            ..FakeFs::disk(0)
         };
         let r = image_store(Path::new("/x"), 1, &fs).unwrap_err();
         assert!(matches!(r, Refusal::ImageStoreUnknown { .. }), "{r:?}");
@@ -978,6 +1069,7 @@ mod tests {
         let fs = FakeFs {
             free: Err(io::Error::from_raw_os_error(libc::EIO)),
             magic: Ok(EXT4_MAGIC),
+            ..FakeFs::disk(0)
         };
         assert!(matches!(
             image_store(Path::new("/x"), 1, &fs),

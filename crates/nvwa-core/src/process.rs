@@ -195,9 +195,78 @@ pub fn running_with_args(args: &[&std::ffi::OsStr]) -> Vec<i32> {
         .collect()
 }
 
+/// The socket inode behind a `/proc/<pid>/fd/<n>` link target (`socket:[123]`).
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The inodes of the unix stream sockets in `/proc/<pid>/net/unix` (its network namespace's).
+/// Columns: Num RefCount Protocol Flags Type St Inode Path; Type 0001 is SOCK_STREAM.
+pub fn parse_unix_stream_inodes(table: &str) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.get(4) == Some(&"0001")).then(|| cols.get(6)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// Standard output and error of `pid` that are unix stream sockets (a service's stream to
+/// journald, typically): `(fd, socket inode)`.
+pub fn std_stream_sockets(pid: i32) -> Vec<(i32, u64)> {
+    let streams = fs::read_to_string(format!("/proc/{pid}/net/unix"))
+        .map(|t| parse_unix_stream_inodes(&t))
+        .unwrap_or_default();
+    [1, 2]
+        .into_iter()
+        .filter_map(|fd| {
+            let link = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            let ino = socket_inode(link.to_str()?)?;
+            streams.contains(&ino).then_some((fd, ino))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_stream_sockets_are_told_from_other_sockets() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000003 00000000 00000000 0001 03 20466 /run/systemd/journal/stdout\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 1234\n\
+            0000000000000000: 00000003 00000000 00000000 0001 03 20470\n";
+        assert_eq!(parse_unix_stream_inodes(table), vec![20466, 20470]);
+        assert_eq!(socket_inode("socket:[20470]"), Some(20470));
+        assert_eq!(socket_inode("/dev/null"), None);
+        assert_eq!(socket_inode("pipe:[5]"), None);
+    }
+
+    #[test]
+    fn a_socketpair_on_stdout_is_found() {
+        use std::os::fd::AsRawFd;
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdout(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                a.try_clone().unwrap(),
+            )))
+            .spawn()
+            .unwrap();
+        let ino = std::fs::metadata(format!("/proc/self/fd/{}", a.as_raw_fd()))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap();
+        let found = std_stream_sockets(child.id() as i32);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, vec![(1, ino)]);
+    }
 
     #[test]
     fn this_process_is_described_and_its_tree_contains_its_threads() {

@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::criu::Criu;
-use crate::journal::{now, Journal, Phase, TargetState};
+use crate::criu::{Criu, CriuError, RestoreOptions};
+use crate::journal::{now, Journal, Phase, Target, TargetKind, TargetState};
 use crate::machine::Machine;
 use crate::update::{criu_deadline, image_dir, undo, Reporter, UpdateError};
 
@@ -153,6 +153,12 @@ fn restore_all(
             ));
             continue;
         }
+        // A service's unit may already be restoring it (systemd starts it at boot): its own
+        // restore waits for its pids.
+        if t.kind == TargetKind::Service {
+            ready.push(i);
+            continue;
+        }
         match m.wait_pids_free(&t.tree_ids, PID_WAIT) {
             Ok(()) => ready.push(i),
             Err(e) => t.state = TargetState::Failed(e.to_string()),
@@ -160,47 +166,42 @@ fn restore_all(
     }
 
     // In parallel first; collisions (EEXIST) are retried one at a time.
-    let first: Vec<_> = std::thread::scope(|s| {
+    let first: Vec<Result<(i32, u64), RestoreFailure>> = std::thread::scope(|s| {
         let handles: Vec<_> = ready
             .iter()
             .map(|&i| {
                 let t = &j.targets[i];
-                let dir = image_dir(cfg, t);
-                let criu = &criu;
-                let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);
                 r.target(t, "restoring", None);
-                s.spawn(move || m.restore(criu, &dir, deadline))
+                let criu = &criu;
+                s.spawn(move || restore_one(m, cfg, criu, t))
             })
             .collect();
         handles
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(crate::criu::CriuError::Wait {
-                        action: "restore",
-                        object: "a target".into(),
-                        source: std::io::Error::other("the restore thread panicked"),
-                    })
+                    Err(RestoreFailure::Other(
+                        "internal error: the restore thread panicked".into(),
+                    ))
                 })
             })
             .collect()
     });
+    let mut services_restored = false;
     for (&i, mut res) in ready.iter().zip(first) {
         let t = &mut j.targets[i];
         let mut tries = 0;
         let res = loop {
             match res {
-                Err(e) if e.is_pid_collision() && tries < COLLISION_RETRIES => {
+                Err(RestoreFailure::Criu(e))
+                    if e.is_pid_collision() && tries < COLLISION_RETRIES =>
+                {
                     tries += 1;
                     r.target(t, "retrying", Some("a saved pid was taken".into()));
                     if let Err(held) = m.wait_pids_free(&t.tree_ids, PID_WAIT) {
                         break Err(held.to_string());
                     }
-                    res = m.restore(
-                        &criu,
-                        &image_dir(cfg, t),
-                        criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes),
-                    );
+                    res = restore_one(m, cfg, &criu, t);
                 }
                 other => break other.map_err(|e| e.to_string()),
             }
@@ -210,6 +211,7 @@ fn restore_all(
                 t.state = TargetState::Restored;
                 t.restore_ms = Some(ms);
                 t.running_again_wall_ms = Some(now().0);
+                services_restored |= t.kind == TargetKind::Service;
                 r.target(t, "restored", Some(format!("pid {pid}, {ms} ms")));
                 if !cfg.restore.enable_debug_mode {
                     let _ = std::fs::remove_dir_all(image_dir(cfg, t));
@@ -234,6 +236,16 @@ fn restore_all(
         j.advance(Phase::Restored, boot)?;
         j.save(&cfg.server.criu_dir)?;
         r.phase(Phase::Restored);
+        // With the restore recorded, nvwa's generator no longer hands these units to nvwa: the
+        // reload removes the drop-ins, and the units are exactly as their files say again
+        // (systemd keeps their main processes across the reload).
+        if services_restored {
+            if let Err(e) = m.daemon_reload() {
+                r.message(format!(
+                    "the restored services still carry nvwa's drop-ins: {e}; run `systemctl daemon-reload`"
+                ));
+            }
+        }
         let downtime = j
             .downtime_ms()
             .map_or("n/a".to_string(), |d| format!("{d} ms"));
@@ -254,4 +266,36 @@ fn restore_all(
     Err(UpdateError::RestoreFailed(
         j.error.clone().unwrap_or_default(),
     ))
+}
+
+/// Why one target's restore failed: criu's own error (a pid collision is retried), or the
+/// unit's start for a service.
+#[derive(Debug, thiserror::Error)]
+enum RestoreFailure {
+    #[error(transparent)]
+    Criu(CriuError),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn restore_one(
+    m: &dyn Machine,
+    cfg: &Config,
+    criu: &Criu,
+    t: &Target,
+) -> Result<(i32, u64), RestoreFailure> {
+    let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);
+    match t.kind {
+        TargetKind::Pid => {
+            let opts = RestoreOptions {
+                deadline,
+                inherit: Vec::new(),
+            };
+            m.restore(criu, &image_dir(cfg, t), &opts)
+                .map_err(RestoreFailure::Criu)
+        }
+        TargetKind::Service => {
+            crate::service::start_restored(m, cfg, t, deadline).map_err(RestoreFailure::Other)
+        }
+    }
 }

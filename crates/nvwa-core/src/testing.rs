@@ -8,19 +8,24 @@ use std::time::Duration;
 
 use crate::boot::{BootError, KernelFiles};
 use crate::config::{Config, RestoreConfig, ServerConfig};
-use crate::criu::{Criu, CriuError, DumpOptions};
+use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
 use crate::journal::JournalError;
+use crate::journal::StdStream;
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
 use crate::pidns::PidError;
 use crate::pinmem::PinMemError;
 use crate::policy::fake::FakeFs;
 use crate::policy::{FsView, ProcView};
+use crate::systemd::{ServiceType, SystemdError, UnitInfo};
 
 /// What the pipeline asked of the machine, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    Load { version: String, quick: bool },
+    Load {
+        version: String,
+        quick: bool,
+    },
     Unload,
     Dump(i32),
     Resume(Vec<i32>),
@@ -29,6 +34,13 @@ pub enum Call {
     Restore(String),
     Reserve(Option<i32>),
     Pin(PinOp),
+    /// The unix sockets a dump was told to treat as external.
+    DumpExternal(i32, Vec<u64>),
+    /// The journal-stream inodes a restore was asked to hand in.
+    RestoreWith(Vec<u64>),
+    StartService(String),
+    DaemonReload,
+    PidFile(PathBuf, i32),
 }
 
 /// A failure to inject.
@@ -49,6 +61,37 @@ pub enum Fault {
     BootId,
     Restore(i32),
     PinClear,
+    /// systemd cannot be asked about this unit.
+    ServiceQuery(&'static str),
+    /// After its start, systemd reports another main pid for this unit.
+    ServiceStartsAfresh(&'static str),
+    DaemonReload,
+}
+
+/// A service as the double's systemd runs it.
+#[derive(Debug, Clone)]
+pub struct FakeService {
+    pub unit: String,
+    pub main_pid: i32,
+    pub kind: ServiceType,
+    /// Pids of its cgroup besides the main tree (strays).
+    pub strays: Vec<i32>,
+    pub streams: Vec<StdStream>,
+}
+
+impl FakeService {
+    pub fn new(unit: &str, main_pid: i32) -> FakeService {
+        FakeService {
+            unit: unit.into(),
+            main_pid,
+            kind: ServiceType::Notify,
+            strays: Vec::new(),
+            streams: vec![
+                StdStream { fd: 1, inode: 9001 },
+                StdStream { fd: 2, inode: 9001 },
+            ],
+        }
+    }
 }
 
 pub struct FakeMachine {
@@ -59,6 +102,7 @@ pub struct FakeMachine {
     pub boot: String,
     pub fs: FakeFs,
     pub calls: Mutex<Vec<Call>>,
+    pub services: Vec<FakeService>,
     /// Runs at every dump (after the fault handling): lets a test act mid-update.
     #[allow(clippy::type_complexity)]
     pub on_dump: Option<Box<dyn Fn(i32) + Send + Sync>>,
@@ -74,8 +118,19 @@ impl FakeMachine {
             boot: "0f5e1a8c-boot-one".into(),
             fs: FakeFs::disk(1 << 40),
             calls: Mutex::default(),
+            services: Vec::new(),
             on_dump: None,
         }
+    }
+    /// A machine running `services` (and their main processes) besides `pids`.
+    pub fn with_services(pids: &[i32], services: Vec<FakeService>) -> FakeMachine {
+        let mut m = FakeMachine::with_pids(pids);
+        m.alive
+            .get_mut()
+            .unwrap()
+            .extend(services.iter().map(|s| s.main_pid));
+        m.services = services;
+        m
     }
     pub fn inject(&self, f: Fault) {
         self.faults.lock().unwrap().insert(f);
@@ -164,6 +219,9 @@ impl Machine for FakeMachine {
     }
     fn dump(&self, _: &Criu, pid: i32, dir: &Path, o: DumpOptions) -> Result<u64, CriuError> {
         self.log(Call::Dump(pid));
+        if !o.external_unix.is_empty() {
+            self.log(Call::DumpExternal(pid, o.external_unix.clone()));
+        }
         if let Some(f) = &self.on_dump {
             f(pid);
         }
@@ -216,10 +274,18 @@ impl Machine for FakeMachine {
         self.log(Call::Kexec);
         KexecError::Execute(std::io::Error::from_raw_os_error(libc::EPERM))
     }
-    fn restore(&self, _: &Criu, dir: &Path, _: Duration) -> Result<(i32, u64), CriuError> {
+    fn restore(&self, _: &Criu, dir: &Path, o: &RestoreOptions) -> Result<(i32, u64), CriuError> {
+        self.log(Call::RestoreWith(
+            o.inherit.iter().map(|&(_, ino)| ino).collect(),
+        ));
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         self.log(Call::Restore(name.clone()));
-        let pid: i32 = name.parse().unwrap_or(0);
+        let pid: i32 = name.parse().unwrap_or_else(|_| {
+            self.services
+                .iter()
+                .find(|s| s.unit == name)
+                .map_or(0, |s| s.main_pid)
+        });
         if self.faulty(Fault::Restore(pid)) {
             return Err(CriuError::Failed {
                 action: "restore",
@@ -264,6 +330,97 @@ impl Machine for FakeMachine {
             });
         }
         Ok(())
+    }
+    fn service(&self, unit: &str) -> Result<(UnitInfo, Vec<i32>), SystemdError> {
+        let unknown = || SystemdError::Failed {
+            args: format!("show {unit}"),
+            code: 1,
+            output: format!("Unit {unit} could not be found."),
+        };
+        if self.faulty(Fault::ServiceQuery(leak(unit))) {
+            return Err(unknown());
+        }
+        let s = self.fake_service(unit).ok_or_else(unknown)?;
+        let mut members = vec![s.main_pid];
+        members.extend(&s.strays);
+        Ok((self.unit_info(s, s.main_pid), members))
+    }
+    fn std_streams(&self, pid: i32) -> Vec<StdStream> {
+        self.services
+            .iter()
+            .find(|s| s.main_pid == pid)
+            .map_or_else(Vec::new, |s| s.streams.clone())
+    }
+    fn start_service(&self, unit: &str, _: Duration) -> Result<UnitInfo, SystemdError> {
+        self.log(Call::StartService(unit.into()));
+        let s = self
+            .fake_service(unit)
+            .ok_or_else(|| SystemdError::Failed {
+                args: format!("start {unit}"),
+                code: 5,
+                output: format!("Unit {unit} not found."),
+            })?;
+        // The drop-in's helper restores the saved process; a unit that starts afresh gets a
+        // new main pid.
+        let main = if self.faulty(Fault::ServiceStartsAfresh(leak(unit))) {
+            s.main_pid + 1000
+        } else {
+            s.main_pid
+        };
+        self.alive.lock().unwrap().insert(main);
+        Ok(self.unit_info(s, main))
+    }
+    fn daemon_reload(&self) -> Result<(), SystemdError> {
+        self.log(Call::DaemonReload);
+        if self.faulty(Fault::DaemonReload) {
+            return Err(SystemdError::Failed {
+                args: "daemon-reload".into(),
+                code: 1,
+                output: "Access denied".into(),
+            });
+        }
+        Ok(())
+    }
+    fn write_pid_file(&self, path: &Path, pid: i32) -> std::io::Result<()> {
+        self.log(Call::PidFile(path.to_path_buf(), pid));
+        Ok(())
+    }
+}
+
+impl FakeMachine {
+    pub fn pid_files(&self) -> Vec<(PathBuf, i32)> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::PidFile(p, pid) => Some((p, pid)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Fault names are static; units in tests are a handful of literals.
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_string().into_boxed_str())
+}
+
+impl FakeMachine {
+    fn fake_service(&self, unit: &str) -> Option<&FakeService> {
+        self.services.iter().find(|s| s.unit == unit)
+    }
+    fn unit_info(&self, s: &FakeService, main_pid: i32) -> UnitInfo {
+        let running = self.alive(main_pid);
+        UnitInfo {
+            id: s.unit.clone(),
+            main_pid: if running { main_pid } else { 0 },
+            kind: s.kind.clone(),
+            pid_file: None,
+            notify_access: "main".into(),
+            control_group: Some(format!("/system.slice/{}", s.unit)),
+            active_state: if running { "active" } else { "failed" }.into(),
+            sub_state: if running { "running" } else { "failed" }.into(),
+            identifier: s.unit.trim_end_matches(".service").into(),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::boot::{self, BootError, KernelFiles};
 use crate::config::{Config, ConfigError};
 use crate::criu::{Criu, CriuError, DumpOptions};
-use crate::journal::{Journal, JournalError, Phase, Target, TargetKind, TargetState};
+use crate::journal::{Journal, JournalError, Phase, SavedService, Target, TargetKind, TargetState};
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
 use crate::policy::{self, Refusal};
@@ -157,13 +157,13 @@ pub fn criu_deadline(configured: Option<u64>, rss_bytes: u64) -> Duration {
     }
 }
 
-/// Turns the configured pids into targets, refusing anything that cannot be preserved (the
-/// rules are the policy's, shared with `nvwa check`), and checks that their images fit where
-/// they go.
+/// Turns the configured pids and services into targets, refusing anything that cannot be
+/// preserved (the rules are the policy's, shared with `nvwa check`), and checks that their images
+/// fit where they go.
 pub(crate) fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateError> {
     let procs = m.procs();
     let pids = policy::preservable_pids(cfg, procs, std::process::id() as i32)?;
-    let targets: Vec<Target> = pids
+    let mut targets: Vec<Target> = pids
         .into_iter()
         .map(|pid| Target {
             name: pid.to_string(),
@@ -175,11 +175,61 @@ pub(crate) fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>,
             dump_ms: None,
             restore_ms: None,
             running_again_wall_ms: None,
+            service: None,
         })
         .collect();
+    let services = plan_services(m, cfg)?;
+    // A pid inside a service's tree would be dumped twice (criu refuses the second dump).
+    for s in &services {
+        if let Some(t) = targets.iter().find(|t| s.tree_ids.contains(&t.pid)) {
+            return Err(Refusal::ServiceOverlap {
+                unit: s.name.clone(),
+                pid: t.pid,
+            }
+            .into());
+        }
+    }
+    targets.extend(services);
     let rss = targets.iter().map(|t| t.rss_bytes).sum();
     policy::image_store(&cfg.server.criu_dir, policy::bytes_needed(rss), m.fs())?;
     Ok(targets)
+}
+
+/// Each listed service becomes a target rooted at its main process, with what its restore on
+/// the next boot needs to know about the unit.
+fn plan_services(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateError> {
+    policy::judge_service_support(cfg, m.fs())?;
+    let mut out: Vec<Target> = Vec::new();
+    for svc in &cfg.restore.services {
+        let unit =
+            crate::systemd::unit_name(svc).map_err(|error| Refusal::ServiceName { error })?;
+        if out.iter().any(|t| t.name == unit) {
+            continue;
+        }
+        let (info, members) = m.service(&unit).map_err(|e| Refusal::ServiceQuery {
+            unit: unit.clone(),
+            error: e.to_string(),
+        })?;
+        policy::judge_service(cfg, &info, &members, m.procs())?;
+        let pid = info.main_pid;
+        out.push(Target {
+            name: unit,
+            kind: TargetKind::Service,
+            pid,
+            tree_ids: m.tree_ids(pid),
+            rss_bytes: m.procs().tree_rss_bytes(pid),
+            state: TargetState::Pending,
+            dump_ms: None,
+            restore_ms: None,
+            running_again_wall_ms: None,
+            service: Some(SavedService {
+                identifier: info.identifier,
+                pid_file: info.pid_file,
+                streams: m.std_streams(pid),
+            }),
+        });
+    }
+    Ok(out)
 }
 
 /// Refuses to start while another update owns the machine or saved images await a restore.
@@ -537,6 +587,14 @@ fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u6
     let opts = DumpOptions {
         pin_memory: cfg.restore.enable_pin_memory,
         deadline: criu_deadline(cfg.server.dump_timeout_s, t.rss_bytes),
+        // stdout and stderr usually share one stream: name each socket once.
+        external_unix: t
+            .service
+            .iter()
+            .flat_map(|s| s.streams.iter().map(|st| st.inode))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
     };
     let dir = image_dir(cfg, t);
     // A panic here must not skip the rollback of the others: it becomes this target's failure.

@@ -5,6 +5,7 @@
 //!
 //! run:    nvwa-lab-workload run --log PATH [--threads N] [--buffer-mib M] [--tick-ms T]
 //!         [--io-uring]  (also hold an io_uring instance, which criu 3.17 cannot checkpoint)
+//!         [--stdout]    (also write each tick line to standard output, e.g. a journal stream)
 //! verify: nvwa-lab-workload verify --pid PID --log PATH [--threads N] [--kernel-changed]
 //!         [--max-gap-ms G]  (no two ticks further apart than G ms of wall time: it never stopped)
 //! echo, connect, lock, try-lock: holders of sockets and file locks (see net_lock.rs)
@@ -84,6 +85,7 @@ fn run(args: &[String]) -> Result<(), String> {
     let log_path = opt(args, "--log").ok_or("run needs --log PATH")?;
     let threads = num(args, "--threads", 4)?;
     let mib = num(args, "--buffer-mib", 256)?;
+    let to_stdout = args.iter().any(|a| a == "--stdout");
     let tick = Duration::from_millis(num(args, "--tick-ms", 200)?);
 
     let words = (mib * 1024 * 1024 / 8) as usize;
@@ -132,6 +134,10 @@ fn run(args: &[String]) -> Result<(), String> {
             wall_ms()
         );
         log.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+        if to_stdout {
+            // A closed stream must not stop the counter: the log file is what verify reads.
+            let _ = std::io::stdout().write_all(line.as_bytes());
+        }
         if VERIFY_REQUESTED.swap(false, Ordering::SeqCst) {
             let got = digest(&buffer);
             let verdict = if got == expected { "ok" } else { "BAD" };

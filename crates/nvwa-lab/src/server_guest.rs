@@ -38,6 +38,8 @@ pub const LIB: &str = include_str!("guest/lib.sh");
 /// nvwa's units, as the project ships them.
 pub const NVWA_UNIT: &str = include_str!("../../../dist/nvwa.service");
 pub const NVWA_PRE_UNIT: &str = include_str!("../../../dist/nvwa-pre.service");
+/// nvwa's systemd generator, installed by lab-install.service as the package installs it.
+pub const NVWA_GENERATOR: &str = include_str!("../../../dist/nvwa-generator");
 
 /// What the guest is built from, besides its kernels.
 pub const PACKAGES: &[&str] = &[
@@ -422,6 +424,7 @@ pub fn lab_disk(dir: &Path, bins: &Binaries, s: &Scenario, scenario_sh: &str) ->
     }
     for (name, text, mode) in [
         ("install.sh", INSTALL, 0o755),
+        ("nvwa-generator", NVWA_GENERATOR, 0o755),
         ("server.sh", RUNNER, 0o755),
         ("lib.sh", LIB, 0o644),
         ("scenario.sh", scenario_sh, 0o644),
@@ -459,6 +462,7 @@ mod tests {
         crate::guest::tests::assert_valid_sh(&[
             ("customize.sh", CUSTOMIZE),
             ("install.sh", INSTALL),
+            ("nvwa-generator", NVWA_GENERATOR),
             ("server.sh", RUNNER),
             ("lib.sh", LIB),
         ]);

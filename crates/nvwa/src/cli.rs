@@ -10,9 +10,9 @@ const ABOUT: &str = "Upgrade the kernel of a running server without losing its i
 const LONG_ABOUT: &str = "\
 Upgrade the kernel of a running server without losing its important processes.
 
-nvwa checkpoints the configured processes (`pids:` in nvwa-restore.yaml) with CRIU, kexecs into
-the new kernel, and restores them there; if anything fails before the jump, every process runs
-on. The work is done by the nvwa server (`nvwa server`, normally the systemd unit nvwa.service);
+nvwa checkpoints the configured processes and systemd services (`pids:` and `services:` in
+nvwa-restore.yaml) with CRIU, kexecs into the new kernel, and restores them there; if anything
+fails before the jump, every process runs on. The work is done by the nvwa server (`nvwa server`, normally the systemd unit nvwa.service);
 the other commands talk to it over its unix socket, except `check`, `status` and `kernels`, which
 run locally.
 
@@ -102,14 +102,27 @@ pub enum Command {
     /// Stop the nvwa server (refused while an update is in progress)
     Exit,
 
-    /// The original's per-service restore; this nvwa does not restore services yet and refuses it
+    /// Restore a saved service inside its unit (run by systemd as the unit's ExecStart=)
     ///
-    /// Kept so that the original's unit overrides fail with a clear error rather than an unknown
-    /// command. List a service's main pid under `pids:` instead.
+    /// On the boot after an update, nvwa's generator gives each saved service a drop-in whose
+    /// ExecStart= runs this: it restores the service's processes with criu inside the unit,
+    /// hands them the unit's journal stream, and writes the pid file from which systemd takes
+    /// the restored main process. It runs locally, without the server. Exits 4 when nothing was
+    /// saved for SERVICE@PID, 7 when the restore failed.
     Restore {
         /// The service and its pid before the update, e.g. redis@1234
         #[arg(value_name = "SERVICE@PID", value_parser = parse_service_at_pid)]
         target: ServiceAtPid,
+    },
+
+    /// systemd generator (installed as nvwa-generator): drop-ins for the services to restore
+    #[command(hide = true)]
+    Generator {
+        /// Where systemd wants generated units (the first of its three directories)
+        normal_dir: PathBuf,
+        /// The early and late directories (unused)
+        #[arg(num_args = 0..=2)]
+        others: Vec<PathBuf>,
     },
 
     /// Check whether this machine is ready to update (to VERSION, if given); runs locally

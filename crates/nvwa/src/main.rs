@@ -110,17 +110,39 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             send(cli, Request::Exit, false)
         }
         Command::Restore { target } => {
-            init_logging(cli, "warn");
-            let code = send(
-                cli,
-                Request::Restore {
-                    service: target.service.clone(),
-                    pid: target.pid,
-                },
-                false,
-            )?;
-            hand_over_to_systemd(target.pid);
-            Ok(code)
+            init_logging(cli, "info");
+            let cfg = load_config(cli.config_dir.as_deref())?;
+            let unit = nvwa_core::systemd::unit_name(&target.service)?;
+            let m = nvwa_core::machine::RealMachine::default();
+            match nvwa_core::service::restore_in_unit(&m, &cfg, &unit, target.pid) {
+                Ok((pid, ms)) => {
+                    println!("nvwa: restored {unit} as pid {pid} in {ms} ms");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("nvwa: error: {e}");
+                    Ok(ExitCode::from(match e {
+                        nvwa_core::service::ServiceError::NothingSaved { .. } => exit::REFUSED,
+                        _ => exit::RESTORE_FAILED,
+                    }))
+                }
+            }
+        }
+        Command::Generator { normal_dir, .. } => {
+            // A generator must never hold up the boot: problems are reported (systemd logs
+            // them to the kernel log) and the units start as their files say.
+            let Ok(dir) = config::find_config_dir(cli.config_dir.as_deref()) else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            let cfg = config::load(&dir)?;
+            let boot = nvwa_core::journal::boot_id()?;
+            let exe = std::env::current_exe().context("cannot find nvwa's own executable")?;
+            let n = nvwa_core::service::generate(&cfg, &boot, normal_dir, &exe)
+                .with_context(|| format!("cannot write drop-ins under {}", normal_dir.display()))?;
+            if n > 0 {
+                eprintln!("nvwa-generator: {n} service(s) will be restored by nvwa");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check { kernel, json } => {
             init_logging(cli, "warn");
@@ -432,31 +454,6 @@ fn send(cli: &Cli, req: Request, json: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Err(anyhow!("{e}")),
-    }
-}
-
-/// After `nvwa restore SVC@PID` succeeded: make the restored process the unit's main process and
-/// let systemd forget the override the server removed.
-fn hand_over_to_systemd(pid: i32) {
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        let states = [
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::MainPid(pid as u32),
-        ];
-        if let Err(e) = sd_notify::notify(&states) {
-            eprintln!("nvwa: warning: cannot tell systemd that pid {pid} is the service's main process: {e}");
-        }
-    }
-    match std::process::Command::new("systemctl")
-        .arg("daemon-reload")
-        .status()
-    {
-        Ok(s) if s.success() => {}
-        Ok(s) => eprintln!("nvwa: warning: `systemctl daemon-reload` failed ({s}); run it by hand so that systemd drops the nvwa override"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("nvwa: warning: systemctl not found; skipping `systemctl daemon-reload`")
-        }
-        Err(e) => eprintln!("nvwa: warning: cannot run `systemctl daemon-reload`: {e}"),
     }
 }
 

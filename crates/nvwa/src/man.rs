@@ -83,6 +83,8 @@ const FILES: &[(&str, &str)] = &[
     ("/run/nvwa/nvwa.socket", "The server's socket (directory 0700, socket 0600)."),
     ("/boot/vmlinuz-VERSION", "The kernel of `nvwa update VERSION`, with /boot/initrd.img-VERSION or /boot/initramfs-VERSION.img (or /usr/lib/modules/VERSION/vmlinuz)."),
     ("nvwa.service, nvwa-pre.service", "The systemd units: the server, and the early step that keeps saved pids free on the new boot."),
+    ("/usr/lib/systemd/system-generators/nvwa-generator", "The systemd generator that hands saved services to nvwa restore on the new boot (see SERVICES)."),
+    ("/run/nvwa-restore/UNIT.pid", "Where nvwa restore leaves a restored service's main pid for systemd."),
 ];
 
 const ENVIRONMENT: &[(&str, &str)] = &[
@@ -105,6 +107,14 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("nvwa status", "After the new boot: the phases, the targets and the downtime; the exit status says how it ended."),
 ];
 
+/// How services are preserved: the paragraphs of the SERVICES section.
+const SERVICES: &[&str] = &[
+    "A service listed under services: in nvwa-restore.yaml is checkpointed from its main process (MainPID), with its whole process tree, like a pid target: all or nothing, stopped from its dump until the kernel switch, resumed on the old kernel if anything fails. systemd never sees it exit, so it never restarts it, and its unit files are never changed.",
+    "Supported: Type=simple, exec, forking, notify and notify-reload services that are running, and whose cgroup holds no process outside the main process's tree (a dump of that tree would lose them; nvwa check names them). Standard output and error that are streams to journald are carried over: the restored service writes to a fresh stream of its unit, under the same identifier, so its new lines are in journalctl -u UNIT. Not supported: Type=oneshot and dbus services, and services whose processes criu cannot checkpoint (nvwa check and the update say which).",
+    "On the boot after the switch, nvwa-generator (a systemd generator) reads the update journal before units are loaded. While a committed update awaits its restore, it gives each saved unit a drop-in, /run/systemd/generator/UNIT.d/50-nvwa-restore.conf, that replaces ExecStart= with +nvwa restore UNIT@PID (Type=forking, PIDFile=/run/nvwa-restore/UNIT.pid, Restart=no, ExecStartPre= and ExecStartPost= cleared). That command runs with full privileges in the unit's cgroup, restores the service with criu, hands it the unit's journal stream, writes the pid file and exits: systemd adopts the restored process as the unit's main process. The nvwa server starts each saved unit (a no-op if systemd already did), checks that its main pid is the saved one, records the result and, once every target is restored, runs systemctl daemon-reload: the generator then writes nothing, and the units are exactly as their files say, with the same main processes.",
+    "Because the generator runs before other filesystems are mounted, criu_dir must be on the root filesystem when services are listed.",
+];
+
 pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
     let page = clap_mangen::Man::new(Cli::command()).section("8");
     page.render_title(out)?;
@@ -114,6 +124,13 @@ pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
     page.render_options_section(out)?;
     commands(out)?;
     configuration(out)?;
+    section(out, "SERVICES")?;
+    for (i, para) in SERVICES.iter().enumerate() {
+        if i > 0 {
+            writeln!(out, ".PP")?;
+        }
+        writeln!(out, "{}", esc(para))?;
+    }
     section(out, "FILES")?;
     for (f, what) in FILES {
         item(out, f, what)?;

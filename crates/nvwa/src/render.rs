@@ -275,6 +275,7 @@ mod tests {
                 dump_ms: Some(310),
                 restore_ms: Some(205),
                 running_again_wall_ms: Some(10_000 + 4_500),
+                service: None,
             }],
             timeline: vec![
                 stamp(Phase::Planned, 10_000),

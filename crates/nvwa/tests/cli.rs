@@ -176,16 +176,41 @@ fn a_refusal_is_printed_and_exits_4() {
 }
 
 #[test]
-fn restore_sends_service_and_pid() {
-    let (out, request) = against_server(
-        "{\"response\":\"error\",\"kind\":\"internal\",\"message\":\"no saved images\"}\n",
-        &["restore", "redis@4321"],
+fn restore_runs_locally_and_refuses_what_was_not_saved() {
+    // Run by a unit's drop-in on the new boot; without a saved update there is nothing to
+    // restore, and the unit should be started normally.
+    let (dir, _criu) = config_dir();
+    let out = nvwa()
+        .args([
+            "--config-dir",
+            dir.path().to_str().unwrap(),
+            "restore",
+            "redis@4321",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "refused: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("nothing to restore for redis.service")
+            && err.contains("no update journal")
+            && err.contains("systemctl restart redis.service"),
+        "{err}"
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        request,
-        "{\"request\":\"restore\",\"service\":\"redis\",\"pid\":4321}\n"
-    );
+}
+
+#[test]
+fn the_generator_writes_nothing_without_a_saved_update() {
+    let (dir, _criu) = config_dir();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = nvwa()
+        .args(["--config-dir", dir.path().to_str().unwrap(), "generator"])
+        .arg(out_dir.path())
+        .args(["/run/early", "/run/late"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(out_dir.path()).unwrap().count(), 0);
 }
 
 #[test]
@@ -312,6 +337,7 @@ fn journal() -> Journal {
             dump_ms: Some(120),
             restore_ms: None,
             running_again_wall_ms: None,
+            service: None,
         }],
         BOOT,
     );

@@ -7,6 +7,8 @@ set -eu
 inst() { cmp -s "$1" "$2" || install -m 0755 "$1" "$2"; }
 inst /lab/bin/nvwa /usr/bin/nvwa
 inst /lab/bin/nvwa-lab-workload /usr/bin/nvwa-lab-workload
+mkdir -p /usr/lib/systemd/system-generators
+inst /lab/nvwa-generator /usr/lib/systemd/system-generators/nvwa-generator
 # The scenario's files, once (the second boot keeps what the first one installed).
 if [ -d /lab/files ] && [ ! -e /var/lib/nvwa-lab/files-installed ]; then
     cp -a /lab/files/. /
