@@ -714,6 +714,16 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
+        // The initramfs script is a project file: its contents are in the cache key.
+        let hook = t.path().join(INITRAMFS_HOOK_PATH);
+        assert_eq!(std::fs::read_to_string(&hook).unwrap(), INITRAMFS_HOOK);
+        let mode = std::fs::metadata(&hook).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o755,
+            "initramfs-tools runs only executable scripts"
+        );
+        assert!(file_list().iter().any(|(p, _)| p == INITRAMFS_HOOK_PATH));
     }
 
     fn kernel(release: &str) -> Kernel {
