@@ -40,6 +40,10 @@ pub const NVWA_UNIT: &str = include_str!("../../../dist/nvwa.service");
 pub const NVWA_PRE_UNIT: &str = include_str!("../../../dist/nvwa-pre.service");
 /// nvwa's systemd generator, installed by lab-install.service as the package installs it.
 pub const NVWA_GENERATOR: &str = include_str!("../../../dist/nvwa-generator");
+/// nvwa's initramfs-tools script, as the package installs it: the kernels' initrds must carry it.
+pub const INITRAMFS_HOOK: &str =
+    include_str!("../../../dist/initramfs-tools/scripts/init-top/nvwa");
+const INITRAMFS_HOOK_PATH: &str = "usr/share/initramfs-tools/scripts/init-top/nvwa";
 
 /// What the guest is built from, besides its kernels.
 pub const PACKAGES: &[&str] = &[
@@ -133,6 +137,9 @@ fn project_files() -> Vec<(&'static str, String, u32)> {
             0o644,
         ),
         ("usr/lib/systemd/system/lab.service", LAB_UNIT.into(), 0o644),
+        // Also put in place before the kernel packages are configured (see `mmdebstrap`); listed
+        // here so that the manifest, hence the cache, follows its contents.
+        (INITRAMFS_HOOK_PATH, INITRAMFS_HOOK.into(), 0o755),
         ("etc/nvwa/nvwa-server.yaml", SERVER_YAML.into(), 0o644),
         ("etc/nvwa/nvwa-restore.yaml", "pids: []\n".into(), 0o644),
     ]
@@ -309,6 +316,13 @@ fn require_tools() -> Result<()> {
 fn mmdebstrap(lab_apt: &LabApt, packages: &[String], dir: &Path, into: &Path) -> Result<()> {
     let hook = dir.join("customize.sh");
     std::fs::write(&hook, CUSTOMIZE)?;
+    // nvwa's init-top script goes in after the essential packages, before the kernel packages,
+    // whose configuration runs initramfs-tools: every initrd is made with it, as on a server
+    // where the nvwa package came first. (`update-initramfs -u -k all` afterwards would cost
+    // about 25 s for the three kernels; customize.sh checks every initrd has the script.)
+    let initramfs_hook = dir.join("init-top-nvwa");
+    std::fs::write(&initramfs_hook, INITRAMFS_HOOK)?;
+    let hook_dir = Path::new(INITRAMFS_HOOK_PATH).parent().expect("nested");
     let mut cmd = Command::new("mmdebstrap");
     cmd.args([
         "--mode=root",
@@ -321,6 +335,11 @@ fn mmdebstrap(lab_apt: &LabApt, packages: &[String], dir: &Path, into: &Path) ->
         "--dpkgopt=path-exclude=/usr/share/locale/*",
     ])
     .arg(format!("--include={}", packages.join(",")))
+    .arg(format!(
+        "--essential-hook=mkdir -p \"$1/{}\" && install -m 0755 {} \"$1/{INITRAMFS_HOOK_PATH}\"",
+        hook_dir.display(),
+        initramfs_hook.display(),
+    ))
     .arg(format!("--customize-hook=sh {} \"$1\"", hook.display()))
     .arg(apt::RELEASE)
     .arg(into)
@@ -465,7 +484,204 @@ mod tests {
             ("nvwa-generator", NVWA_GENERATOR),
             ("server.sh", RUNNER),
             ("lib.sh", LIB),
+            ("init-top/nvwa", INITRAMFS_HOOK),
         ]);
+    }
+
+    const DRACUT_HOOK: &str = include_str!("../../../dist/dracut/90nvwa/nvwa-last-pid.sh");
+    const DRACUT_SETUP: &str = include_str!("../../../dist/dracut/90nvwa/module-setup.sh");
+    /// A script, whether it is sourced, and the shell that runs it: initramfs-tools runs its
+    /// scripts (with klibc's sh, a dash; dash here), dracut sources its hooks (bash or dash).
+    type Hook = (&'static str, bool, &'static str);
+    const HOOKS: [Hook; 3] = [
+        (INITRAMFS_HOOK, false, "sh"),
+        (DRACUT_HOOK, true, "sh"),
+        (DRACUT_HOOK, true, "bash"),
+    ];
+
+    /// What an initramfs script did with `cmdline` when the pid counter stood at `last_pid` and
+    /// pid_max at 32768: (the counter after it, what it wrote to /dev/kmsg, pid_max after it);
+    /// it must exit 0. The script's /proc
+    /// and /dev paths are replaced by files of a temporary directory (those named in `missing`
+    /// by paths that cannot be opened); `sourced` runs it as dracut does (`.` in `shell`), and
+    /// then also asserts that it left nothing behind in the sourcing shell.
+    fn run_pid_hook(
+        (script, sourced, shell): Hook,
+        cmdline: &str,
+        last_pid: &str,
+        missing: &[&str],
+    ) -> (String, String, String) {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n).display().to_string();
+        let mut text = script.to_string();
+        for (path, file) in [
+            ("/proc/cmdline", "cmdline"),
+            ("/proc/sys/kernel/ns_last_pid", "ns_last_pid"),
+            ("/proc/sys/kernel/pid_max", "pid_max"),
+            ("/dev/kmsg", "kmsg"),
+        ] {
+            assert!(text.contains(path), "the script uses {path}");
+            let to = if missing.contains(&file) {
+                p(&format!("gone/{file}"))
+            } else {
+                p(file)
+            };
+            text = text.replace(path, &to);
+        }
+        std::fs::write(p("hook"), text).unwrap();
+        std::fs::write(p("cmdline"), format!("{cmdline}\n")).unwrap();
+        std::fs::write(p("ns_last_pid"), format!("{last_pid}\n")).unwrap();
+        std::fs::write(p("pid_max"), "32768\n").unwrap();
+        // A file a glob on the command line would match, in the script's working directory.
+        std::fs::write(t.path().join("nvwa.last_pid=7777"), b"").unwrap();
+        let mut cmd = Command::new(shell);
+        if sourced {
+            cmd.args([
+                "-c",
+                ". ./hook; echo \"left:${want-}${cur-}${cmdline-}$(command -v nvwa_last_pid)\"",
+            ]);
+        } else {
+            cmd.arg("./hook");
+        }
+        let out = cmd.current_dir(t.path()).output().unwrap();
+        assert!(out.status.success(), "{cmdline}: {out:?}");
+        if sourced {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "left:\n", "{cmdline}");
+        }
+        let read = |n: &str| std::fs::read_to_string(p(n)).unwrap_or_default();
+        let trimmed = |n: &str| read(n).trim().to_string();
+        (trimmed("ns_last_pid"), read("kmsg"), trimmed("pid_max"))
+    }
+
+    #[test]
+    fn the_initramfs_scripts_move_the_pid_counter_past_nvwa_last_pid() {
+        for hook in HOOKS {
+            let run = |cmdline: &str, last: &str| run_pid_hook(hook, cmdline, last, &[]);
+            assert_eq!(
+                run("BOOT_IMAGE=/vmlinuz ro nvwa.last_pid=3000 quiet", "150"),
+                (
+                    "3000".into(),
+                    "<6>nvwa: next pid after 3000 (nvwa.last_pid)\n".into(),
+                    "32768".into()
+                )
+            );
+            // Beyond the initramfs' pid_max (the last boot ran with systemd's 2^22), or too
+            // close to it: pid_max is raised first.
+            assert_eq!(
+                run("nvwa.last_pid=100000", "150"),
+                (
+                    "100000".into(),
+                    "<6>nvwa: pid_max raised from 32768 to 4194304 (nvwa.last_pid)\n\
+                     <6>nvwa: next pid after 100000 (nvwa.last_pid)\n"
+                        .into(),
+                    "4194304".into()
+                )
+            );
+            assert_eq!(run("nvwa.last_pid=31000", "150").2, "4194304");
+            assert_eq!(run("nvwa.last_pid=30000", "150").2, "32768");
+            // The last occurrence wins, as for `nvwa pre`, even when it is malformed.
+            assert_eq!(
+                run("nvwa.last_pid=5000 ro nvwa.last_pid=3000", "150").0,
+                "3000"
+            );
+            // Never backwards, and nothing but digits below pid_max's 7 digits.
+            for cmdline in [
+                "ro quiet",
+                "nvwa.last_pid=100",
+                "nvwa.last_pid=3000 nvwa.last_pid=12x",
+                "nvwa.last_pid=",
+                "nvwa.last_pid=-5",
+                "nvwa.last_pid=0",
+                "nvwa.last_pid=99999999",
+                "nvwa.last_pid=*",
+                "nvwa.last_pid=3000 nvwa.last_pid=?*",
+                "xnvwa.last_pid=3000",
+            ] {
+                assert_eq!(
+                    run(cmdline, "150"),
+                    ("150".into(), String::new(), "32768".into()),
+                    "{cmdline}"
+                );
+            }
+            // A leading zero would be octal to the kernel.
+            assert_eq!(run("nvwa.last_pid=0042", "10").0, "42");
+            // A word that is a glob changes nothing either.
+            assert_eq!(run("* nvwa.last_pid=3000", "150").0, "3000");
+        }
+    }
+
+    #[test]
+    fn the_initramfs_scripts_never_fail_the_boot() {
+        // No /proc/cmdline, ns_last_pid or /dev/kmsg: each exits 0 (run_pid_hook asserts it).
+        for hook in HOOKS {
+            let run = |missing: &[&str]| run_pid_hook(hook, "nvwa.last_pid=3000", "150", missing).0;
+            assert_eq!(run(&["cmdline"]), "150");
+            assert_eq!(run(&["ns_last_pid"]), "150");
+            assert_eq!(run(&["kmsg"]), "3000", "the counter moves without a log");
+        }
+    }
+
+    /// The real pid counter of a pid namespace of the test's own (in a user namespace, so that
+    /// nothing of this machine's can change: pid_max stays out of reach): /proc/sys files read
+    /// empty past their first byte, which no regular file stands in for.
+    #[test]
+    fn the_initramfs_scripts_move_a_real_pid_counter() {
+        for (script, sourced, shell) in HOOKS {
+            let t = tempfile::tempdir().unwrap();
+            let p = |n: &str| t.path().join(n).display().to_string();
+            let text = script
+                .replace("/proc/cmdline", &p("cmdline"))
+                .replace("/dev/kmsg", &p("kmsg"));
+            std::fs::write(p("hook"), text).unwrap();
+            std::fs::write(p("cmdline"), "ro nvwa.last_pid=3000\n").unwrap();
+            let run = if sourced { ". \"$0\"" } else { "sh \"$0\"" };
+            let out = Command::new("unshare")
+                .args([
+                    "--user",
+                    "--map-root-user",
+                    "--pid",
+                    "--fork",
+                    "--mount-proc",
+                ])
+                .args([
+                    shell,
+                    "-c",
+                    &format!("{run}; sh -c 'echo $$'; true"),
+                    &p("hook"),
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "unshare (util-linux) needs user and pid namespaces: {out:?}"
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "3001\n", "{shell}");
+            assert_eq!(
+                std::fs::read_to_string(p("kmsg")).unwrap(),
+                "<6>nvwa: next pid after 3000 (nvwa.last_pid)\n"
+            );
+        }
+    }
+
+    #[test]
+    fn the_initramfs_tools_script_declares_no_prerequisites() {
+        let out = Command::new("sh")
+            .args(["-c", INITRAMFS_HOOK, "nvwa", "prereqs"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "\n");
+    }
+
+    #[test]
+    fn the_dracut_module_installs_its_cmdline_hook() {
+        crate::guest::tests::assert_valid_sh(&[("nvwa-last-pid.sh", DRACUT_HOOK)]);
+        let out = Command::new("bash")
+            .args(["-n", "-c", DRACUT_SETUP])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(DRACUT_SETUP.contains("inst_hook cmdline 01 \"$moddir/nvwa-last-pid.sh\""));
     }
 
     #[test]
@@ -502,6 +718,16 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
+        // The initramfs script is a project file: its contents are in the cache key.
+        let hook = t.path().join(INITRAMFS_HOOK_PATH);
+        assert_eq!(std::fs::read_to_string(&hook).unwrap(), INITRAMFS_HOOK);
+        let mode = std::fs::metadata(&hook).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o755,
+            "initramfs-tools runs only executable scripts"
+        );
+        assert!(file_list().iter().any(|(p, _)| p == INITRAMFS_HOOK_PATH));
     }
 
     fn kernel(release: &str) -> Kernel {

@@ -41,3 +41,24 @@ nf_tables
 tun
 veth
 EOT
+# Every kernel's initrd (made by initramfs-tools when its package was configured) carries nvwa's
+# init-top script, put in place by the essential hook, and runs it before udev's.
+for i in "$root"/boot/initrd.img-*; do
+    i=/boot/${i##*/}
+    chroot "$root" lsinitramfs "$i" | grep -x scripts/init-top/nvwa >/dev/null || {
+        echo "$i lacks scripts/init-top/nvwa" >&2
+        exit 1
+    }
+    # shellcheck disable=SC2016
+    order=$(chroot "$root" sh -c 'd=$(mktemp -d) && unmkinitramfs "$1" "$d" &&
+        cat "$d/main/scripts/init-top/ORDER" 2>/dev/null || cat "$d/scripts/init-top/ORDER"
+        s=$?; rm -rf "$d"; exit $s' sh "$i" | sed -n 's|^/scripts/init-top/\([^ ]*\) .*|\1|p' | tr '\n' ' ')
+    echo "$i: init-top runs $order"
+    case " $order" in
+    *" nvwa udev "* | *" nvwa "*" udev "*) ;;
+    *)
+        echo "$i: nvwa does not run before udev in init-top" >&2
+        exit 1
+        ;;
+    esac
+done

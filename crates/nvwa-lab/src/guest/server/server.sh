@@ -49,9 +49,6 @@ failed=0
 if [ ! -f "$LAB_STATE/update-started" ]; then
     # --- old kernel ---
     ev "{\"event\":\"boot\",\"stage\":\"old\",\"kernel\":\"$K\"}"
-    # A server that has been up for a while runs its services far above the pids that the next
-    # boot's kernel threads and early daemons take, which no reservation can move.
-    echo 1000 >/proc/sys/kernel/ns_last_pid
     wait_server || finish 1
     run_setup || finish 1
     run_updates
