@@ -32,6 +32,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "socket",
     "dump_timeout",
     "restore_timeout",
+    "kexec_mode",
     "metrics_file",
 ];
 /// What each key of nvwa-server.yaml means (the man page's CONFIGURATION section).
@@ -44,6 +45,7 @@ pub const SERVER_KEY_DOCS: &[(&str, &str)] = &[
     ("socket", "The server's unix socket. Default /run/nvwa/nvwa.socket."),
     ("dump_timeout", "Seconds one target's criu dump may take before it is killed and the update rolled back. Default: 60 plus 30 per GiB of the target's resident memory."),
     ("restore_timeout", "Seconds one target's criu restore may take. Default: as for dump_timeout."),
+    ("kexec_mode", "How the machine jumps into the new kernel once the images are committed: immediate (the default: nvwa jumps at once; services that are not listed die with the old kernel as in a power cut, after every filesystem was synced) or orderly (systemd stops every other unit and unmounts the filesystems first, then jumps; the listed services and pids are killed without running again). See THE JUMP."),
     ("metrics_file", "A Prometheus textfile (for node_exporter's textfile collector) that the server rewrites after every update and restore: the last update's phase, result, downtime and per-target times. Default: none."),
 ];
 
@@ -87,6 +89,19 @@ pub struct ServerConfig {
     pub restore_timeout_s: Option<u64>,
     /// `metrics_file`: where to write the Prometheus textfile, if anywhere.
     pub metrics_file: Option<PathBuf>,
+    /// `kexec_mode`: how the jump happens.
+    pub kexec_mode: KexecMode,
+}
+
+/// How the machine jumps into the loaded kernel after the commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KexecMode {
+    /// nvwa jumps at once (`reboot(LINUX_REBOOT_CMD_KEXEC)`): the shortest downtime.
+    #[default]
+    Immediate,
+    /// `systemctl kexec`: systemd stops the other units and unmounts filesystems first.
+    Orderly,
 }
 
 /// Longest `dump_timeout` / `restore_timeout` accepted, in seconds: a day. Anything longer is
@@ -119,6 +134,7 @@ impl Default for ServerConfig {
             dump_timeout_s: None,
             restore_timeout_s: None,
             metrics_file: None,
+            kexec_mode: KexecMode::Immediate,
         }
     }
 }
@@ -375,6 +391,10 @@ pub fn parse_server(text: &str, path: &Path) -> Result<ServerConfig, ConfigError
             }
             "metrics_file" => {
                 cfg.metrics_file = ctx.absolute_path()?;
+                continue;
+            }
+            "kexec_mode" => {
+                cfg.kexec_mode = ctx.kexec_mode()?;
                 continue;
             }
             "criu_dir" => &mut cfg.criu_dir,
@@ -700,6 +720,19 @@ impl Ctx<'_> {
             },
             other => Err(self.invalid(format!(
                 "expected an absolute path, found {}",
+                other.describe()
+            ))),
+        }
+    }
+
+    /// `immediate` or `orderly`; no value keeps the default.
+    fn kexec_mode(&self) -> Result<KexecMode, ConfigError> {
+        match &self.entry.value {
+            Node::Null => Ok(KexecMode::default()),
+            Node::Str(s) if s == "immediate" => Ok(KexecMode::Immediate),
+            Node::Str(s) if s == "orderly" => Ok(KexecMode::Orderly),
+            other => Err(self.invalid(format!(
+                "expected immediate or orderly, found {}",
                 other.describe()
             ))),
         }
@@ -1234,6 +1267,22 @@ enbale_debug_mode: false   # sic
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn the_jump_is_immediate_unless_orderly_is_asked_for() {
+        assert_eq!(ServerConfig::default().kexec_mode, KexecMode::Immediate);
+        let cfg = parse_server("kexec_mode: orderly\n", &p()).unwrap();
+        assert_eq!(cfg.kexec_mode, KexecMode::Orderly);
+        let cfg = parse_server("kexec_mode:\n", &p()).unwrap();
+        assert_eq!(cfg.kexec_mode, KexecMode::Immediate);
+        let msg = parse_server("kexec_mode: graceful\n", &p())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("`kexec_mode`") && msg.contains("expected immediate or orderly"),
+            "{msg}"
+        );
     }
 
     #[test]

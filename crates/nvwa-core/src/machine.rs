@@ -16,6 +16,9 @@ use crate::policy::{FsView, ProcView, RealFs, RealProcs};
 use crate::process;
 use crate::systemd::{self, SystemdError, UnitInfo};
 
+/// How long killed pid targets may take to disappear (their parents reap them).
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
 pub trait Machine: Send + Sync {
     fn running_kernel(&self) -> String;
     fn find_kernel(&self, version: &str) -> Result<KernelFiles, BootError>;
@@ -66,6 +69,14 @@ pub trait Machine: Send + Sync {
     fn start_service(&self, unit: &str, deadline: Duration) -> Result<UnitInfo, SystemdError>;
     /// Re-runs systemd's generators (nvwa's drop-ins disappear once restores are recorded).
     fn daemon_reload(&self) -> Result<(), SystemdError>;
+    /// `kexec_mode: orderly`: makes sure that systemd's shutdown cannot let a saved process run
+    /// again, then asks systemd to stop the machine and jump into the loaded kernel. The listed
+    /// `units` get a runtime drop-in that stops them with SIGKILL and without ExecStop=; the
+    /// trees of the pid targets `pids` are killed (their units are not nvwa's to change, and
+    /// systemd's SIGTERM + SIGCONT would let them run). Returns once systemd accepted the job.
+    /// On error the units are released; killed pid targets are restored from their committed
+    /// images by the rollback.
+    fn orderly_kexec(&self, units: &[String], pids: &[i32]) -> Result<(), SystemdError>;
     /// Writes `pid` into `path` (a pid file systemd reads), creating its directory.
     fn write_pid_file(&self, path: &Path, pid: i32) -> std::io::Result<()>;
 }
@@ -194,6 +205,12 @@ impl Machine for RealMachine {
     }
     fn daemon_reload(&self) -> Result<(), SystemdError> {
         systemd::daemon_reload()
+    }
+    fn orderly_kexec(&self, units: &[String], pids: &[i32]) -> Result<(), SystemdError> {
+        let held = systemd::hold(units)?;
+        let processes: Vec<i32> = pids.iter().flat_map(|&p| process::tree_pids(p)).collect();
+        process::kill_and_reap(&processes, KILL_WAIT);
+        systemd::kexec().inspect_err(|_| systemd::release(&held))
     }
     fn write_pid_file(&self, path: &Path, pid: i32) -> std::io::Result<()> {
         if let Some(dir) = path.parent() {

@@ -30,8 +30,9 @@ pub trait ProcView {
 pub struct RealProcs;
 
 impl ProcView for RealProcs {
+    /// A zombie is not alive: it cannot be resumed, dumped or restored into.
     fn alive(&self, pid: i32) -> bool {
-        process::alive(pid)
+        process::alive(pid) && !matches!(process::state(pid), Some('Z' | 'X') | None)
     }
     fn parent(&self, pid: i32) -> Option<i32> {
         process::parent(pid)

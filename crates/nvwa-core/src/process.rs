@@ -179,6 +179,18 @@ pub fn resume(pids: &[i32]) -> Result<(), nix::Error> {
     first_err.map_or(Ok(()), Err)
 }
 
+/// SIGKILL to every pid (stopped processes die without running again), then waits at most
+/// `timeout` until none of them is alive or a zombie any more.
+pub fn kill_and_reap(pids: &[i32], timeout: std::time::Duration) {
+    for &p in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::SIGKILL);
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    while pids.iter().any(|&p| alive(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Processes whose command line contains `args` as consecutive arguments (e.g. `-D DIR`).
 pub fn running_with_args(args: &[&std::ffi::OsStr]) -> Vec<i32> {
     use std::os::unix::ffi::OsStrExt;

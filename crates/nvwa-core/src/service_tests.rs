@@ -318,3 +318,64 @@ fn services_that_cannot_be_handed_back_are_refused_before_anything_happens() {
     m.fs.separate_fs = true;
     assert!(refused(&m, &cfg).contains("not on the root filesystem"));
 }
+
+#[test]
+fn an_orderly_jump_is_handed_to_systemd_with_the_targets_held() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = services_config(dir.path(), &["redis-server"]);
+    cfg.restore.pids = vec![100];
+    cfg.server.kexec_mode = crate::config::KexecMode::Orderly;
+    let m = FakeMachine::with_services(&[100], vec![FakeService::new(REDIS, 300)]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut sink = |_p: Progress| {};
+    let msg = update::run(&m, &cfg, "6.12-new", &Reporter::new(&mut sink), &stop).unwrap();
+    assert!(msg.contains("systemd is stopping the other units"), "{msg}");
+    assert!(
+        m.called(&Call::OrderlyKexec(vec![REDIS.into()], vec![100])),
+        "{:?}",
+        m.calls()
+    );
+    assert!(!m.called(&Call::Kexec));
+    // Committed: the service stays stopped for systemd to kill outright, the pid target is
+    // killed already; the new boot restores both.
+    assert_eq!(journal(&cfg).phase, Phase::Committed);
+    assert!(m.stopped().contains(&300));
+    assert!(!crate::policy::ProcView::alive(&m, 100));
+}
+
+#[test]
+fn an_orderly_jump_systemd_refuses_is_rolled_back() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = services_config(dir.path(), &["redis-server"]);
+    cfg.restore.pids = vec![100];
+    cfg.server.kexec_mode = crate::config::KexecMode::Orderly;
+    let m = FakeMachine::with_services(&[100], vec![FakeService::new(REDIS, 300)]);
+    m.inject(Fault::OrderlyKexec);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut sink = |_p: Progress| {};
+    let err = update::run(&m, &cfg, "6.12-new", &Reporter::new(&mut sink), &stop).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RolledBack);
+    let text = err.to_string();
+    assert!(
+        text.contains("systemd did not take over the orderly kexec"),
+        "{text}"
+    );
+    assert!(text.contains("Transaction is destructive"), "{text}");
+    assert!(m.stopped().is_empty(), "still stopped: {:?}", m.stopped());
+    assert!(m.called(&Call::Unload));
+    // The service was only held: resumed. The pid target was killed for the jump: its committed
+    // images bring it back on the old kernel.
+    assert!(m.called(&Call::Restore("100".into())), "{:?}", m.calls());
+    assert!(crate::policy::ProcView::alive(&m, 100) && crate::policy::ProcView::alive(&m, 300));
+    let j = journal(&cfg);
+    assert_eq!(j.phase, Phase::RolledBack);
+    assert!(
+        j.targets.iter().all(|t| t.state == TargetState::Resumed),
+        "{:?}",
+        j.targets
+    );
+    assert!(
+        !cfg.server.criu_dir.join("100").exists(),
+        "images removed once restored"
+    );
+}

@@ -28,13 +28,18 @@ pub const DROP_IN: &str = "50-nvwa-restore.conf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
-    #[error("cannot run `systemctl {args}`: {source}")]
-    Run { args: String, source: ExecError },
-    #[error("`systemctl {args}` failed (exit {code}): {output}")]
+    #[error("cannot run `{command}`: {source}")]
+    Run { command: String, source: ExecError },
+    #[error("`{command}` failed (exit {code}): {output}")]
     Failed {
-        args: String,
+        command: String,
         code: i32,
         output: String,
+    },
+    #[error("cannot write {path}: {source}")]
+    DropIn {
+        path: PathBuf,
+        source: std::io::Error,
     },
 }
 
@@ -177,10 +182,15 @@ fn exec_start_name(value: &str) -> Option<String> {
 }
 
 fn systemctl(args: &[&str], deadline: Duration) -> Result<String, SystemdError> {
-    let joined = args.join(" ");
-    let out = exec::run(Command::new(SYSTEMCTL).args(args), deadline).map_err(|source| {
+    run_tool(SYSTEMCTL, args, deadline)
+}
+
+/// Runs one of systemd's tools; its standard output, or the failure with what it printed.
+fn run_tool(program: &str, args: &[&str], deadline: Duration) -> Result<String, SystemdError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = exec::run(Command::new(program).args(args), deadline).map_err(|source| {
         SystemdError::Run {
-            args: joined.clone(),
+            command: command.clone(),
             source,
         }
     })?;
@@ -188,7 +198,7 @@ fn systemctl(args: &[&str], deadline: Duration) -> Result<String, SystemdError> 
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(SystemdError::Failed {
-            args: joined,
+            command,
             code: out.code(),
             output: out.output_text().trim().to_string(),
         })
@@ -210,6 +220,71 @@ pub fn start(unit: &str, deadline: Duration) -> Result<(), SystemdError> {
 /// Makes systemd re-run its generators and re-read unit files.
 pub fn daemon_reload() -> Result<(), SystemdError> {
     systemctl(&["daemon-reload"], QUERY_DEADLINE).map(drop)
+}
+
+/// Where an orderly kexec's drop-ins go: runtime configuration, gone with the old boot.
+const RUNTIME_UNITS: &str = "/run/systemd/system";
+const HOLD_DROP_IN: &str = "50-nvwa-hold.conf";
+
+/// What an orderly kexec puts on a listed unit: stopping it kills its stopped processes outright
+/// (no ExecStop= talking to them, no SIGTERM + SIGCONT that would let them run once more).
+pub const HOLD: &str = "\
+# Written by nvwa for an orderly kexec: this service was checkpointed and must not run again
+# before the kernel switch, so stopping it kills it outright. Gone with this boot (/run).
+[Service]
+ExecStop=
+KillSignal=SIGKILL
+SendSIGHUP=no
+";
+
+/// Puts [`HOLD`] on every unit and reloads systemd. Returns the drop-ins written, for
+/// [`release`]; on error, what it wrote is removed again.
+pub fn hold(units: &[String]) -> Result<Vec<PathBuf>, SystemdError> {
+    let mut written = Vec::new();
+    let result = units
+        .iter()
+        .try_for_each(|unit| {
+            let dir = Path::new(RUNTIME_UNITS).join(format!("{unit}.d"));
+            let path = dir.join(HOLD_DROP_IN);
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&path, HOLD))
+                .map_err(|source| SystemdError::DropIn {
+                    path: path.clone(),
+                    source,
+                })?;
+            written.push(path);
+            Ok(())
+        })
+        .and_then(|()| {
+            if written.is_empty() {
+                Ok(())
+            } else {
+                daemon_reload()
+            }
+        });
+    match result {
+        Ok(()) => Ok(written),
+        Err(e) => {
+            release(&written);
+            Err(e)
+        }
+    }
+}
+
+/// Removes the drop-ins of [`hold`]: the units go back to their own stop settings.
+pub fn release(written: &[PathBuf]) {
+    for path in written {
+        let _ = std::fs::remove_file(path);
+    }
+    if !written.is_empty() {
+        let _ = daemon_reload();
+    }
+}
+
+/// `systemctl kexec`: systemd stops every unit, unmounts the filesystems and jumps into the
+/// loaded kernel. Returns once the job is queued.
+pub fn kexec() -> Result<(), SystemdError> {
+    systemctl(&["kexec"], QUERY_DEADLINE).map(drop)
 }
 
 /// The path of the pid file through which the restore hands `unit`'s main pid to systemd.

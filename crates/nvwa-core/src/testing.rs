@@ -41,6 +41,8 @@ pub enum Call {
     StartService(String),
     DaemonReload,
     PidFile(PathBuf, i32),
+    /// An orderly kexec of these units and pid targets was handed to systemd.
+    OrderlyKexec(Vec<String>, Vec<i32>),
 }
 
 /// A failure to inject.
@@ -66,6 +68,7 @@ pub enum Fault {
     /// After its start, systemd reports another main pid for this unit.
     ServiceStartsAfresh(&'static str),
     DaemonReload,
+    OrderlyKexec,
 }
 
 /// A service as the double's systemd runs it.
@@ -333,7 +336,7 @@ impl Machine for FakeMachine {
     }
     fn service(&self, unit: &str) -> Result<(UnitInfo, Vec<i32>), SystemdError> {
         let unknown = || SystemdError::Failed {
-            args: format!("show {unit}"),
+            command: format!("systemctl show {unit}"),
             code: 1,
             output: format!("Unit {unit} could not be found."),
         };
@@ -356,7 +359,7 @@ impl Machine for FakeMachine {
         let s = self
             .fake_service(unit)
             .ok_or_else(|| SystemdError::Failed {
-                args: format!("start {unit}"),
+                command: format!("systemctl start {unit}"),
                 code: 5,
                 output: format!("Unit {unit} not found."),
             })?;
@@ -374,7 +377,7 @@ impl Machine for FakeMachine {
         self.log(Call::DaemonReload);
         if self.faulty(Fault::DaemonReload) {
             return Err(SystemdError::Failed {
-                args: "daemon-reload".into(),
+                command: "systemctl daemon-reload".into(),
                 code: 1,
                 output: "Access denied".into(),
             });
@@ -383,6 +386,24 @@ impl Machine for FakeMachine {
     }
     fn write_pid_file(&self, path: &Path, pid: i32) -> std::io::Result<()> {
         self.log(Call::PidFile(path.to_path_buf(), pid));
+        Ok(())
+    }
+    fn orderly_kexec(&self, units: &[String], pids: &[i32]) -> Result<(), SystemdError> {
+        self.log(Call::OrderlyKexec(units.to_vec(), pids.to_vec()));
+        // The pid targets are killed before systemd is asked; a refusal comes after that.
+        for p in pids {
+            for id in self.tree_ids(*p) {
+                self.alive.lock().unwrap().remove(&id);
+                self.stopped.lock().unwrap().remove(&id);
+            }
+        }
+        if self.faulty(Fault::OrderlyKexec) {
+            return Err(SystemdError::Failed {
+                command: "systemctl kexec".into(),
+                code: 1,
+                output: "Failed to start kexec.target: Transaction is destructive.".into(),
+            });
+        }
         Ok(())
     }
 }

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::boot::{self, BootError, KernelFiles};
-use crate::config::{Config, ConfigError};
-use crate::criu::{Criu, CriuError, DumpOptions};
+use crate::config::{Config, ConfigError, KexecMode};
+use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
 use crate::journal::{Journal, JournalError, Phase, SavedService, Target, TargetKind, TargetState};
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
@@ -114,6 +114,8 @@ pub enum Abort {
     Panicked(String),
     #[error("the jump into the new kernel failed: {0}")]
     Jump(KexecError),
+    #[error("systemd did not take over the orderly kexec (kexec_mode: orderly): {0}")]
+    Handover(crate::systemd::SystemdError),
 }
 
 /// Streams progress events from the pipeline (possibly from several dump threads).
@@ -288,7 +290,17 @@ pub fn run(
         files.image.display(),
         run.j.targets.len()
     ));
-    let Err(cause) = run.switch(&files);
+    let cause = match run.switch(&files) {
+        // kexec_mode: orderly: systemd stops the machine and jumps; the journal is committed,
+        // so the new boot restores.
+        Ok(()) => {
+            run.finished = true;
+            return Ok(format!(
+                "systemd is stopping the other units and will switch to {version}; the targets are restored on the new boot"
+            ));
+        }
+        Err(cause) => cause,
+    };
     let undone = run.roll_back(&cause.to_string());
     Err(UpdateError::RolledBack {
         version: version.into(),
@@ -358,9 +370,10 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
         Ok(())
     }
 
-    /// Everything from loading the kernel to the jump. It only returns if something failed, with
-    /// every target still alive (stopped or running) for the rollback to resume.
-    fn switch(&mut self, files: &KernelFiles) -> Result<std::convert::Infallible, Abort> {
+    /// Everything from loading the kernel to the jump. An immediate jump never returns; `Ok` means
+    /// systemd took over an orderly one. `Err` means something failed, with every target still
+    /// alive (stopped or running) for the rollback to resume.
+    fn switch(&mut self, files: &KernelFiles) -> Result<(), Abort> {
         let (m, cfg) = (self.m, self.cfg);
         m.load_kernel(files, &cfg.server.kexec_exe, cfg.restore.enable_quick_kexec)
             .map_err(Abort::Kernel)?;
@@ -382,9 +395,23 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
                 source,
             })?;
         self.advance(Phase::Committed)?;
-        self.r
-            .message(format!("switching to {} now", files.version));
-        Err(Abort::Jump(m.kexec()))
+        match cfg.server.kexec_mode {
+            KexecMode::Immediate => {
+                self.r
+                    .message(format!("switching to {} now", files.version));
+                Err(Abort::Jump(m.kexec()))
+            }
+            KexecMode::Orderly => {
+                self.r.message(format!(
+                    "handing the switch to {} to systemd (orderly kexec)",
+                    files.version
+                ));
+                let of = |kind| self.j.targets.iter().filter(move |t| t.kind == kind);
+                let units: Vec<String> = of(TargetKind::Service).map(|t| t.name.clone()).collect();
+                let pids: Vec<i32> = of(TargetKind::Pid).map(|t| t.pid).collect();
+                m.orderly_kexec(&units, &pids).map_err(Abort::Handover)
+            }
+        }
     }
 
     /// Dumps every target, recording each result; the first failure aborts the update.
@@ -488,6 +515,7 @@ impl Drop for UpdateRun<'_, '_> {
 /// still working on it has finished. Then removes the images. Returns what went wrong.
 pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter) -> Vec<String> {
     let mut problems = Vec::new();
+    let committed = j.phase == Phase::Committed;
     for t in j.targets.iter_mut() {
         let dir = image_dir(cfg, t);
         wait_for_criu(m, &dir, r, t, cfg.server.dump_timeout_s);
@@ -512,6 +540,31 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
                     r.target(t, "failed", Some(why.clone()));
                     problems.push(why.clone());
                     t.state = TargetState::Failed(why);
+                }
+            }
+        } else if committed && dir.join("inventory.img").exists() {
+            // Killed after the commit (an orderly jump that systemd then refused): its images
+            // are complete and durable, so it comes back from them, here on the old kernel.
+            let opts = RestoreOptions {
+                deadline: criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes),
+                inherit: Vec::new(),
+            };
+            match m.restore(&Criu::new(&cfg.server.criu_exe), &dir, &opts) {
+                Ok(_) => {
+                    t.state = TargetState::Resumed;
+                    r.target(t, "restored on the old kernel", None);
+                }
+                Err(e) => {
+                    let why = format!(
+                        "{} (pid {}) was killed for the jump and could not be restored from its images: {e}; they are kept in {}",
+                        t.name,
+                        t.pid,
+                        dir.display()
+                    );
+                    r.target(t, "failed", Some(why.clone()));
+                    problems.push(why.clone());
+                    t.state = TargetState::Failed(why);
+                    continue;
                 }
             }
         } else if t.state != TargetState::Pending {

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use nvwa_core::config::{parse_restore, parse_server, RestoreConfig, ServerConfig, MAX_TIMEOUT_S};
+use nvwa_core::config::{
+    parse_restore, parse_server, KexecMode, RestoreConfig, ServerConfig, MAX_TIMEOUT_S,
+};
 use proptest::prelude::*;
 
 const PATH: &str = "/etc/nvwa/prop-test.yaml";
@@ -97,9 +99,10 @@ fn server_config() -> impl Strategy<Value = ServerConfig> {
         timeout(),
         timeout(),
         prop::option::of(plain_path()),
+        prop::bool::ANY,
     )
         .prop_map(
-            |([a, b, c, d, e, f], dump, restore, metrics)| ServerConfig {
+            |([a, b, c, d, e, f], dump, restore, metrics, orderly)| ServerConfig {
                 criu_dir: a,
                 criu_exe: b,
                 kexec_exe: c,
@@ -109,6 +112,11 @@ fn server_config() -> impl Strategy<Value = ServerConfig> {
                 dump_timeout_s: dump,
                 restore_timeout_s: restore,
                 metrics_file: metrics,
+                kexec_mode: if orderly {
+                    KexecMode::Orderly
+                } else {
+                    KexecMode::Immediate
+                },
             },
         )
 }
@@ -133,6 +141,9 @@ fn render_server(c: &ServerConfig) -> String {
     }
     if let Some(p) = &c.metrics_file {
         text.push_str(&format!("metrics_file: {}\n", p.display()));
+    }
+    if c.kexec_mode == KexecMode::Orderly {
+        text.push_str("kexec_mode: orderly\n");
     }
     text
 }

@@ -93,7 +93,8 @@ pub enum Command {
     /// Early-boot step (nvwa-pre.service): keep the pids of saved processes free
     ///
     /// An update passes `nvwa.last_pid=N` to the new kernel; this moves the pid counter past N
-    /// before services start, so none of them lands on a pid that a restore needs.
+    /// before services start, so none of them lands on a pid that a restore needs. Nothing to do
+    /// when the initramfs hook already did (it runs earlier, before udev and systemd).
     Pre,
 
     /// Forget a previous update: remove saved images, the journal and pinned memory

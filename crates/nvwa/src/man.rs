@@ -24,6 +24,18 @@ fn section(out: &mut dyn Write, title: &str) -> std::io::Result<()> {
     writeln!(out, ".SH {title}")
 }
 
+/// A section of plain paragraphs.
+fn prose(out: &mut dyn Write, title: &str, paragraphs: &[&str]) -> std::io::Result<()> {
+    section(out, title)?;
+    for (i, para) in paragraphs.iter().enumerate() {
+        if i > 0 {
+            writeln!(out, ".PP")?;
+        }
+        writeln!(out, "{}", esc(para))?;
+    }
+    Ok(())
+}
+
 /// A tagged paragraph: `tag` in bold, then `text`.
 fn item(out: &mut dyn Write, tag: &str, text: &str) -> std::io::Result<()> {
     writeln!(out, ".TP\n\\fB{}\\fR\n{}", esc(tag), esc(text))
@@ -115,6 +127,12 @@ const SERVICES: &[&str] = &[
     "Because the generator runs before other filesystems are mounted, criu_dir must be on the root filesystem when services are listed.",
 ];
 
+/// The JUMP section: what kexec_mode chooses.
+const JUMP: &[&str] = &[
+    "With kexec_mode: immediate (the default), nvwa jumps into the new kernel as soon as the images are committed: sync(2), then reboot(2) with LINUX_REBOOT_CMD_KEXEC. Nothing runs between the freeze and the jump, so the downtime is freeze, dump, kexec, boot and restore. Services that are not listed are not stopped: they end with the old kernel as in a power cut, after every filesystem was synced, and start afresh on the new boot.",
+    "With kexec_mode: orderly, nvwa hands the jump to systemd after the commit (systemctl kexec): systemd stops every unit, so unlisted services run their ExecStop= and save their state, unmounts the filesystems and jumps. Before that, nvwa makes sure no saved process runs again (systemd's SIGTERM and SIGCONT would wake it): each listed service gets a runtime drop-in (/run/systemd/system/UNIT.d/50-nvwa-hold.conf: ExecStop= cleared, KillSignal=SIGKILL), and the trees of the pid targets are killed with SIGKILL. If systemd refuses the job, the drop-ins are removed and the update is rolled back: the services are resumed, and the pid targets are restored from their committed images on the old kernel. The orderly shutdown adds its own time to the downtime: about 6 s on the lab's idle Debian 13 guest, and on a real server the stop time of every unit (at most their TimeoutStopSec=).",
+];
+
 pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
     let page = clap_mangen::Man::new(Cli::command()).section("8");
     page.render_title(out)?;
@@ -124,13 +142,8 @@ pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
     page.render_options_section(out)?;
     commands(out)?;
     configuration(out)?;
-    section(out, "SERVICES")?;
-    for (i, para) in SERVICES.iter().enumerate() {
-        if i > 0 {
-            writeln!(out, ".PP")?;
-        }
-        writeln!(out, "{}", esc(para))?;
-    }
+    prose(out, "SERVICES", SERVICES)?;
+    prose(out, "THE JUMP", JUMP)?;
     section(out, "FILES")?;
     for (f, what) in FILES {
         item(out, f, what)?;

@@ -52,6 +52,12 @@ if [ ! -f "$LAB_STATE/update-started" ]; then
     wait_server || finish 1
     run_setup || finish 1
     run_updates
+    # kexec_mode: orderly: the update returned and systemd is stopping the machine to jump;
+    # powering off here would cut that short. systemd stops this script with the rest.
+    if systemctl list-jobs --no-legend 2>/dev/null | grep -q 'kexec\.target'; then
+        echo "systemd is stopping the machine for the kexec" | out update
+        while :; do sleep 60; done
+    fi
     run_checks
     server_log
     finish $failed
