@@ -1,7 +1,8 @@
 //! Holders of state beyond memory, for the network and lock scenarios: a TCP echo server (its
 //! listening socket), and a process holding a whole-file flock and a POSIX (fcntl) write lock.
 //!
-//! echo:     nvwa-lab-workload echo --port P --log PATH   (serves until killed)
+//! echo:     nvwa-lab-workload echo --port P --log PATH   (serves until killed; P 0: any free
+//!           port, named in its "listening" line)
 //! connect:  nvwa-lab-workload connect --port P           (a line must come back; exit 0)
 //! lock:     nvwa-lab-workload lock --file F --log PATH   (holds both locks until killed)
 //! try-lock: nvwa-lab-workload try-lock --file F          (exit 0 when both locks are free,
@@ -29,6 +30,8 @@ pub fn echo(args: &[String]) -> Result<(), String> {
     let log = opt(args, "--log").ok_or("echo needs --log PATH")?;
     let listener = TcpListener::bind(("0.0.0.0", port as u16))
         .map_err(|e| format!("cannot listen on port {port}: {e}"))?;
+    // --port 0: the kernel picks a free port; the log line says which.
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     log_line(
         &log,
         &format!("listening pid {} port {port}", std::process::id()),

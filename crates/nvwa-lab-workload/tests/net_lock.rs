@@ -71,20 +71,24 @@ fn a_held_lock_is_reported_with_its_holder_and_freed_with_it() {
 fn the_echo_server_answers_connections() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    // A port the kernel just handed out is free (races with other tests are unlikely).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    // The server takes any free port and names it: no other process can take it in between.
     let mut server = Killed(
         Command::new(BIN)
-            .args(["echo", "--port", &port, "--log", log.to_str().unwrap()])
+            .args(["echo", "--port", "0", "--log", log.to_str().unwrap()])
             .spawn()
             .unwrap(),
     );
     wait_for(&log, "listening", &mut server.0);
+    let port = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("listening ")?
+                .split(" port ")
+                .nth(1)
+                .map(String::from)
+        })
+        .expect("the listening line names its port");
     for _ in 0..2 {
         let out = Command::new(BIN)
             .args(["connect", "--port", &port])
