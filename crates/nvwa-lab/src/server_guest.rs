@@ -57,6 +57,8 @@ pub const PACKAGES: &[&str] = &[
     "zstd",
     "e2fsprogs",
     "procps",
+    // A sandboxed service from Debian, unmodified (disabled at build: see customize.sh).
+    "redis-server",
 ];
 
 /// The server guest's nvwa configuration: images on the root disk.

@@ -23,6 +23,9 @@ Address=10.0.2.15/24
 Gateway=10.0.2.2
 EOT
 chroot "$root" systemctl enable systemd-networkd.service
+# Debian's redis-server.service (a sandboxed Type=notify unit) is installed for the scenarios that
+# preserve a service; disabled, so that the other scenarios do not run it.
+chroot "$root" systemctl disable redis-server.service
 # The serial console carries the lab's events: no getty on it (its vhangup would cut the lab's
 # output). Timers that would compete for the two emulated CPUs during a run are masked.
 for u in serial-getty@ttyS0.service apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
