@@ -24,6 +24,11 @@ pub trait ProcView {
     fn describe(&self, pid: i32) -> String;
     /// Resident memory of the process tree rooted at `pid`, in bytes: what its images will hold.
     fn tree_rss_bytes(&self, pid: i32) -> u64;
+    /// The namespaces (mnt, uts, ipc, net, pid, user, cgroup) in which `pid` is apart from
+    /// PID 1. Time namespaces are left out: criu gives every restored process one of its own.
+    fn own_namespaces(&self, _pid: i32) -> Vec<&'static str> {
+        Vec::new()
+    }
 }
 
 /// The processes of this machine, read from /proc by [`crate::process`].
@@ -48,6 +53,9 @@ impl ProcView for RealProcs {
     }
     fn tree_rss_bytes(&self, pid: i32) -> u64 {
         process::tree_rss_bytes(pid)
+    }
+    fn own_namespaces(&self, pid: i32) -> Vec<&'static str> {
+        process::own_namespaces(pid)
     }
 }
 
@@ -150,6 +158,11 @@ pub enum Refusal {
     GeneratorMissing { path: PathBuf },
     /// systemd could not be asked about a listed service.
     ServiceQuery { unit: String, error: String },
+    /// A listed service whose main process lives in namespaces of its own (its unit's sandbox).
+    ServiceSandboxed {
+        unit: String,
+        namespaces: Vec<&'static str>,
+    },
     /// A listed pid inside a listed service's main tree (or the reverse).
     ServiceOverlap { unit: String, pid: i32 },
     /// `restore_net: true` is not implemented yet.
@@ -236,6 +249,10 @@ impl Refusal {
             Refusal::ServiceQuery { unit, error } => {
                 format!("cannot ask systemd about service {unit}: {error}")
             }
+            Refusal::ServiceSandboxed { unit, namespaces } => format!(
+                "service {unit} runs in namespaces of its own ({}), made by its unit's sandboxing (PrivateTmp=, ProtectSystem=, ProtectHostname=, PrivateUsers= and the like); nvwa preserves only services that share the host's namespaces: it dumps from them and restores inside the unit without a sandbox",
+                namespaces.join(", ")
+            ),
             Refusal::ServiceOverlap { unit, pid } => format!(
                 "pid {pid} is listed under `pids:` and is in the process tree of service {unit}, whose dump already includes it"
             ),
@@ -306,6 +323,9 @@ impl Refusal {
                 format!("make sure `systemctl show {unit}` works, then retry")
             }
             Refusal::ServiceOverlap { pid, .. } => format!("remove {pid} from `pids:`"),
+            Refusal::ServiceSandboxed { unit, .. } => format!(
+                "remove {unit} from `services:`, or turn its namespacing off with a drop-in (`systemctl edit {unit}`) if its confinement allows"
+            ),
             Refusal::RestoreNetUnsupported { .. } => "set it to false".to_string(),
             Refusal::NothingListed { file } => {
                 format!("list the processes to keep in {}", file.display())
@@ -419,6 +439,13 @@ pub fn judge_service(
         });
     }
     let main = unit.main_pid;
+    let namespaces = procs.own_namespaces(main);
+    if !namespaces.is_empty() {
+        return Err(Refusal::ServiceSandboxed {
+            unit: unit.id.clone(),
+            namespaces,
+        });
+    }
     let strays: Vec<String> = members
         .iter()
         .filter(|&&p| p != main && !ancestors(procs, p).contains(&main))

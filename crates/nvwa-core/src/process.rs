@@ -179,6 +179,20 @@ pub fn resume(pids: &[i32]) -> Result<(), nix::Error> {
     first_err.map_or(Ok(()), Err)
 }
 
+/// The namespaces in which `pid` is apart from PID 1 (time left out: see
+/// [`crate::policy::ProcView::own_namespaces`]). Where PID 1's cannot be read (nvwa in a
+/// container), nvwa's own stand for the host's; one that cannot be read counts as shared.
+pub fn own_namespaces(pid: i32) -> Vec<&'static str> {
+    ["mnt", "uts", "ipc", "net", "pid", "user", "cgroup"]
+        .into_iter()
+        .filter(|ns| {
+            let of = |p: &str| fs::read_link(format!("/proc/{p}/ns/{ns}")).ok();
+            let host = of("1").or_else(|| of("self"));
+            matches!((host, of(&pid.to_string())), (Some(a), Some(b)) if a != b)
+        })
+        .collect()
+}
+
 /// SIGKILL to every pid (stopped processes die without running again), then waits at most
 /// `timeout` until none of them is alive or a zombie any more.
 pub fn kill_and_reap(pids: &[i32], timeout: std::time::Duration) {
@@ -247,6 +261,25 @@ pub fn std_stream_sockets(pid: i32) -> Vec<(i32, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_in_a_user_namespace_of_its_own_is_told_apart() {
+        assert!(own_namespaces(std::process::id() as i32).is_empty());
+        let mut child = std::process::Command::new("unshare")
+            .args(["--user", "sleep", "30"])
+            .spawn()
+            .expect("unshare (util-linux) runs");
+        let pid = child.id() as i32;
+        // unshare(2) happens before the exec of sleep: wait for the exec.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while comm(pid).as_deref() != Some("sleep") && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let apart = own_namespaces(pid);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(apart, vec!["user"]);
+    }
 
     #[test]
     fn unix_stream_sockets_are_told_from_other_sockets() {

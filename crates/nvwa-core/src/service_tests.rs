@@ -304,6 +304,19 @@ fn services_that_cannot_be_handed_back_are_refused_before_anything_happens() {
     let m = FakeMachine::with_services(&[], vec![oneshot]);
     assert!(refused(&m, &cfg).contains("Type=oneshot"));
 
+    let mut sandboxed = FakeService::new(REDIS, 300);
+    sandboxed.namespaces = vec!["mnt", "uts", "user"];
+    let m = FakeMachine::with_services(&[], vec![sandboxed]);
+    let text = refused(&m, &cfg);
+    assert!(
+        text.contains("runs in namespaces of its own (mnt, uts, user)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("systemctl edit redis-server.service"),
+        "{text}"
+    );
+
     let m = redis_machine();
     m.inject(Fault::ServiceQuery(REDIS));
     assert!(refused(&m, &cfg).contains("cannot ask systemd about service redis-server.service"));

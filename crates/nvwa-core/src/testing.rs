@@ -80,6 +80,8 @@ pub struct FakeService {
     /// Pids of its cgroup besides the main tree (strays).
     pub strays: Vec<i32>,
     pub streams: Vec<StdStream>,
+    /// Namespaces of its own (its unit's sandbox).
+    pub namespaces: Vec<&'static str>,
 }
 
 impl FakeService {
@@ -93,6 +95,7 @@ impl FakeService {
                 StdStream { fd: 1, inode: 9001 },
                 StdStream { fd: 2, inode: 9001 },
             ],
+            namespaces: Vec::new(),
         }
     }
 }
@@ -464,6 +467,12 @@ impl ProcView for FakeMachine {
     }
     fn tree_rss_bytes(&self, _: i32) -> u64 {
         4096
+    }
+    fn own_namespaces(&self, pid: i32) -> Vec<&'static str> {
+        self.services
+            .iter()
+            .find(|s| s.main_pid == pid)
+            .map_or_else(Vec::new, |s| s.namespaces.clone())
     }
 }
 
