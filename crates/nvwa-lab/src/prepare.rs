@@ -99,8 +99,31 @@ fn requested_set(extra_packages: &[String]) -> Vec<String> {
 
 fn load_manifest(cache: &Path) -> Option<Manifest> {
     let text = std::fs::read_to_string(cache.join(MANIFEST)).ok()?;
-    let m: Manifest = serde_json::from_str(&text).ok()?;
+    let mut m: Manifest = serde_json::from_str(&text).ok()?;
+    // A cache copied or moved elsewhere must not lead runs back into the original's directory.
+    m.ingredients = m.ingredients.rebased(cache);
     (m.format == MANIFEST_FORMAT).then_some(m)
+}
+
+impl Ingredients {
+    /// The same ingredients with every path under the recorded cache moved under `cache`.
+    fn rebased(&self, cache: &Path) -> Ingredients {
+        let move_path = |p: &Path| match p.strip_prefix(&self.cache) {
+            Ok(rel) => cache.join(rel),
+            Err(_) => p.to_path_buf(),
+        };
+        let bits = |k: &KernelBits| KernelBits {
+            version: k.version.clone(),
+            vmlinuz: move_path(&k.vmlinuz),
+            modules_dir: move_path(&k.modules_dir),
+        };
+        Ingredients {
+            cache: cache.to_path_buf(),
+            old: bits(&self.old),
+            new: bits(&self.new),
+            sysroot: move_path(&self.sysroot),
+        }
+    }
 }
 
 fn ingredients_present(i: &Ingredients) -> bool {
@@ -656,5 +679,24 @@ mod tests {
             Some(v) => assert_eq!(d, PathBuf::from(v)),
             None => assert!(d.ends_with(".cache/nvwa-lab")),
         }
+    }
+
+    #[test]
+    fn a_copied_cache_points_at_itself() {
+        let bits = |root: &str| KernelBits {
+            version: "6.1".into(),
+            vmlinuz: PathBuf::from(format!("{root}/kernels/6.1/vmlinuz")),
+            modules_dir: PathBuf::from(format!("{root}/kernels/6.1/lib/modules/6.1")),
+        };
+        let recorded = Ingredients {
+            cache: PathBuf::from("/a/cache"),
+            old: bits("/a/cache"),
+            new: bits("/a/cache"),
+            sysroot: PathBuf::from("/a/cache/sysroot"),
+        };
+        let moved = recorded.rebased(Path::new("/b/copy"));
+        assert_eq!(moved.cache, PathBuf::from("/b/copy"));
+        assert_eq!(moved.old, bits("/b/copy"));
+        assert_eq!(moved.sysroot, PathBuf::from("/b/copy/sysroot"));
     }
 }
