@@ -8,31 +8,10 @@ use crate::journal::{Journal, Phase, TargetState};
 use crate::machine::PinOp;
 use crate::protocol::{ErrorKind, Progress};
 use crate::restore::restore_saved;
-use crate::testing::{config, Call, FakeMachine, Fault};
+use crate::testing::{
+    config, run_update, update_with_stop, Call, FakeMachine, Fault, NEW_BOOT, OLD_BOOT,
+};
 use crate::update::{self, Reporter, UpdateError};
-
-const OLD_BOOT: &str = "0f5e1a8c-boot-one";
-const NEW_BOOT: &str = "7c2d9b10-boot-two";
-
-fn update_with_stop(
-    m: &FakeMachine,
-    cfg: &crate::config::Config,
-    v: &str,
-    stop: &Arc<AtomicBool>,
-) -> (Result<String, UpdateError>, Vec<Progress>) {
-    let mut events = Vec::new();
-    let mut sink = |p: Progress| events.push(p);
-    let res = update::run(m, cfg, v, &Reporter::new(&mut sink), stop);
-    (res, events)
-}
-
-fn run_update(
-    m: &FakeMachine,
-    cfg: &crate::config::Config,
-    v: &str,
-) -> (Result<String, UpdateError>, Vec<Progress>) {
-    update_with_stop(m, cfg, v, &Arc::new(AtomicBool::new(false)))
-}
 
 fn restore(m: &FakeMachine, cfg: &crate::config::Config) -> Result<String, UpdateError> {
     let mut sink = |_p: Progress| {};
@@ -53,33 +32,10 @@ fn phases(events: &[Progress]) -> Vec<Phase> {
         .collect()
 }
 
-/// The journal and images an update leaves behind when it stopped in `last` on the old boot.
+/// The journal and images an update of `pids` leaves behind when it stopped in `last`.
 fn saved_on_old_boot(cfg: &crate::config::Config, pids: &[i32], last: Phase) {
     let old = FakeMachine::with_pids(pids);
-    let mut j = Journal::new(
-        "6.1-old",
-        "6.12-new",
-        crate::testing::targets(&old, pids),
-        OLD_BOOT,
-    );
-    for p in [
-        Phase::KernelLoaded,
-        Phase::Frozen,
-        Phase::Dumped,
-        Phase::Committed,
-    ] {
-        if p > last {
-            break;
-        }
-        j.advance(p, OLD_BOOT).unwrap();
-    }
-    std::fs::create_dir_all(&cfg.server.criu_dir).unwrap();
-    for t in &j.targets {
-        let d = cfg.server.criu_dir.join(&t.name);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("inventory.img"), "x").unwrap();
-    }
-    j.save(&cfg.server.criu_dir).unwrap();
+    crate::testing::save_on_old_boot(cfg, crate::testing::targets(&old, pids), last);
 }
 
 fn new_boot() -> FakeMachine {

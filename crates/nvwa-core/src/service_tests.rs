@@ -3,18 +3,16 @@
 //! and the server's record of it on the new boot.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use crate::config::Config;
 use crate::journal::{Journal, Phase, TargetKind, TargetState};
 use crate::protocol::{ErrorKind, Progress};
 use crate::service::{drop_ins, generate, restore_in_unit, ServiceError};
-use crate::testing::{config, Call, FakeMachine, FakeService, Fault};
+use crate::testing::{
+    config, run_update, save_on_old_boot, Call, FakeMachine, FakeService, Fault, NEW_BOOT, OLD_BOOT,
+};
 use crate::update::{self, Reporter};
 
-const OLD_BOOT: &str = "0f5e1a8c-boot-one";
-const NEW_BOOT: &str = "7c2d9b10-boot-two";
 const REDIS: &str = "redis-server.service";
 const NVWA: &str = "/usr/bin/nvwa";
 
@@ -36,26 +34,7 @@ fn on_new_boot(mut m: FakeMachine) -> FakeMachine {
 
 /// What an update of `m`'s services leaves behind when it stopped in `last` on the old boot.
 fn saved(cfg: &Config, m: &FakeMachine, last: Phase) -> Journal {
-    let targets = update::plan_targets(m, cfg).unwrap();
-    let mut j = Journal::new("6.12.117", "6.12.118", targets, OLD_BOOT);
-    for p in [
-        Phase::KernelLoaded,
-        Phase::Frozen,
-        Phase::Dumped,
-        Phase::Committed,
-    ] {
-        if p > last {
-            break;
-        }
-        j.advance(p, OLD_BOOT).unwrap();
-    }
-    for t in &j.targets {
-        let d = cfg.server.criu_dir.join(&t.name);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("inventory.img"), "x").unwrap();
-    }
-    j.save(&cfg.server.criu_dir).unwrap();
-    j
+    save_on_old_boot(cfg, update::plan_targets(m, cfg).unwrap(), last)
 }
 
 fn restore(m: &FakeMachine, cfg: &Config) -> Result<String, update::UpdateError> {
@@ -72,10 +51,8 @@ fn a_service_is_dumped_from_its_main_process_with_its_journal_stream_external() 
     let dir = crate::trust::trusted_tempdir();
     let cfg = services_config(dir.path(), &["redis-server"]);
     let m = redis_machine();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut sink = |_p: Progress| {};
     // The double's jump fails, so the update ends resumed; what matters is what it dumped.
-    let res = update::run(&m, &cfg, "6.12-new", &Reporter::new(&mut sink), &stop);
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
     assert!(res.is_err());
     let calls = m.calls();
     assert!(calls.contains(&Call::Dump(300)), "{calls:?}");
@@ -269,9 +246,7 @@ fn a_failing_service_dump_resumes_every_service_and_leaves_nothing_for_the_next_
         ],
     );
     m.inject(Fault::Dump(400));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut sink = |_p: Progress| {};
-    let err = update::run(&m, &cfg, "6.12-new", &Reporter::new(&mut sink), &stop).unwrap_err();
+    let err = run_update(&m, &cfg, "6.12-new").0.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::RolledBack);
     assert!(err.to_string().contains("nginx.service (pid 400)"), "{err}");
     assert!(m.stopped().is_empty(), "still stopped: {:?}", m.stopped());
@@ -284,10 +259,8 @@ fn a_failing_service_dump_resumes_every_service_and_leaves_nothing_for_the_next_
 #[test]
 fn services_that_cannot_be_handed_back_are_refused_before_anything_happens() {
     let dir = crate::trust::trusted_tempdir();
-    let stop = Arc::new(AtomicBool::new(false));
     let refused = |m: &FakeMachine, cfg: &Config| {
-        let mut sink = |_p: Progress| {};
-        let err = update::run(m, cfg, "6.12-new", &Reporter::new(&mut sink), &stop).unwrap_err();
+        let err = run_update(m, cfg, "6.12-new").0.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
         assert!(m.calls().is_empty(), "{:?}", m.calls());
         err.to_string()
@@ -339,9 +312,7 @@ fn an_orderly_jump_is_handed_to_systemd_with_the_targets_held() {
     cfg.restore.pids = vec![100];
     cfg.server.kexec_mode = crate::config::KexecMode::Orderly;
     let m = FakeMachine::with_services(&[100], vec![FakeService::new(REDIS, 300)]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut sink = |_p: Progress| {};
-    let msg = update::run(&m, &cfg, "6.12-new", &Reporter::new(&mut sink), &stop).unwrap();
+    let msg = run_update(&m, &cfg, "6.12-new").0.unwrap();
     assert!(msg.contains("systemd is stopping the other units"), "{msg}");
     assert!(
         m.called(&Call::OrderlyKexec(vec![REDIS.into()], vec![100])),
@@ -364,9 +335,7 @@ fn an_orderly_jump_systemd_refuses_is_rolled_back() {
     cfg.server.kexec_mode = crate::config::KexecMode::Orderly;
     let m = FakeMachine::with_services(&[100], vec![FakeService::new(REDIS, 300)]);
     m.inject(Fault::OrderlyKexec);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut sink = |_p: Progress| {};
-    let err = update::run(&m, &cfg, "6.12-new", &Reporter::new(&mut sink), &stop).unwrap_err();
+    let err = run_update(&m, &cfg, "6.12-new").0.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::RolledBack);
     let text = err.to_string();
     assert!(

@@ -501,3 +501,66 @@ pub fn targets(m: &dyn Machine, pids: &[i32]) -> Vec<crate::journal::Target> {
     let dir = tempfile::tempdir().unwrap();
     crate::update::plan_targets(m, &config(dir.path(), pids)).unwrap()
 }
+
+/// The boot an update starts on, and the one after its jump.
+pub const OLD_BOOT: &str = "0f5e1a8c-boot-one";
+pub const NEW_BOOT: &str = "7c2d9b10-boot-two";
+
+/// `update::run` to version `v`, with the progress events it reported; `stop` as the server's
+/// stop flag.
+pub fn update_with_stop(
+    m: &FakeMachine,
+    cfg: &Config,
+    v: &str,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    Result<String, crate::update::UpdateError>,
+    Vec<crate::protocol::Progress>,
+) {
+    let mut events = Vec::new();
+    let mut sink = |p: crate::protocol::Progress| events.push(p);
+    let res = crate::update::run(m, cfg, v, &crate::update::Reporter::new(&mut sink), stop);
+    (res, events)
+}
+
+/// `update::run` to version `v` that nobody asks to stop.
+pub fn run_update(
+    m: &FakeMachine,
+    cfg: &Config,
+    v: &str,
+) -> (
+    Result<String, crate::update::UpdateError>,
+    Vec<crate::protocol::Progress>,
+) {
+    update_with_stop(m, cfg, v, &std::sync::Arc::default())
+}
+
+/// The journal and images an update of `targets` leaves behind when it stopped in `last` on
+/// [`OLD_BOOT`].
+pub fn save_on_old_boot(
+    cfg: &Config,
+    targets: Vec<crate::journal::Target>,
+    last: crate::journal::Phase,
+) -> crate::journal::Journal {
+    use crate::journal::{Journal, Phase};
+    let mut j = Journal::new("6.1-old", "6.12-new", targets, OLD_BOOT);
+    for p in [
+        Phase::KernelLoaded,
+        Phase::Frozen,
+        Phase::Dumped,
+        Phase::Committed,
+    ] {
+        if p > last {
+            break;
+        }
+        j.advance(p, OLD_BOOT).unwrap();
+    }
+    std::fs::create_dir_all(&cfg.server.criu_dir).unwrap();
+    for t in &j.targets {
+        let d = cfg.server.criu_dir.join(&t.name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("inventory.img"), "x").unwrap();
+    }
+    j.save(&cfg.server.criu_dir).unwrap();
+    j
+}
