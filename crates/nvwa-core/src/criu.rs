@@ -159,9 +159,19 @@ impl Criu {
             deadline_key: "restore_timeout",
             cancellable: false,
         };
-        let mut args: Vec<String> = ["restore", "-d", "--pidfile", PIDFILE]
-            .map(String::from)
-            .into();
+        // The restored tree stays in the cgroup of whoever runs criu: a service's unit (its
+        // restore runs there) or nvwa.service for pid targets. The cgroups of the old boot are
+        // not recreated: a session scope or a stopped unit would come back as a directory
+        // systemd knows nothing about.
+        let mut args: Vec<String> = [
+            "restore",
+            "-d",
+            "--pidfile",
+            PIDFILE,
+            "--manage-cgroups=ignore",
+        ]
+        .map(String::from)
+        .into();
         for (fd, ino) in &opts.inherit {
             args.extend(["--inherit-fd".into(), format!("fd[{fd}]:socket:[{ino}]")]);
         }
@@ -349,7 +359,7 @@ mod tests {
         );
         assert!(
             lines[1].starts_with(
-                "restore -d --pidfile restored.pid --inherit-fd fd[10]:socket:[20466] -D"
+                "restore -d --pidfile restored.pid --manage-cgroups=ignore --inherit-fd fd[10]:socket:[20466] -D"
             ),
             "{seen}"
         );
