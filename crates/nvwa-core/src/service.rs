@@ -127,11 +127,17 @@ pub fn generate(
     };
     let files = drop_ins(cfg, &j, boot, nvwa_exe);
     for (rel, text) in &files {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let path = normal_dir.join(rel);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
         }
         std::fs::write(&path, text)?;
+        // Unit configuration is public; systemd warns about restricted modes at each reload.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
     }
     Ok(files.len())
 }

@@ -6,6 +6,7 @@
 //! the main process's tree: criu dumps a process tree, and a helper that systemd started beside
 //! the main process (an `ExecStartPost=` leftover, a second daemon) would be lost.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -246,8 +247,16 @@ pub fn hold(units: &[String]) -> Result<Vec<PathBuf>, SystemdError> {
         .try_for_each(|unit| {
             let dir = Path::new(RUNTIME_UNITS).join(format!("{unit}.d"));
             let path = dir.join(HOLD_DROP_IN);
-            std::fs::create_dir_all(&dir)
+            // Unit configuration is public (systemd warns about restricted modes at each reload):
+            // 0755/0644 whatever the server's umask.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&dir)
                 .and_then(|()| std::fs::write(&path, HOLD))
+                .and_then(|()| {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                })
                 .map_err(|source| SystemdError::DropIn {
                     path: path.clone(),
                     source,
