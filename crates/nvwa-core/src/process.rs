@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::path::PathBuf;
 
 /// A process (thread group) exists.
 pub fn alive(pid: i32) -> bool {
@@ -193,6 +194,62 @@ pub fn own_namespaces(pid: i32) -> Vec<&'static str> {
         .collect()
 }
 
+/// The mount ids of `/proc/<pid>/mountinfo` (its mount namespace's mounts).
+pub fn parse_mount_ids(mountinfo: &str) -> BTreeSet<u64> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// `(mnt_id, flags)` of a `/proc/<pid>/fdinfo/<fd>` (flags are octal).
+pub fn parse_fdinfo(text: &str) -> Option<(u64, u32)> {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let mnt = field("mnt_id")?.parse().ok()?;
+    let flags = u32::from_str_radix(field("flags")?, 8).ok()?;
+    Some((mnt, flags))
+}
+
+/// Files (paths, not sockets, pipes or anonymous inodes) that `pid` holds open on mounts that
+/// are not in its mount namespace: `(fd, mnt_id, inode, path, flags)`. systemd opens a unit's
+/// stdin (/dev/null) on the host before it makes the unit's namespace; criu cannot look such a
+/// mount up from inside the namespace.
+pub fn foreign_mount_files(pid: i32) -> Vec<(i32, u64, u64, PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(mountinfo) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+        return Vec::new();
+    };
+    let mounts = parse_mount_ids(&mountinfo);
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = fds
+        .flatten()
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let link = fs::read_link(e.path()).ok()?;
+            // Only real paths: sockets, pipes and anon inodes live on internal mounts that no
+            // mountinfo lists, and criu handles them by other means.
+            if !link.is_absolute() || link.to_string_lossy().ends_with(" (deleted)") {
+                return None;
+            }
+            let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+            let (mnt, flags) = parse_fdinfo(&info)?;
+            if mounts.contains(&mnt) {
+                return None;
+            }
+            let ino = fs::metadata(e.path()).ok()?.ino();
+            Some((fd, mnt, ino, link, flags))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// SIGKILL to every pid (stopped processes die without running again), then waits at most
 /// `timeout` until none of them is alive or a zombie any more.
 pub fn kill_and_reap(pids: &[i32], timeout: std::time::Duration) {
@@ -261,6 +318,22 @@ pub fn std_stream_sockets(pid: i32) -> Vec<(i32, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fdinfo_and_mountinfo_are_parsed() {
+        let info = "pos:\t0\nflags:\t0100002\nmnt_id:\t26\nino:\t5\n";
+        assert_eq!(parse_fdinfo(info), Some((26, 0o100002)));
+        assert_eq!(parse_fdinfo("pos:\t0\n"), None);
+        let mi = "612 590 0:23 / / ro shared:1 - ext4 /dev/vda rw\n613 612 0:5 / /dev rw - tmpfs tmpfs rw\n";
+        assert_eq!(parse_mount_ids(mi), BTreeSet::from([612, 613]));
+    }
+
+    #[test]
+    fn files_on_our_own_mounts_are_not_foreign() {
+        // Every file this test process holds is on a mount of its own namespace.
+        let _f = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(foreign_mount_files(std::process::id() as i32), vec![]);
+    }
 
     #[test]
     fn a_process_in_a_user_namespace_of_its_own_is_told_apart() {
