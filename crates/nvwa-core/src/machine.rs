@@ -180,7 +180,9 @@ impl Machine for RealMachine {
         crate::journal::boot_id()
     }
     fn criu_working_on(&self, dir: &Path) -> Vec<i32> {
-        process::running_with_args(&["-D".as_ref(), dir.as_os_str()])
+        let mut pids = process::running_with_args(&["-D".as_ref(), dir.as_os_str()]);
+        pids.extend(process::running_with_dir_fd(dir));
+        pids
     }
     fn pin_memory(&self, op: PinOp) -> Result<(), PinMemError> {
         let dev = PinMem::open(&Path::new(DEV_ROOT).join(PINMEM_DEVICE))?;

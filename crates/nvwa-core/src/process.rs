@@ -278,6 +278,33 @@ pub fn running_with_args(args: &[&std::ffi::OsStr]) -> Vec<i32> {
         .collect()
 }
 
+/// Processes run with `-D /proc/self/fd/N` where their fd N is the directory `dir`: criu run
+/// inside a sandboxed service's namespaces names its image directory that way
+/// ([`crate::criu::Criu::dump`]), so [`running_with_args`] cannot find it by path.
+pub fn running_with_dir_fd(dir: &std::path::Path) -> Vec<i32> {
+    let Ok(dir) = fs::canonicalize(dir) else {
+        return Vec::new();
+    };
+    all_pids()
+        .into_iter()
+        .filter(|&p| {
+            let Ok(raw) = fs::read(format!("/proc/{p}/cmdline")) else {
+                return false;
+            };
+            let argv: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+            argv.windows(2).any(|w| {
+                w[0] == b"-D"
+                    && std::str::from_utf8(w[1])
+                        .ok()
+                        .and_then(|a| a.strip_prefix("/proc/self/fd/"))
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .and_then(|n| fs::read_link(format!("/proc/{p}/fd/{n}")).ok())
+                        .is_some_and(|target| target == dir)
+            })
+        })
+        .collect()
+}
+
 /// The socket inode behind a `/proc/<pid>/fd/<n>` link target (`socket:[123]`).
 fn socket_inode(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?
@@ -326,6 +353,37 @@ mod tests {
         assert_eq!(parse_fdinfo("pos:\t0\n"), None);
         let mi = "612 590 0:23 / / ro shared:1 - ext4 /dev/vda rw\n613 612 0:5 / /dev rw - tmpfs tmpfs rw\n";
         assert_eq!(parse_mount_ids(mi), BTreeSet::from([612, 613]));
+    }
+
+    #[test]
+    fn a_program_naming_its_directory_by_fd_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        // sh's own cmdline ends in `-D /proc/self/fd/7` ($0 and $1), and sh holds fd 7 on dir.
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "exec 7<\"$2\"; echo ready; read x",
+                "-D",
+                "/proc/self/fd/7",
+            ])
+            .arg(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "ready\n");
+        let pid = child.id() as i32;
+        assert!(running_with_dir_fd(dir.path()).contains(&pid));
+        assert!(!running_with_dir_fd(other.path()).contains(&pid));
+        drop(child.stdin.take());
+        child.wait().unwrap();
     }
 
     #[test]
