@@ -230,10 +230,11 @@ impl Machine for RealMachine {
             .iter()
             .find_map(|f| std::fs::read_to_string(f).ok())?;
         let me = std::process::id() as i32;
+        let exe = std::env::current_exe().ok()?;
         systemd::parse_procs(&procs).into_iter().find(|&p| {
             p != me
                 && std::fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| crate::service::is_holder_cmdline(&c))
+                    .is_ok_and(|c| crate::service::is_holder_cmdline(&c, &exe))
         })
     }
     fn kill_holder(&self, pid: i32) {

@@ -336,12 +336,14 @@ fn reopen_external_files(
     Ok(out)
 }
 
-/// Whether a `/proc/PID/cmdline` is nvwa's holder: `<nvwa> hold`.
-pub fn is_holder_cmdline(raw: &[u8]) -> bool {
+/// Whether a `/proc/PID/cmdline` is nvwa's holder: `<exe> hold`, `exe` being the path the
+/// generator wrote into the drop-in (nvwa's own executable, as for the helper).
+pub fn is_holder_cmdline(raw: &[u8], exe: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
     let argv: Vec<&[u8]> = raw.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
     argv.len() == 2
+        && argv[0] == exe.as_os_str().as_bytes()
         && argv[1] == systemd::HOLD_ARG.as_bytes()
-        && argv[0].rsplit(|&b| b == b'/').next() == Some(b"nvwa")
 }
 
 /// `nvwa hold`, the unit's `ExecStartPre=` in nvwa's drop-in for a sandboxed service: leaves a

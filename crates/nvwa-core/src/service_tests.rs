@@ -508,8 +508,10 @@ fn a_sandboxed_unit_restores_into_its_holder_and_kills_it_whatever_the_outcome()
 #[test]
 fn the_holder_is_recognised_by_its_command_line() {
     use crate::service::is_holder_cmdline;
-    assert!(is_holder_cmdline(b"/usr/bin/nvwa\0hold\0"));
-    assert!(!is_holder_cmdline(b"/usr/bin/nvwa\0restore\0x@1\0"));
-    assert!(!is_holder_cmdline(b"/usr/bin/nvwa\0hold\0extra\0"));
-    assert!(!is_holder_cmdline(b"/usr/bin/redis-server\0hold\0"));
+    let exe = Path::new(NVWA);
+    assert!(is_holder_cmdline(b"/usr/bin/nvwa\0hold\0", exe));
+    assert!(!is_holder_cmdline(b"/usr/bin/nvwa\0restore\0x@1\0", exe));
+    assert!(!is_holder_cmdline(b"/usr/bin/nvwa\0hold\0extra\0", exe));
+    assert!(!is_holder_cmdline(b"/usr/bin/redis-server\0hold\0", exe));
+    assert!(!is_holder_cmdline(b"/opt/nvwa\0hold\0", exe));
 }
