@@ -466,6 +466,15 @@ fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> CheckLine {
         .map(|text| crate::systemd::parse_procs(&text))
         .unwrap_or_default();
     match crate::policy::judge_service(cfg, &info, &members, sys.procs()) {
+        Ok(()) if sys.procs().own_namespaces(info.main_pid).contains(&"user") => CheckLine::warn(
+            req,
+            format!(
+                "running (Type={}), main process {}, in a user namespace of its own (PrivateUsers=): criu cannot restore it into one, so it comes back in the host's user namespace until the unit restarts (its uid and gid are identity-mapped and mean the same; capabilities, no_new_privs and seccomp filters are kept)",
+                info.kind.name(),
+                sys.procs().describe(info.main_pid)
+            ),
+            format!("accept it, or restart {unit} after the update to give it back its own user namespace"),
+        ),
         Ok(()) => CheckLine::ok(
             req,
             format!(
@@ -999,6 +1008,28 @@ mod tests {
             "services handed back at boot",
             "reinstall nvwa",
         );
+    }
+
+    #[test]
+    fn a_service_in_its_own_user_namespace_warns_that_it_comes_back_in_the_hosts() {
+        let fx = fixture_with_service();
+        let mut sys = FakeSystem::healthy();
+        sys.procs.procs.get_mut(&200).unwrap().namespaces = vec!["mnt", "uts", "user"];
+        let report = run(&fx, &sys);
+        let l = line(&report, "service nginx");
+        assert_eq!(l.verdict, Verdict::Warn);
+        assert!(
+            report
+                .render()
+                .contains("comes back in the host's user namespace until the unit restarts"),
+            "{}",
+            report.render()
+        );
+        // Mount and UTS namespaces alone are carried over as they are.
+        sys.procs.procs.get_mut(&200).unwrap().namespaces = vec!["mnt", "uts"];
+        assert_eq!(line(&run(&fx, &sys), "service nginx").verdict, Verdict::Ok);
+        sys.procs.procs.get_mut(&200).unwrap().namespaces = vec!["mnt", "net"];
+        assert_fails(&run(&fx, &sys), "service nginx", "cannot carry over (net)");
     }
 
     #[test]

@@ -92,6 +92,16 @@ pub struct DumpOptions {
     /// Inodes of unix stream sockets whose peer stays behind (a service's journald streams):
     /// dumped as external, handed in again at restore with `--inherit-fd`.
     pub external_unix: Vec<u64>,
+    /// Files on mounts outside the process's mount namespace, as criu names them
+    /// (`file[<mnt_id hex>:<inode hex>]`): dumped as external, inherited at restore.
+    pub external_files: Vec<String>,
+    /// Run criu inside this pid's mount and UTS namespaces (a sandboxed service's main
+    /// process), so that only its user namespace differs from criu's: criu refuses to dump
+    /// namespaces that its target's user namespace does not own (REDIS-RECIPE.md, failure 1).
+    pub enter_ns_of: Option<i32>,
+    /// `--manage-cgroups=ignore`: a service stays in (and is restored into) its unit's cgroup,
+    /// which systemd owns.
+    pub ignore_cgroups: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -100,6 +110,12 @@ pub struct RestoreOptions {
     /// `(fd of ours, socket inode in the images)`: criu gives the restored process our fd
     /// wherever it had that socket. The fd must be open and inheritable when criu starts.
     pub inherit: Vec<(i32, u64)>,
+    /// `(fd of ours, criu's name of the file)`: files dumped with [`DumpOptions::external_files`],
+    /// opened again by us on the same path.
+    pub inherit_files: Vec<(i32, String)>,
+    /// `--join-ns mnt:PID --join-ns uts:PID`: the restored tree enters this pid's mount and UTS
+    /// namespaces (the holder that systemd started in the unit's fresh sandbox).
+    pub join_ns_of: Option<i32>,
 }
 
 impl Criu {
@@ -137,6 +153,12 @@ impl Criu {
         for ino in &opts.external_unix {
             args.extend(["--external".into(), format!("unix[{ino}]")]);
         }
+        for key in &opts.external_files {
+            args.extend(["--external".into(), key.clone()]);
+        }
+        if opts.ignore_cgroups {
+            args.push("--manage-cgroups=ignore".into());
+        }
         let run = Run {
             action: "dump",
             object: format!("pid {pid}"),
@@ -145,7 +167,10 @@ impl Criu {
             deadline_key: "dump_timeout",
             cancellable: true,
         };
-        self.run(run, dir, &args)
+        match opts.enter_ns_of {
+            None => self.run(run, dir, &args),
+            Some(ns_pid) => self.run_in_ns_of(ns_pid, run, dir, &args),
+        }
     }
 
     /// Restores the image set in `dir` detached from criu; returns the restored root pid.
@@ -175,6 +200,13 @@ impl Criu {
         for (fd, ino) in &opts.inherit {
             args.extend(["--inherit-fd".into(), format!("fd[{fd}]:socket:[{ino}]")]);
         }
+        for (fd, key) in &opts.inherit_files {
+            args.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}")]);
+        }
+        if let Some(h) = opts.join_ns_of {
+            args.extend(["--join-ns".into(), format!("mnt:{h}")]);
+            args.extend(["--join-ns".into(), format!("uts:{h}")]);
+        }
         let ms = self.run(run, dir, &args)?;
         let pid = std::fs::read_to_string(dir.join(PIDFILE))
             .ok()
@@ -185,11 +217,67 @@ impl Criu {
 
     fn run(&self, run: Run, dir: &Path, args: &[String]) -> Result<u64, CriuError> {
         let mut cmd = Command::new(&self.exe);
+        cmd.args(args).arg("-D").arg(dir);
+        self.finish(cmd, run, dir)
+    }
+
+    /// [`Criu::run`] with criu inside `pid`'s mount and UTS namespaces. Inside, `/` may be
+    /// read-only and noexec (ProtectSystem=, NoExecPaths=) and the image directory absent, so
+    /// criu's executable and the directory are opened here first and named as
+    /// `/proc/self/fd/N`: each keeps its own mount.
+    fn run_in_ns_of(
+        &self,
+        pid: i32,
+        run: Run,
+        dir: &Path,
+        args: &[String],
+    ) -> Result<u64, CriuError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let open = |p: &Path| {
+            std::fs::File::open(p).map_err(|source| CriuError::Spawn {
+                exe: p.to_path_buf(),
+                source,
+            })
+        };
+        let exe = open(&self.exe)?;
+        let images = open(dir)?;
+        let uts = open(Path::new(&format!("/proc/{pid}/ns/uts")))?;
+        let mnt = open(Path::new(&format!("/proc/{pid}/ns/mnt")))?;
+        let keep = [exe.as_raw_fd(), images.as_raw_fd()];
+        let ns = [
+            (uts.as_raw_fd(), libc::CLONE_NEWUTS),
+            (mnt.as_raw_fd(), libc::CLONE_NEWNS),
+        ];
+        let mut cmd = Command::new(format!("/proc/self/fd/{}", keep[0]));
         cmd.args(args)
             .arg("-D")
-            .arg(dir)
-            .args(["-o", run.log])
-            .args(COMMON);
+            .arg(format!("/proc/self/fd/{}", keep[1]));
+        // SAFETY: between fork and exec only async-signal-safe calls (fcntl, setns) on fds
+        // that stay open in the parent until the child has exec'd.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in keep {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (fd, kind) in ns {
+                    if libc::setns(fd, kind) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let res = self.finish(cmd, run, dir);
+        drop((exe, images, uts, mnt));
+        res
+    }
+
+    /// Runs `cmd` (criu with its action's arguments and `-D`) with the log and common options.
+    fn finish(&self, mut cmd: Command, run: Run, dir: &Path) -> Result<u64, CriuError> {
+        cmd.args(["-o", run.log]).args(COMMON);
         let cancel = self.cancel.as_deref().filter(|_| run.cancellable);
         let log = dir.join(run.log);
         let out = exec::run_cancellable(&mut cmd, run.deadline, cancel).map_err(|e| match e {
@@ -349,6 +437,7 @@ mod tests {
         let restore = RestoreOptions {
             deadline: Duration::from_secs(5),
             inherit: vec![(10, 20466)],
+            ..Default::default()
         };
         let (pid, _) = criu.restore(&images, &restore).unwrap();
         let seen = std::fs::read_to_string(&args).unwrap();
@@ -364,6 +453,36 @@ mod tests {
             "{seen}"
         );
         assert_eq!(pid, 77);
+
+        // A sandboxed service: its outside files external, the holder's namespaces joined.
+        let dump = DumpOptions {
+            deadline: Duration::from_secs(5),
+            external_files: vec!["file[1a:5]".into()],
+            ignore_cgroups: true,
+            ..Default::default()
+        };
+        criu.dump(42, &images, dump).unwrap();
+        let restore = RestoreOptions {
+            deadline: Duration::from_secs(5),
+            inherit_files: vec![(11, "file[1a:5]".into())],
+            join_ns_of: Some(812),
+            ..Default::default()
+        };
+        criu.restore(&images, &restore).unwrap();
+        let seen = std::fs::read_to_string(&args).unwrap();
+        let lines: Vec<&str> = seen.lines().collect();
+        assert!(
+            lines[2].starts_with(
+                "dump -t 42 --leave-stopped --external file[1a:5] --manage-cgroups=ignore -D"
+            ),
+            "{seen}"
+        );
+        assert!(
+            lines[3].starts_with(
+                "restore -d --pidfile restored.pid --manage-cgroups=ignore --inherit-fd fd[11]:file[1a:5] --join-ns mnt:812 --join-ns uts:812 -D"
+            ),
+            "{seen}"
+        );
     }
 
     #[test]

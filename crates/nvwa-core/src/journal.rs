@@ -164,7 +164,7 @@ pub struct Target {
 }
 
 /// A service target's unit, as systemd ran it when it was dumped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedService {
     /// The identifier its journal lines carry (`SyslogIdentifier=`, else the executable's name):
     /// the restore's stream to journald is opened under it, so `journalctl -t` still finds them.
@@ -177,6 +177,47 @@ pub struct SavedService {
     /// stdout streams): criu dumps them as external and the restore hands in fresh ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub streams: Vec<StdStream>,
+    /// The namespaces of its own (a subset of mnt, uts and user: the unit's sandbox) in which
+    /// the main process ran. With mnt or uts, criu dumps from inside them and the restore joins
+    /// those of a holder that the unit's sandbox gives the next start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Files the main process holds on mounts outside its mount namespace (systemd opens stdin
+    /// before it makes the namespace): dumped as external, reopened on the host at restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_files: Vec<ExternalFile>,
+}
+
+impl SavedService {
+    /// Whether criu must run inside the service's mount and UTS namespaces (and the restore
+    /// join those of a holder in the unit's fresh sandbox).
+    pub fn sandboxed(&self) -> bool {
+        self.namespaces.iter().any(|n| n == "mnt" || n == "uts")
+    }
+    /// Whether the service ran in a user namespace of its own (`PrivateUsers=`).
+    pub fn own_user_ns(&self) -> bool {
+        self.namespaces.iter().any(|n| n == "user")
+    }
+}
+
+/// An open file of a dumped process whose mount is not in its mount namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalFile {
+    pub fd: i32,
+    /// The mount id (`/proc/PID/fdinfo/FD`) and inode: how criu names it (`file[mnt:ino]`).
+    pub mnt_id: u64,
+    pub inode: u64,
+    /// Its path on the host, where the restore opens it again.
+    pub path: PathBuf,
+    /// The open flags of fdinfo, for the access mode of the reopened file.
+    pub flags: u32,
+}
+
+impl ExternalFile {
+    /// criu's name for it in `--external` and `--inherit-fd`.
+    pub fn criu_key(&self) -> String {
+        format!("file[{:x}:{:x}]", self.mnt_id, self.inode)
+    }
 }
 
 /// One standard stream of a dumped process that is a unix stream socket.

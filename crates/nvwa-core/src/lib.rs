@@ -10,6 +10,7 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod criu;
+pub mod criu_image;
 pub mod daemon;
 pub mod exec;
 pub mod journal;

@@ -8,7 +8,8 @@ use crate::journal::JournalError;
 
 use crate::boot::{self, BootError, KernelFiles};
 use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
-use crate::journal::StdStream;
+use crate::criu_image::{self, ImageError};
+use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::{self, KexecError};
 use crate::pidns::{self, PidError};
 use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
@@ -64,6 +65,15 @@ pub trait Machine: Send + Sync {
     fn service(&self, unit: &str) -> Result<(UnitInfo, Vec<i32>), SystemdError>;
     /// Standard output and error of `pid` that are unix stream sockets (journald's streams).
     fn std_streams(&self, pid: i32) -> Vec<StdStream>;
+    /// Files `pid` holds on mounts outside its mount namespace ([`process::foreign_mount_files`]).
+    fn external_files(&self, pid: i32) -> Vec<ExternalFile>;
+    /// In `nvwa restore`: the holder (`nvwa hold`) that the unit's `ExecStartPre=` left in our
+    /// cgroup, in the unit's fresh sandbox.
+    fn sandbox_holder(&self) -> Option<i32>;
+    /// Kills the holder once the restore is over.
+    fn kill_holder(&self, pid: i32);
+    /// [`crate::criu_image::restore_in_own_user_ns`].
+    fn restore_in_own_user_ns(&self, dir: &Path, pid: i32) -> Result<(u64, u64), ImageError>;
     /// Starts `unit` (on the new boot: through nvwa's drop-in, i.e. its restore), waiting at
     /// most `deadline`, and returns what systemd says about it afterwards.
     fn start_service(&self, unit: &str, deadline: Duration) -> Result<UnitInfo, SystemdError>;
@@ -170,7 +180,9 @@ impl Machine for RealMachine {
         crate::journal::boot_id()
     }
     fn criu_working_on(&self, dir: &Path) -> Vec<i32> {
-        process::running_with_args(&["-D".as_ref(), dir.as_os_str()])
+        let mut pids = process::running_with_args(&["-D".as_ref(), dir.as_os_str()]);
+        pids.extend(process::running_with_dir_fd(dir));
+        pids
     }
     fn pin_memory(&self, op: PinOp) -> Result<(), PinMemError> {
         let dev = PinMem::open(&Path::new(DEV_ROOT).join(PINMEM_DEVICE))?;
@@ -198,6 +210,38 @@ impl Machine for RealMachine {
             .into_iter()
             .map(|(fd, inode)| StdStream { fd, inode })
             .collect()
+    }
+    fn external_files(&self, pid: i32) -> Vec<ExternalFile> {
+        process::foreign_mount_files(pid)
+            .into_iter()
+            .map(|(fd, mnt_id, inode, path, flags)| ExternalFile {
+                fd,
+                mnt_id,
+                inode,
+                path,
+                flags,
+            })
+            .collect()
+    }
+    fn sandbox_holder(&self) -> Option<i32> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let cg = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let procs = systemd::cgroup_procs_files(cg)
+            .iter()
+            .find_map(|f| std::fs::read_to_string(f).ok())?;
+        let me = std::process::id() as i32;
+        let exe = std::env::current_exe().ok()?;
+        systemd::parse_procs(&procs).into_iter().find(|&p| {
+            p != me
+                && std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| crate::service::is_holder_cmdline(&c, &exe))
+        })
+    }
+    fn kill_holder(&self, pid: i32) {
+        process::kill_and_reap(&[pid], KILL_WAIT);
+    }
+    fn restore_in_own_user_ns(&self, dir: &Path, pid: i32) -> Result<(u64, u64), ImageError> {
+        criu_image::restore_in_own_user_ns(dir, pid)
     }
     fn start_service(&self, unit: &str, deadline: Duration) -> Result<UnitInfo, SystemdError> {
         systemd::start(unit, deadline)?;

@@ -250,7 +250,7 @@ impl Refusal {
                 format!("cannot ask systemd about service {unit}: {error}")
             }
             Refusal::ServiceSandboxed { unit, namespaces } => format!(
-                "service {unit} runs in namespaces of its own ({}), made by its unit's sandboxing (PrivateTmp=, ProtectSystem=, ProtectHostname=, PrivateUsers= and the like); nvwa preserves only services that share the host's namespaces: it dumps from them and restores inside the unit without a sandbox",
+                "service {unit} runs in namespaces of its own that nvwa cannot carry over ({}), made by its unit's PrivateNetwork=, PrivateIPC=, PrivatePIDs=, ProtectControlGroups=private or the like; nvwa preserves services whose own namespaces are among mount, UTS and user (PrivateTmp=, ProtectSystem=, ProtectHostname=, PrivateUsers=)",
                 namespaces.join(", ")
             ),
             Refusal::ServiceOverlap { unit, pid } => format!(
@@ -324,7 +324,7 @@ impl Refusal {
             }
             Refusal::ServiceOverlap { pid, .. } => format!("remove {pid} from `pids:`"),
             Refusal::ServiceSandboxed { unit, .. } => format!(
-                "remove {unit} from `services:`, or turn its namespacing off with a drop-in (`systemctl edit {unit}`) if its confinement allows"
+                "remove {unit} from `services:`, or turn those namespaces off with a drop-in (`systemctl edit {unit}`) if its confinement allows"
             ),
             Refusal::RestoreNetUnsupported { .. } => "set it to false".to_string(),
             Refusal::NothingListed { file } => {
@@ -413,6 +413,12 @@ pub fn judge_service_support(cfg: &Config, fs: &dyn FsView) -> Result<(), Refusa
     }
 }
 
+/// The namespaces of its own that a service may have: its unit's sandbox (PrivateTmp=,
+/// ProtectSystem=, ProtectHostname=, PrivateUsers= and the like). criu runs inside the mount and
+/// UTS namespaces and the restore joins a fresh sandbox's; net, ipc, pid and cgroup namespaces
+/// would lose their state (addresses, SysV objects) or cannot be joined by criu.
+pub const SANDBOX_NAMESPACES: [&str; 3] = ["mnt", "uts", "user"];
+
 /// Whether the service `unit` (as systemd reports it, with the pids of its cgroup) has what a
 /// checkpoint with its main process needs: running, a type with a main process, and nothing in
 /// its cgroup outside the main process's tree.
@@ -439,7 +445,11 @@ pub fn judge_service(
         });
     }
     let main = unit.main_pid;
-    let namespaces = procs.own_namespaces(main);
+    let namespaces: Vec<&'static str> = procs
+        .own_namespaces(main)
+        .into_iter()
+        .filter(|ns| !SANDBOX_NAMESPACES.contains(ns))
+        .collect();
     if !namespaces.is_empty() {
         return Err(Refusal::ServiceSandboxed {
             unit: unit.id.clone(),
@@ -645,6 +655,8 @@ pub(crate) mod fake {
         pub tgid: i32,
         pub kernel_thread: bool,
         pub rss: u64,
+        /// Namespaces of its own.
+        pub namespaces: Vec<&'static str>,
     }
 
     /// A process table: pid → process. Threads are entries whose `tgid` differs from their pid.
@@ -676,6 +688,7 @@ pub(crate) mod fake {
                     tgid: pid,
                     kernel_thread: false,
                     rss,
+                    namespaces: Vec::new(),
                 },
             );
             self
@@ -716,6 +729,11 @@ pub(crate) mod fake {
                 Some(p) => format!("{} (pid {pid})", p.comm),
                 None => format!("pid {pid}"),
             }
+        }
+        fn own_namespaces(&self, pid: i32) -> Vec<&'static str> {
+            self.procs
+                .get(&pid)
+                .map_or_else(Vec::new, |p| p.namespaces.clone())
         }
         fn tree_rss_bytes(&self, pid: i32) -> u64 {
             let mut tree = vec![pid];

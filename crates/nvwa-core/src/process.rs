@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::path::PathBuf;
 
 /// A process (thread group) exists.
 pub fn alive(pid: i32) -> bool {
@@ -193,6 +194,62 @@ pub fn own_namespaces(pid: i32) -> Vec<&'static str> {
         .collect()
 }
 
+/// The mount ids of `/proc/<pid>/mountinfo` (its mount namespace's mounts).
+pub fn parse_mount_ids(mountinfo: &str) -> BTreeSet<u64> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// `(mnt_id, flags)` of a `/proc/<pid>/fdinfo/<fd>` (flags are octal).
+pub fn parse_fdinfo(text: &str) -> Option<(u64, u32)> {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let mnt = field("mnt_id")?.parse().ok()?;
+    let flags = u32::from_str_radix(field("flags")?, 8).ok()?;
+    Some((mnt, flags))
+}
+
+/// Files (paths, not sockets, pipes or anonymous inodes) that `pid` holds open on mounts that
+/// are not in its mount namespace: `(fd, mnt_id, inode, path, flags)`. systemd opens a unit's
+/// stdin (/dev/null) on the host before it makes the unit's namespace; criu cannot look such a
+/// mount up from inside the namespace.
+pub fn foreign_mount_files(pid: i32) -> Vec<(i32, u64, u64, PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(mountinfo) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+        return Vec::new();
+    };
+    let mounts = parse_mount_ids(&mountinfo);
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = fds
+        .flatten()
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let link = fs::read_link(e.path()).ok()?;
+            // Only real paths: sockets, pipes and anon inodes live on internal mounts that no
+            // mountinfo lists, and criu handles them by other means.
+            if !link.is_absolute() || link.to_string_lossy().ends_with(" (deleted)") {
+                return None;
+            }
+            let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+            let (mnt, flags) = parse_fdinfo(&info)?;
+            if mounts.contains(&mnt) {
+                return None;
+            }
+            let ino = fs::metadata(e.path()).ok()?.ino();
+            Some((fd, mnt, ino, link, flags))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// SIGKILL to every pid (stopped processes die without running again), then waits at most
 /// `timeout` until none of them is alive or a zombie any more.
 pub fn kill_and_reap(pids: &[i32], timeout: std::time::Duration) {
@@ -217,6 +274,33 @@ pub fn running_with_args(args: &[&std::ffi::OsStr]) -> Vec<i32> {
             let argv: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
             argv.windows(args.len())
                 .any(|w| w.iter().zip(args).all(|(a, b)| *a == b.as_bytes()))
+        })
+        .collect()
+}
+
+/// Processes run with `-D /proc/self/fd/N` where their fd N is the directory `dir`: criu run
+/// inside a sandboxed service's namespaces names its image directory that way
+/// ([`crate::criu::Criu::dump`]), so [`running_with_args`] cannot find it by path.
+pub fn running_with_dir_fd(dir: &std::path::Path) -> Vec<i32> {
+    let Ok(dir) = fs::canonicalize(dir) else {
+        return Vec::new();
+    };
+    all_pids()
+        .into_iter()
+        .filter(|&p| {
+            let Ok(raw) = fs::read(format!("/proc/{p}/cmdline")) else {
+                return false;
+            };
+            let argv: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+            argv.windows(2).any(|w| {
+                w[0] == b"-D"
+                    && std::str::from_utf8(w[1])
+                        .ok()
+                        .and_then(|a| a.strip_prefix("/proc/self/fd/"))
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .and_then(|n| fs::read_link(format!("/proc/{p}/fd/{n}")).ok())
+                        .is_some_and(|target| target == dir)
+            })
         })
         .collect()
 }
@@ -261,6 +345,53 @@ pub fn std_stream_sockets(pid: i32) -> Vec<(i32, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fdinfo_and_mountinfo_are_parsed() {
+        let info = "pos:\t0\nflags:\t0100002\nmnt_id:\t26\nino:\t5\n";
+        assert_eq!(parse_fdinfo(info), Some((26, 0o100002)));
+        assert_eq!(parse_fdinfo("pos:\t0\n"), None);
+        let mi = "612 590 0:23 / / ro shared:1 - ext4 /dev/vda rw\n613 612 0:5 / /dev rw - tmpfs tmpfs rw\n";
+        assert_eq!(parse_mount_ids(mi), BTreeSet::from([612, 613]));
+    }
+
+    #[test]
+    fn a_program_naming_its_directory_by_fd_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        // sh's own cmdline ends in `-D /proc/self/fd/7` ($0 and $1), and sh holds fd 7 on dir.
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "exec 7<\"$2\"; echo ready; read x",
+                "-D",
+                "/proc/self/fd/7",
+            ])
+            .arg(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "ready\n");
+        let pid = child.id() as i32;
+        assert!(running_with_dir_fd(dir.path()).contains(&pid));
+        assert!(!running_with_dir_fd(other.path()).contains(&pid));
+        drop(child.stdin.take());
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn files_on_our_own_mounts_are_not_foreign() {
+        // Every file this test process holds is on a mount of its own namespace.
+        let _f = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(foreign_mount_files(std::process::id() as i32), vec![]);
+    }
 
     #[test]
     fn a_process_in_a_user_namespace_of_its_own_is_told_apart() {

@@ -290,6 +290,7 @@ fn restore_one(
             let opts = RestoreOptions {
                 deadline,
                 inherit: Vec::new(),
+                ..Default::default()
             };
             m.restore(criu, &image_dir(cfg, t), &opts)
                 .map_err(RestoreFailure::Criu)

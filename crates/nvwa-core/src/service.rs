@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::criu::{Criu, RestoreOptions};
-use crate::journal::{now, Journal, Phase, Target, TargetKind, TargetState};
+use crate::journal::{now, Journal, Phase, SavedService, Target, TargetKind, TargetState};
 use crate::machine::Machine;
 use crate::restore::PID_WAIT;
 use crate::systemd;
@@ -60,6 +60,19 @@ pub enum ServiceError {
     Criu {
         unit: String,
         source: Box<crate::criu::CriuError>,
+    },
+    #[error("{unit} ran in a sandbox of its own but no `nvwa hold` process was found in this unit's cgroup (its ExecStartPre= in nvwa's drop-in makes one); see `journalctl -b -u {unit}`")]
+    NoHolder { unit: String },
+    #[error("{unit}: {source}")]
+    Images {
+        unit: String,
+        source: crate::criu_image::ImageError,
+    },
+    #[error("{unit}: cannot open {path} again for the restored process: {source}")]
+    ExternalFile {
+        unit: String,
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("cannot write the pid file {path} for systemd: {source}")]
     PidFile {
@@ -96,6 +109,7 @@ pub fn drop_ins(cfg: &Config, j: &Journal, boot: &str, nvwa_exe: &Path) -> Vec<(
         .filter(|t| t.kind == TargetKind::Service && t.state != TargetState::Restored)
         .map(|t| {
             let identifier = t.service.as_ref().map_or("", |s| s.identifier.as_str());
+            let sandboxed = t.service.as_ref().is_some_and(|s| s.sandboxed());
             let timeout = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes) + START_MARGIN;
             (
                 Path::new(&format!("{}.d", t.name)).join(systemd::DROP_IN),
@@ -106,6 +120,7 @@ pub fn drop_ins(cfg: &Config, j: &Journal, boot: &str, nvwa_exe: &Path) -> Vec<(
                     nvwa_exe,
                     timeout,
                     &j.to_kernel,
+                    sandboxed,
                 ),
             )
         })
@@ -210,27 +225,22 @@ pub fn restore_in_unit(
         tracing::warn!("{e}");
     }
     m.wait_pids_free(&t.tree_ids, PID_WAIT)?;
-    let opts = RestoreOptions {
-        deadline: criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes),
-        inherit: inherit_streams(unit, t)?,
-    };
-    let criu = Criu::new(&cfg.server.criu_exe);
     let images = image_dir(cfg, t);
-    let mut tries = 0;
-    let (restored, ms) = loop {
-        match m.restore(&criu, &images, &opts) {
-            Err(e) if e.is_pid_collision() && tries < COLLISION_RETRIES => {
-                tries += 1;
-                m.wait_pids_free(&t.tree_ids, PID_WAIT)?;
-            }
-            other => {
-                break other.map_err(|source| ServiceError::Criu {
-                    unit: unit.to_string(),
-                    source: Box::new(source),
-                })?
-            }
-        }
+    let saved = t.service.clone().unwrap_or_default();
+    let holder = if saved.sandboxed() {
+        Some(m.sandbox_holder().ok_or_else(|| ServiceError::NoHolder {
+            unit: unit.to_string(),
+        })?)
+    } else {
+        None
     };
+    // The holder has served its purpose once criu has run, whatever the outcome: it must not
+    // stay in the unit's cgroup.
+    let result = restore_with(m, cfg, unit, t, &saved, &images, holder);
+    if let Some(h) = holder {
+        m.kill_holder(h);
+    }
+    let (restored, ms) = result?;
     let restored = if restored > 0 { restored } else { pid };
     hand_pid_to_systemd(m, unit, restored, t)?;
     let result = RestoreResult {
@@ -244,6 +254,126 @@ pub fn restore_in_unit(
         serde_json::to_vec(&result).unwrap_or_default(),
     );
     Ok((restored, ms))
+}
+
+/// The criu restore of [`restore_in_unit`], into the holder's namespaces when there is one.
+fn restore_with(
+    m: &dyn Machine,
+    cfg: &Config,
+    unit: &str,
+    t: &Target,
+    saved: &SavedService,
+    images: &Path,
+    holder: Option<i32>,
+) -> Result<(i32, u64), ServiceError> {
+    if saved.own_user_ns() {
+        // criu cannot restore the process into a user namespace of its own (the recipe's
+        // failures 4 and 5): it comes back in ours, with its identity-mapped ids.
+        let (old, new) =
+            m.restore_in_own_user_ns(images, t.pid)
+                .map_err(|source| ServiceError::Images {
+                    unit: unit.to_string(),
+                    source,
+                })?;
+        tracing::info!("{unit}: restored in the host's user namespace (criu's root user namespace id {old} -> {new})");
+    }
+    let opts = RestoreOptions {
+        deadline: criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes),
+        inherit: inherit_streams(unit, t)?,
+        inherit_files: reopen_external_files(unit, saved)?,
+        join_ns_of: holder,
+    };
+    let criu = Criu::new(&cfg.server.criu_exe);
+    let mut tries = 0;
+    loop {
+        match m.restore(&criu, images, &opts) {
+            Err(e) if e.is_pid_collision() && tries < COLLISION_RETRIES => {
+                tries += 1;
+                m.wait_pids_free(&t.tree_ids, PID_WAIT)?;
+            }
+            other => {
+                return other.map_err(|source| ServiceError::Criu {
+                    unit: unit.to_string(),
+                    source: Box::new(source),
+                })
+            }
+        }
+    }
+}
+
+/// Opens again, on the host, each file the service held outside its mount namespace (stdin's
+/// /dev/null, typically), with its access mode, for criu to hand in (`--inherit-fd`). The files
+/// stay open (not close-on-exec) until we exit.
+fn reopen_external_files(
+    unit: &str,
+    saved: &SavedService,
+) -> Result<Vec<(RawFd, String)>, ServiceError> {
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out: Vec<(RawFd, String)> = Vec::new();
+    for f in &saved.external_files {
+        let key = f.criu_key();
+        if out.iter().any(|(_, k)| *k == key) {
+            continue;
+        }
+        let mode = f.flags & libc::O_ACCMODE as u32;
+        let file = std::fs::OpenOptions::new()
+            .read(mode != libc::O_WRONLY as u32)
+            .write(mode != libc::O_RDONLY as u32)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&f.path)
+            .map_err(|source| ServiceError::ExternalFile {
+                unit: unit.to_string(),
+                path: f.path.clone(),
+                source,
+            })?;
+        let fd = file.into_raw_fd();
+        // SAFETY: fd was just opened by us; clearing close-on-exec lets criu inherit it.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(ServiceError::ExternalFile {
+                unit: unit.to_string(),
+                path: f.path.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        out.push((fd, key));
+    }
+    Ok(out)
+}
+
+/// Whether a `/proc/PID/cmdline` is nvwa's holder: `<exe> hold`, `exe` being the path the
+/// generator wrote into the drop-in (nvwa's own executable, as for the helper).
+pub fn is_holder_cmdline(raw: &[u8], exe: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let argv: Vec<&[u8]> = raw.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+    argv.len() == 2
+        && argv[0] == exe.as_os_str().as_bytes()
+        && argv[1] == systemd::HOLD_ARG.as_bytes()
+}
+
+/// `nvwa hold`, the unit's `ExecStartPre=` in nvwa's drop-in for a sandboxed service: leaves a
+/// process in the unit's fresh sandbox (namespaces, mounts, credentials, filters) for the
+/// helper to restore into, and exits so that systemd goes on to the helper. It runs under the
+/// unit's `SystemCallFilter=` (e.g. `@system-service ~@privileged @resources`), so it uses
+/// only fork, setsid and pause; the helper kills it. Called first thing in `main`.
+pub fn hold() -> ! {
+    // SAFETY: fork in a single-threaded process (nothing else has run yet); the child only
+    // calls setsid and pause.
+    match unsafe { libc::fork() } {
+        0 => {
+            // SAFETY: plain syscalls. The new session keeps the holder out of systemd's way
+            // when the ExecStartPre= process exits.
+            unsafe {
+                libc::setsid();
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        // SAFETY: _exit ends the parent without running anything else.
+        n if n > 0 => unsafe { libc::_exit(0) },
+        _ => unsafe { libc::_exit(1) },
+    }
 }
 
 /// Copies of our standard streams that criu can inherit (no close-on-exec), one per saved

@@ -278,11 +278,11 @@ fn services_that_cannot_be_handed_back_are_refused_before_anything_happens() {
     assert!(refused(&m, &cfg).contains("Type=oneshot"));
 
     let mut sandboxed = FakeService::new(REDIS, 300);
-    sandboxed.namespaces = vec!["mnt", "uts", "user"];
+    sandboxed.namespaces = vec!["mnt", "uts", "net", "user", "ipc"];
     let m = FakeMachine::with_services(&[], vec![sandboxed]);
     let text = refused(&m, &cfg);
     assert!(
-        text.contains("runs in namespaces of its own (mnt, uts, user)"),
+        text.contains("runs in namespaces of its own that nvwa cannot carry over (net, ipc)"),
         "{text}"
     );
     assert!(
@@ -360,4 +360,123 @@ fn an_orderly_jump_systemd_refuses_is_rolled_back() {
         !cfg.server.criu_dir.join("100").exists(),
         "images removed once restored"
     );
+}
+
+fn sandboxed_redis() -> FakeMachine {
+    let mut svc = FakeService::new(REDIS, 300);
+    svc.namespaces = vec!["mnt", "uts", "user"];
+    svc.external_files = vec![crate::journal::ExternalFile {
+        fd: 0,
+        mnt_id: 0x1a,
+        inode: 0x5,
+        path: "/dev/null".into(),
+        flags: 0o100000,
+    }];
+    FakeMachine::with_services(&[], vec![svc])
+}
+
+#[test]
+fn a_sandboxed_service_is_dumped_inside_its_namespaces_with_its_outside_files_external() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = services_config(dir.path(), &["redis-server"]);
+    let m = sandboxed_redis();
+    assert!(run_update(&m, &cfg, "6.12-new").0.is_err());
+    let calls = m.calls();
+    assert!(
+        calls.contains(&Call::DumpSandboxed {
+            ns_of: 300,
+            files: vec!["file[1a:5]".into()],
+            ignore_cgroups: true,
+        }),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&Call::DumpExternal(300, vec![9001])),
+        "{calls:?}"
+    );
+    let saved = journal(&cfg).targets[0].service.clone().unwrap();
+    assert_eq!(saved.namespaces, ["mnt", "uts", "user"]);
+    assert!(saved.sandboxed() && saved.own_user_ns());
+    assert_eq!(saved.external_files[0].path, PathBuf::from("/dev/null"));
+
+    // A service in the host's namespaces is dumped as before.
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = services_config(dir.path(), &["redis-server"]);
+    let m = redis_machine();
+    assert!(run_update(&m, &cfg, "6.12-new").0.is_err());
+    assert!(!m
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::DumpSandboxed { .. })));
+}
+
+#[test]
+fn a_sandboxed_units_drop_in_starts_a_holder_inside_its_sandbox() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = services_config(dir.path(), &["redis-server"]);
+    let j = saved(&cfg, &sandboxed_redis(), Phase::Committed);
+    let text = &drop_ins(&cfg, &j, NEW_BOOT, Path::new(NVWA))[0].1;
+    assert!(
+        text.contains("ExecStartPre=\nExecStartPre=/usr/bin/nvwa hold\nExecPaths=/usr/bin/nvwa\n"),
+        "{text}"
+    );
+    assert!(text.contains("ExecStart=+/usr/bin/nvwa restore redis-server.service@300\n"));
+    let plain = saved(&cfg, &redis_machine(), Phase::Committed);
+    let text = &drop_ins(&cfg, &plain, NEW_BOOT, Path::new(NVWA))[0].1;
+    assert!(
+        !text.contains("hold") && !text.contains("ExecPaths"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_sandboxed_unit_restores_into_its_holder_and_kills_it_whatever_the_outcome() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = services_config(dir.path(), &["redis-server"]);
+    saved(&cfg, &sandboxed_redis(), Phase::Committed);
+
+    // Without a holder nothing is attempted.
+    let m = on_new_boot(sandboxed_redis());
+    let err = restore_in_unit(&m, &cfg, REDIS, 300).unwrap_err();
+    assert!(matches!(err, ServiceError::NoHolder { .. }), "{err}");
+    assert!(!m.calls().iter().any(|c| matches!(c, Call::Restore(_))));
+
+    let mut m = on_new_boot(sandboxed_redis());
+    m.holder = Some(812);
+    let (pid, _) = restore_in_unit(&m, &cfg, REDIS, 300).unwrap();
+    assert_eq!(pid, 300);
+    let calls = m.calls();
+    let images = cfg.server.criu_dir.join(REDIS);
+    let at = |c: &Call| {
+        calls
+            .iter()
+            .position(|x| x == c)
+            .unwrap_or_else(|| panic!("{c:?} missing: {calls:?}"))
+    };
+    let rewrite = at(&Call::OwnUserNs(images, 300));
+    let restore = at(&Call::RestoreSandboxed {
+        holder: 812,
+        files: vec!["file[1a:5]".into()],
+    });
+    let kill = at(&Call::KillHolder(812));
+    assert!(rewrite < restore && restore < kill, "{calls:?}");
+    assert!(m.called(&Call::RestoreWith(vec![9001])));
+
+    // A failed restore still kills the holder.
+    let mut m = on_new_boot(sandboxed_redis());
+    m.holder = Some(813);
+    m.inject(Fault::Restore(300));
+    assert!(restore_in_unit(&m, &cfg, REDIS, 300).is_err());
+    assert!(m.called(&Call::KillHolder(813)), "{:?}", m.calls());
+}
+
+#[test]
+fn the_holder_is_recognised_by_its_command_line() {
+    use crate::service::is_holder_cmdline;
+    let exe = Path::new(NVWA);
+    assert!(is_holder_cmdline(b"/usr/bin/nvwa\0hold\0", exe));
+    assert!(!is_holder_cmdline(b"/usr/bin/nvwa\0restore\0x@1\0", exe));
+    assert!(!is_holder_cmdline(b"/usr/bin/nvwa\0hold\0extra\0", exe));
+    assert!(!is_holder_cmdline(b"/usr/bin/redis-server\0hold\0", exe));
+    assert!(!is_holder_cmdline(b"/opt/nvwa\0hold\0", exe));
 }

@@ -10,7 +10,7 @@ use crate::boot::{BootError, KernelFiles};
 use crate::config::{Config, RestoreConfig, ServerConfig};
 use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
 use crate::journal::JournalError;
-use crate::journal::StdStream;
+use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
 use crate::pidns::PidError;
@@ -38,6 +38,20 @@ pub enum Call {
     DumpExternal(i32, Vec<u64>),
     /// The journal-stream inodes a restore was asked to hand in.
     RestoreWith(Vec<u64>),
+    /// A dump run inside this pid's namespaces, with these external files, cgroups ignored.
+    DumpSandboxed {
+        ns_of: i32,
+        files: Vec<String>,
+        ignore_cgroups: bool,
+    },
+    /// A restore into this holder's namespaces, handed these files.
+    RestoreSandboxed {
+        holder: i32,
+        files: Vec<String>,
+    },
+    /// The inventory of these images was made to restore in the host's user namespace.
+    OwnUserNs(PathBuf, i32),
+    KillHolder(i32),
     StartService(String),
     DaemonReload,
     PidFile(PathBuf, i32),
@@ -82,6 +96,8 @@ pub struct FakeService {
     pub streams: Vec<StdStream>,
     /// Namespaces of its own (its unit's sandbox).
     pub namespaces: Vec<&'static str>,
+    /// Files its main process holds outside its mount namespace.
+    pub external_files: Vec<ExternalFile>,
 }
 
 impl FakeService {
@@ -96,6 +112,7 @@ impl FakeService {
                 StdStream { fd: 2, inode: 9001 },
             ],
             namespaces: Vec::new(),
+            external_files: Vec::new(),
         }
     }
 }
@@ -109,6 +126,8 @@ pub struct FakeMachine {
     pub fs: FakeFs,
     pub calls: Mutex<Vec<Call>>,
     pub services: Vec<FakeService>,
+    /// The pid of `nvwa hold` in the restoring unit's cgroup.
+    pub holder: Option<i32>,
     /// Runs at every dump (after the fault handling): lets a test act mid-update.
     #[allow(clippy::type_complexity)]
     pub on_dump: Option<Box<dyn Fn(i32) + Send + Sync>>,
@@ -125,6 +144,7 @@ impl FakeMachine {
             fs: FakeFs::disk(1 << 40),
             calls: Mutex::default(),
             services: Vec::new(),
+            holder: None,
             on_dump: None,
         }
     }
@@ -228,6 +248,13 @@ impl Machine for FakeMachine {
         if !o.external_unix.is_empty() {
             self.log(Call::DumpExternal(pid, o.external_unix.clone()));
         }
+        if let Some(ns_of) = o.enter_ns_of {
+            self.log(Call::DumpSandboxed {
+                ns_of,
+                files: o.external_files.clone(),
+                ignore_cgroups: o.ignore_cgroups,
+            });
+        }
         if let Some(f) = &self.on_dump {
             f(pid);
         }
@@ -284,6 +311,12 @@ impl Machine for FakeMachine {
         self.log(Call::RestoreWith(
             o.inherit.iter().map(|&(_, ino)| ino).collect(),
         ));
+        if let Some(holder) = o.join_ns_of {
+            self.log(Call::RestoreSandboxed {
+                holder,
+                files: o.inherit_files.iter().map(|(_, k)| k.clone()).collect(),
+            });
+        }
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         self.log(Call::Restore(name.clone()));
         let pid: i32 = name.parse().unwrap_or_else(|_| {
@@ -350,6 +383,26 @@ impl Machine for FakeMachine {
         let mut members = vec![s.main_pid];
         members.extend(&s.strays);
         Ok((self.unit_info(s, s.main_pid), members))
+    }
+    fn external_files(&self, pid: i32) -> Vec<ExternalFile> {
+        self.services
+            .iter()
+            .find(|s| s.main_pid == pid)
+            .map_or_else(Vec::new, |s| s.external_files.clone())
+    }
+    fn sandbox_holder(&self) -> Option<i32> {
+        self.holder
+    }
+    fn kill_holder(&self, pid: i32) {
+        self.log(Call::KillHolder(pid));
+    }
+    fn restore_in_own_user_ns(
+        &self,
+        dir: &Path,
+        pid: i32,
+    ) -> Result<(u64, u64), crate::criu_image::ImageError> {
+        self.log(Call::OwnUserNs(dir.to_path_buf(), pid));
+        Ok((1, 2))
     }
     fn std_streams(&self, pid: i32) -> Vec<StdStream> {
         self.services

@@ -214,6 +214,18 @@ fn plan_services(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateErr
         })?;
         policy::judge_service(cfg, &info, &members, m.procs())?;
         let pid = info.main_pid;
+        let namespaces: Vec<String> = m
+            .procs()
+            .own_namespaces(pid)
+            .into_iter()
+            .map(String::from)
+            .collect();
+        // Only inside a mount namespace of its own can a file's mount be missing.
+        let external_files = if namespaces.iter().any(|n| n == "mnt") {
+            m.external_files(pid)
+        } else {
+            Vec::new()
+        };
         out.push(Target {
             name: unit,
             kind: TargetKind::Service,
@@ -228,6 +240,8 @@ fn plan_services(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateErr
                 identifier: info.identifier,
                 pid_file: info.pid_file,
                 streams: m.std_streams(pid),
+                namespaces,
+                external_files,
             }),
         });
     }
@@ -548,6 +562,7 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
             let opts = RestoreOptions {
                 deadline: criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes),
                 inherit: Vec::new(),
+                ..Default::default()
             };
             match m.restore(&Criu::new(&cfg.server.criu_exe), &dir, &opts) {
                 Ok(_) => {
@@ -648,6 +663,15 @@ fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u6
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect(),
+        external_files: t
+            .service
+            .iter()
+            .flat_map(|s| s.external_files.iter().map(|f| f.criu_key()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        enter_ns_of: t.service.as_ref().filter(|s| s.sandboxed()).map(|_| t.pid),
+        ignore_cgroups: t.service.as_ref().is_some_and(|s| !s.namespaces.is_empty()),
     };
     let dir = image_dir(cfg, t);
     // A panic here must not skip the rollback of the others: it becomes this target's failure.

@@ -27,6 +27,17 @@ use nvwa_core::{check, config};
 use cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    // `nvwa hold` (hidden; nvwa's drop-in runs it in a sandboxed unit's ExecStartPre=) runs
+    // under the unit's system call filter: it must not reach clap or logging, only fork, setsid
+    // and pause.
+    let mut args = std::env::args_os();
+    if args
+        .nth(1)
+        .is_some_and(|a| a == nvwa_core::systemd::HOLD_ARG)
+        && args.next().is_none()
+    {
+        nvwa_core::service::hold();
+    }
     let cli = Cli::parse_from(cli::rewrite_legacy_args(std::env::args_os().collect()));
     match run(&cli) {
         Ok(code) => code,
