@@ -262,9 +262,8 @@ pub fn kill_and_reap(pids: &[i32], timeout: std::time::Duration) {
     }
 }
 
-/// Processes whose command line contains `args` as consecutive arguments (e.g. `-D DIR`).
-pub fn running_with_args(args: &[&std::ffi::OsStr]) -> Vec<i32> {
-    use std::os::unix::ffi::OsStrExt;
+/// Processes whose argument vector (`/proc/PID/cmdline`) satisfies `matches(argv, pid)`.
+fn processes_with_argv(matches: impl Fn(&[&[u8]], i32) -> bool) -> Vec<i32> {
     all_pids()
         .into_iter()
         .filter(|&p| {
@@ -272,10 +271,18 @@ pub fn running_with_args(args: &[&std::ffi::OsStr]) -> Vec<i32> {
                 return false;
             };
             let argv: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
-            argv.windows(args.len())
-                .any(|w| w.iter().zip(args).all(|(a, b)| *a == b.as_bytes()))
+            matches(&argv, p)
         })
         .collect()
+}
+
+/// Processes whose command line contains `args` as consecutive arguments (e.g. `-D DIR`).
+pub fn running_with_args(args: &[&std::ffi::OsStr]) -> Vec<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    processes_with_argv(|argv, _| {
+        argv.windows(args.len())
+            .any(|w| w.iter().zip(args).all(|(a, b)| *a == b.as_bytes()))
+    })
 }
 
 /// Processes run with `-D /proc/self/fd/N` where their fd N is the directory `dir`: criu run
@@ -285,24 +292,17 @@ pub fn running_with_dir_fd(dir: &std::path::Path) -> Vec<i32> {
     let Ok(dir) = fs::canonicalize(dir) else {
         return Vec::new();
     };
-    all_pids()
-        .into_iter()
-        .filter(|&p| {
-            let Ok(raw) = fs::read(format!("/proc/{p}/cmdline")) else {
-                return false;
-            };
-            let argv: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
-            argv.windows(2).any(|w| {
-                w[0] == b"-D"
-                    && std::str::from_utf8(w[1])
-                        .ok()
-                        .and_then(|a| a.strip_prefix("/proc/self/fd/"))
-                        .and_then(|n| n.parse::<u32>().ok())
-                        .and_then(|n| fs::read_link(format!("/proc/{p}/fd/{n}")).ok())
-                        .is_some_and(|target| target == dir)
-            })
+    processes_with_argv(|argv, p| {
+        argv.windows(2).any(|w| {
+            w[0] == b"-D"
+                && std::str::from_utf8(w[1])
+                    .ok()
+                    .and_then(|a| a.strip_prefix("/proc/self/fd/"))
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .and_then(|n| fs::read_link(format!("/proc/{p}/fd/{n}")).ok())
+                    .is_some_and(|target| target == dir)
         })
-        .collect()
+    })
 }
 
 /// The socket inode behind a `/proc/<pid>/fd/<n>` link target (`socket:[123]`).
