@@ -68,6 +68,19 @@ impl Phase {
         )
     }
 
+    /// The phases after `planned` through which an update reaches `last` on its way forward,
+    /// in order (`restore_failed` ends that way where `restored` would); empty for `planned` and
+    /// for the phases off it (`rolled_back`, `abandoned`).
+    pub fn path_to(last: Phase) -> Vec<Phase> {
+        use Phase::*;
+        const FORWARD: [Phase; 5] = [KernelLoaded, Frozen, Dumped, Committed, Booted];
+        match last {
+            Planned | RolledBack | Abandoned => Vec::new(),
+            Restored | RestoreFailed => FORWARD.into_iter().chain([last]).collect(),
+            _ => FORWARD.into_iter().filter(|&p| p <= last).collect(),
+        }
+    }
+
     /// The transitions the pipeline may take; anything else is a bug caught at run time.
     pub fn may_follow(self, prev: Phase) -> bool {
         use Phase::*;
@@ -451,17 +464,34 @@ mod tests {
     }
 
     #[test]
+    fn the_way_forward_to_a_phase_is_every_step_after_planned() {
+        use Phase::*;
+        assert_eq!(Phase::path_to(Planned), []);
+        assert_eq!(Phase::path_to(Dumped), [KernelLoaded, Frozen, Dumped]);
+        assert_eq!(
+            Phase::path_to(Restored),
+            [KernelLoaded, Frozen, Dumped, Committed, Booted, Restored]
+        );
+        assert_eq!(
+            Phase::path_to(RestoreFailed),
+            [
+                KernelLoaded,
+                Frozen,
+                Dumped,
+                Committed,
+                Booted,
+                RestoreFailed
+            ]
+        );
+        assert_eq!(Phase::path_to(RolledBack), []);
+        assert_eq!(Phase::path_to(Abandoned), []);
+    }
+
+    #[test]
     fn the_happy_path_is_allowed_and_persisted() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::new("6.1", "6.12", vec![target("10")], BOOT);
-        for p in [
-            Phase::KernelLoaded,
-            Phase::Frozen,
-            Phase::Dumped,
-            Phase::Committed,
-            Phase::Booted,
-            Phase::Restored,
-        ] {
+        for p in Phase::path_to(Phase::Restored) {
             j.advance(p, BOOT).unwrap();
             j.save(dir.path()).unwrap();
         }
@@ -554,18 +584,8 @@ mod tests {
     fn journals_of_the_previous_format_still_load() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::new("6.1", "6.12", vec![target("10")], BOOT);
-        j.advance_all(
-            &[
-                Phase::KernelLoaded,
-                Phase::Frozen,
-                Phase::Dumped,
-                Phase::Committed,
-                Phase::Booted,
-                Phase::RestoreFailed,
-            ],
-            BOOT,
-        )
-        .unwrap();
+        j.advance_all(&Phase::path_to(Phase::RestoreFailed), BOOT)
+            .unwrap();
         j.save(dir.path()).unwrap();
         let text = fs::read_to_string(Journal::path(dir.path()))
             .unwrap()

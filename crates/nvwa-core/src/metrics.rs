@@ -155,18 +155,8 @@ mod tests {
             service: None,
         };
         let mut j = Journal::new("6.1", "6.12", vec![t], BOOT);
-        j.advance_all(
-            &[
-                Phase::KernelLoaded,
-                Phase::Frozen,
-                Phase::Dumped,
-                Phase::Committed,
-                Phase::Booted,
-                Phase::Restored,
-            ],
-            BOOT,
-        )
-        .unwrap();
+        j.advance_all(&Phase::path_to(Phase::Restored), BOOT)
+            .unwrap();
         let frozen = j.stamp_of(Phase::Frozen).unwrap().wall_ms;
         j.targets[0].running_again_wall_ms = Some(frozen + 11_100);
         j

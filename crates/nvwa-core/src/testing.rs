@@ -597,17 +597,7 @@ pub fn save_on_old_boot(
 ) -> crate::journal::Journal {
     use crate::journal::{Journal, Phase};
     let mut j = Journal::new("6.1-old", "6.12-new", targets, OLD_BOOT);
-    for p in [
-        Phase::KernelLoaded,
-        Phase::Frozen,
-        Phase::Dumped,
-        Phase::Committed,
-    ] {
-        if p > last {
-            break;
-        }
-        j.advance(p, OLD_BOOT).unwrap();
-    }
+    j.advance_all(&Phase::path_to(last), OLD_BOOT).unwrap();
     std::fs::create_dir_all(&cfg.server.criu_dir).unwrap();
     for t in &j.targets {
         let d = cfg.server.criu_dir.join(&t.name);
