@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::criu::{Criu, CriuError, RestoreOptions};
 use crate::journal::{now, Journal, Phase, Target, TargetKind, TargetState};
 use crate::machine::Machine;
+use crate::pidns::PidError;
 use crate::update::{criu_deadline, image_dir, undo, Reporter, UpdateError};
 
 /// How long a short-lived process of the new boot may hold a saved pid before we give up.
@@ -188,24 +189,23 @@ fn restore_all(
             .collect()
     });
     let mut services_restored = false;
-    for (&i, mut res) in ready.iter().zip(first) {
-        let t = &mut j.targets[i];
-        let mut tries = 0;
-        let res = loop {
-            match res {
-                Err(RestoreFailure::Criu(e))
-                    if e.is_pid_collision() && tries < COLLISION_RETRIES =>
-                {
-                    tries += 1;
-                    r.target(t, "retrying", Some("a saved pid was taken".into()));
-                    if let Err(held) = m.wait_pids_free(&t.tree_ids, PID_WAIT) {
-                        break Err(held.to_string());
-                    }
-                    res = restore_one(m, cfg, &criu, t);
-                }
-                other => break other.map_err(|e| e.to_string()),
+    for (&i, first) in ready.iter().zip(first) {
+        let res = match first {
+            // Only a pid target's own criu run can collide; a service's unit retries itself.
+            Err(RestoreFailure::Criu(e)) => {
+                let t = &j.targets[i];
+                retry_collisions(
+                    m,
+                    &t.tree_ids,
+                    Err(e),
+                    || m.restore(&criu, &image_dir(cfg, t), &pid_restore_options(cfg, t)),
+                    || r.target(t, "retrying", Some("a saved pid was taken".into())),
+                )
+                .map_err(|e| e.to_string())
             }
+            other => other.map_err(|e| e.to_string()),
         };
+        let t = &mut j.targets[i];
         match res {
             Ok((pid, ms)) => {
                 t.state = TargetState::Restored;
@@ -284,19 +284,55 @@ fn restore_one(
     criu: &Criu,
     t: &Target,
 ) -> Result<(i32, u64), RestoreFailure> {
-    let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);
     match t.kind {
-        TargetKind::Pid => {
-            let opts = RestoreOptions {
-                deadline,
-                inherit: Vec::new(),
-                ..Default::default()
-            };
-            m.restore(criu, &image_dir(cfg, t), &opts)
-                .map_err(RestoreFailure::Criu)
-        }
+        TargetKind::Pid => m
+            .restore(criu, &image_dir(cfg, t), &pid_restore_options(cfg, t))
+            .map_err(RestoreFailure::Criu),
         TargetKind::Service => {
+            let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);
             crate::service::start_restored(m, cfg, t, deadline).map_err(RestoreFailure::Other)
         }
     }
+}
+
+/// A pid target's criu restore: nothing to hand in, only its deadline.
+pub(crate) fn pid_restore_options(cfg: &Config, t: &Target) -> RestoreOptions {
+    RestoreOptions {
+        deadline: criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes),
+        ..Default::default()
+    }
+}
+
+/// Why a restore failed after its retries: criu's error, or a saved pid still held.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RetryError {
+    #[error(transparent)]
+    Criu(CriuError),
+    #[error(transparent)]
+    PidsHeld(PidError),
+}
+
+/// A restore that collided on a pid (EEXIST: a process of the new boot held one of `ids` for a
+/// moment) is run `again`, at most [`COLLISION_RETRIES`] times, each once `ids` are free;
+/// `first` is the first attempt's result, and `retrying` is told before each retry.
+pub(crate) fn retry_collisions(
+    m: &dyn Machine,
+    ids: &[i32],
+    first: Result<(i32, u64), CriuError>,
+    mut again: impl FnMut() -> Result<(i32, u64), CriuError>,
+    mut retrying: impl FnMut(),
+) -> Result<(i32, u64), RetryError> {
+    let mut res = first;
+    for _ in 0..COLLISION_RETRIES {
+        match res {
+            Err(e) if e.is_pid_collision() => {
+                retrying();
+                m.wait_pids_free(ids, PID_WAIT)
+                    .map_err(RetryError::PidsHeld)?;
+                res = again();
+            }
+            other => return other.map_err(RetryError::Criu),
+        }
+    }
+    res.map_err(RetryError::Criu)
 }

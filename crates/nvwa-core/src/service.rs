@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::criu::{Criu, RestoreOptions};
 use crate::journal::{now, Journal, Phase, SavedService, Target, TargetKind, TargetState};
 use crate::machine::Machine;
-use crate::restore::PID_WAIT;
+use crate::restore::{retry_collisions, RetryError, PID_WAIT};
 use crate::systemd;
 use crate::update::{criu_deadline, image_dir};
 
@@ -37,8 +37,6 @@ pub const GENERATOR: &str = "/usr/lib/systemd/system-generators/nvwa-generator";
 const RESULT_FILE: &str = "restored.json";
 /// Beyond criu's own deadline, the unit's start may wait this long for saved pids to be freed.
 const START_MARGIN: Duration = Duration::from_secs(30);
-/// Restores that collide on a pid (EEXIST) are retried this many times.
-const COLLISION_RETRIES: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -284,21 +282,21 @@ fn restore_with(
         join_ns_of: holder,
     };
     let criu = Criu::new(&cfg.server.criu_exe);
-    let mut tries = 0;
-    loop {
-        match m.restore(&criu, images, &opts) {
-            Err(e) if e.is_pid_collision() && tries < COLLISION_RETRIES => {
-                tries += 1;
-                m.wait_pids_free(&t.tree_ids, PID_WAIT)?;
-            }
-            other => {
-                return other.map_err(|source| ServiceError::Criu {
-                    unit: unit.to_string(),
-                    source: Box::new(source),
-                })
-            }
-        }
-    }
+    let first = m.restore(&criu, images, &opts);
+    retry_collisions(
+        m,
+        &t.tree_ids,
+        first,
+        || m.restore(&criu, images, &opts),
+        || {},
+    )
+    .map_err(|e| match e {
+        RetryError::Criu(source) => ServiceError::Criu {
+            unit: unit.to_string(),
+            source: Box::new(source),
+        },
+        RetryError::PidsHeld(e) => ServiceError::Pids(e),
+    })
 }
 
 /// Opens again, on the host, each file the service held outside its mount namespace (stdin's

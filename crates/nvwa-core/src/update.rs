@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::boot::{self, BootError, KernelFiles};
 use crate::config::{Config, ConfigError, KexecMode};
-use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
+use crate::criu::{Criu, CriuError, DumpOptions};
 use crate::journal::{Journal, JournalError, Phase, SavedService, Target, TargetKind, TargetState};
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
@@ -559,11 +559,7 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
         } else if committed && dir.join("inventory.img").exists() {
             // Killed after the commit (an orderly jump that systemd then refused): its images
             // are complete and durable, so it comes back from them, here on the old kernel.
-            let opts = RestoreOptions {
-                deadline: criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes),
-                inherit: Vec::new(),
-                ..Default::default()
-            };
+            let opts = crate::restore::pid_restore_options(cfg, t);
             match m.restore(&Criu::new(&cfg.server.criu_exe), &dir, &opts) {
                 Ok(_) => {
                     t.state = TargetState::Resumed;
