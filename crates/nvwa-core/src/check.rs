@@ -458,12 +458,7 @@ fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> CheckLine {
     let members = info
         .control_group
         .as_deref()
-        .and_then(|cg| {
-            crate::systemd::cgroup_procs_files(cg)
-                .iter()
-                .find_map(|f| sys.read_file(f).ok())
-        })
-        .map(|text| crate::systemd::parse_procs(&text))
+        .and_then(|cg| crate::systemd::cgroup_members(cg, |f| sys.read_file(f).ok()))
         .unwrap_or_default();
     match crate::policy::judge_service(cfg, &info, &members, sys.procs()) {
         Ok(()) if sys.procs().own_namespaces(info.main_pid).contains(&"user") => CheckLine::warn(

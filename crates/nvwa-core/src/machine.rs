@@ -17,6 +17,11 @@ use crate::policy::{FsView, ProcView, RealFs, RealProcs};
 use crate::process;
 use crate::systemd::{self, SystemdError, UnitInfo};
 
+/// A file's text, if it can be read.
+fn read_text(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
 /// How long killed pid targets may take to disappear (their parents reap them).
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -196,12 +201,7 @@ impl Machine for RealMachine {
         let members = info
             .control_group
             .as_deref()
-            .and_then(|cg| {
-                systemd::cgroup_procs_files(cg)
-                    .iter()
-                    .find_map(|f| std::fs::read_to_string(f).ok())
-            })
-            .map(|text| systemd::parse_procs(&text))
+            .and_then(|cg| systemd::cgroup_members(cg, read_text))
             .unwrap_or_default();
         Ok((info, members))
     }
@@ -226,12 +226,10 @@ impl Machine for RealMachine {
     fn sandbox_holder(&self) -> Option<i32> {
         let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         let cg = own.lines().find_map(|l| l.strip_prefix("0::"))?;
-        let procs = systemd::cgroup_procs_files(cg)
-            .iter()
-            .find_map(|f| std::fs::read_to_string(f).ok())?;
+        let members = systemd::cgroup_members(cg, read_text)?;
         let me = std::process::id() as i32;
         let exe = std::env::current_exe().ok()?;
-        systemd::parse_procs(&procs).into_iter().find(|&p| {
+        members.into_iter().find(|&p| {
             p != me
                 && std::fs::read(format!("/proc/{p}/cmdline"))
                     .is_ok_and(|c| crate::service::is_holder_cmdline(&c, &exe))

@@ -379,6 +379,18 @@ pub fn parse_procs(text: &str) -> Vec<i32> {
     text.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
+/// The processes of `control_group`, from the first of its [`cgroup_procs_files`] that `read`
+/// can read; `None` if it can read none.
+pub fn cgroup_members(
+    control_group: &str,
+    read: impl Fn(&Path) -> Option<String>,
+) -> Option<Vec<i32>> {
+    cgroup_procs_files(control_group)
+        .iter()
+        .find_map(|f| read(f))
+        .map(|text| parse_procs(&text))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
