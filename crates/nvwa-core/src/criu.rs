@@ -35,6 +35,8 @@ pub enum CriuError {
         exe: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot open the namespaces of pid {pid} to run criu inside them: {source}; is the process still running?")]
+    Namespaces { pid: i32, source: std::io::Error },
     #[error("cannot prepare the image directory {dir}: {source}")]
     ImageDir {
         dir: PathBuf,
@@ -234,16 +236,20 @@ impl Criu {
     ) -> Result<u64, CriuError> {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
-        let open = |p: &Path| {
-            std::fs::File::open(p).map_err(|source| CriuError::Spawn {
-                exe: p.to_path_buf(),
-                source,
-            })
+        let exe = std::fs::File::open(&self.exe).map_err(|source| CriuError::Spawn {
+            exe: self.exe.clone(),
+            source,
+        })?;
+        let images = std::fs::File::open(dir).map_err(|source| CriuError::ImageDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let namespace = |kind: &str| {
+            std::fs::File::open(format!("/proc/{pid}/ns/{kind}"))
+                .map_err(|source| CriuError::Namespaces { pid, source })
         };
-        let exe = open(&self.exe)?;
-        let images = open(dir)?;
-        let uts = open(Path::new(&format!("/proc/{pid}/ns/uts")))?;
-        let mnt = open(Path::new(&format!("/proc/{pid}/ns/mnt")))?;
+        let uts = namespace("uts")?;
+        let mnt = namespace("mnt")?;
         let keep = [exe.as_raw_fd(), images.as_raw_fd()];
         let ns = [
             (uts.as_raw_fd(), libc::CLONE_NEWUTS),
