@@ -61,6 +61,11 @@ pub enum CriuError {
         object: String,
         source: std::io::Error,
     },
+    #[error("criu dumped pid {pid} with its TCP connections locked, but the lock could not be saved for the new boot: {source}")]
+    NetworkLock {
+        pid: i32,
+        source: crate::tcp::TcpError,
+    },
     #[error("criu {action} of {object} failed (exit {code}): {summary}; full log: {log}")]
     Failed {
         action: &'static str,
@@ -104,6 +109,9 @@ pub struct DumpOptions {
     /// `--manage-cgroups=ignore`: a service stays in (and is restored into) its unit's cgroup,
     /// which systemd owns.
     pub ignore_cgroups: bool,
+    /// `--network-lock nftables`: established connections are locked in a table that nvwa can
+    /// save and put back on the new boot (see `tcp`); otherwise criu's default, iptables.
+    pub nftables_lock: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -133,6 +141,18 @@ impl Criu {
         self
     }
 
+    /// Whether criu supports `feature` here (`criu check --feature`, which also probes the
+    /// kernel): `Err` says why not.
+    pub fn supports(&self, feature: &str) -> Result<(), String> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["check", "--feature", feature]);
+        match exec::run(&mut cmd, Duration::from_secs(30)) {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(summarize(&out.output_text())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Checkpoints the tree rooted at `pid` into `dir` and leaves it stopped, so that a later
     /// failure elsewhere can still resume it. Returns the time spent, in milliseconds.
     pub fn dump(&self, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
@@ -160,6 +180,9 @@ impl Criu {
         }
         if opts.ignore_cgroups {
             args.push("--manage-cgroups=ignore".into());
+        }
+        if opts.nftables_lock {
+            args.extend(["--network-lock".into(), "nftables".into()]);
         }
         let run = Run {
             action: "dump",

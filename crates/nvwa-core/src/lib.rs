@@ -26,6 +26,7 @@ pub mod restore;
 pub mod server;
 pub mod service;
 pub mod systemd;
+pub mod tcp;
 pub mod trust;
 pub mod update;
 

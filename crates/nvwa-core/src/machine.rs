@@ -16,6 +16,7 @@ use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
 use crate::policy::{FsView, ProcView, RealFs, RealProcs};
 use crate::process;
 use crate::systemd::{self, SystemdError, UnitInfo};
+use crate::tcp::{self, TcpError};
 
 /// A file's text, if it can be read.
 fn read_text(path: &Path) -> Option<String> {
@@ -42,8 +43,14 @@ pub trait Machine: Send + Sync {
     fn fs(&self) -> &dyn FsView;
     /// Every pid and thread id of the tree rooted at `pid`.
     fn tree_ids(&self, pid: i32) -> Vec<i32>;
-    /// Checkpoints and leaves the tree stopped; returns milliseconds spent.
+    /// Checkpoints and leaves the tree stopped; returns milliseconds spent. With
+    /// `opts.nftables_lock`, the lock criu left is saved beside the images ([`crate::tcp`]).
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError>;
+    /// Whether criu can lock the targets' TCP connections with nftables; `Err` says why not.
+    fn nftables_lock_support(&self, criu: &Criu) -> Result<(), String>;
+    /// Before a dumped tree (`ids`) runs again on the old kernel: deletes the lock saved in
+    /// `dir` and turns repair mode off on its TCP sockets. Returns how many left repair mode.
+    fn release_network_lock(&self, dir: &Path, ids: &[i32]) -> Result<usize, TcpError>;
     /// SIGCONT to every id (a stopped tree runs again).
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error>;
     /// Makes everything written under `dir` durable before the point of no return, reporting
@@ -154,7 +161,18 @@ impl Machine for RealMachine {
         process::tree_ids(pid)
     }
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
-        criu.dump(pid, dir, opts)
+        let locked = opts.nftables_lock;
+        let ms = criu.dump(pid, dir, opts)?;
+        if locked {
+            tcp::save_lock(dir, pid).map_err(|source| CriuError::NetworkLock { pid, source })?;
+        }
+        Ok(ms)
+    }
+    fn nftables_lock_support(&self, criu: &Criu) -> Result<(), String> {
+        criu.supports("network_lock_nftables")
+    }
+    fn release_network_lock(&self, dir: &Path, ids: &[i32]) -> Result<usize, TcpError> {
+        tcp::release(dir, ids)
     }
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
         process::resume(ids)
@@ -173,6 +191,8 @@ impl Machine for RealMachine {
         dir: &Path,
         opts: &RestoreOptions,
     ) -> Result<(i32, u64), CriuError> {
+        // Held until criu is done: its connections are restored with the sysctl it needs.
+        let _window = tcp::WindowScaling::for_restore(dir);
         criu.restore(dir, opts)
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {

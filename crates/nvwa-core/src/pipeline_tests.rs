@@ -621,3 +621,47 @@ fn every_request_publishes_the_last_update_to_the_metrics_file() {
     assert!(text.contains("phase=\"rolled_back\"} 1"), "{text}");
     assert!(text.contains("nvwa_last_update_success 0"), "{text}");
 }
+
+#[test]
+fn dumps_lock_the_network_with_nftables_and_a_rollback_releases_it_before_resuming() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 200]);
+    let m = FakeMachine::with_pids(&[100, 200]);
+    m.inject(Fault::Dump(200));
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    assert_eq!(res.unwrap_err().kind(), ErrorKind::RolledBack);
+    let calls = m.calls();
+    assert!(m.called(&Call::DumpLocked(100)), "{calls:?}");
+    let dumped = cfg.server.criu_dir.join("100");
+    let release = calls
+        .iter()
+        .position(|c| c == &Call::ReleaseNet(dumped.clone()))
+        .unwrap_or_else(|| panic!("the lock of 100 was not released: {calls:?}"));
+    let resume = calls
+        .iter()
+        .position(|c| matches!(c, Call::Resume(ids) if ids.contains(&100)))
+        .unwrap();
+    assert!(release < resume, "{calls:?}");
+    // 200's dump failed: criu unlocked it itself and left no lock to release.
+    assert!(!calls
+        .iter()
+        .any(|c| matches!(c, Call::ReleaseNet(d) if d.ends_with("200"))));
+    assert_all_rolled_back(&m, &cfg, &[100, 200]);
+}
+
+#[test]
+fn without_criu_nftables_lock_the_dumps_use_criu_default_and_say_what_that_means() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let m = FakeMachine::with_pids(&[100]);
+    m.inject(Fault::NoNftablesLock);
+    // The double's jump fails: what matters here is how the dump ran.
+    let (_, events) = run_update(&m, &cfg, "6.12-new");
+    assert!(m.called(&Call::Dump(100)));
+    assert!(!m.called(&Call::DumpLocked(100)), "{:?}", m.calls());
+    let said = events.iter().any(|e| {
+        matches!(e, Progress::Message { text }
+            if text.contains("cannot lock the network with nftables") && text.contains("reset"))
+    });
+    assert!(said, "{events:?}");
+}

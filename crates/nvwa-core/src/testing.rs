@@ -57,6 +57,10 @@ pub enum Call {
     PidFile(PathBuf, i32),
     /// An orderly kexec of these units and pid targets was handed to systemd.
     OrderlyKexec(Vec<String>, Vec<i32>),
+    /// This pid was dumped with criu's nftables network lock.
+    DumpLocked(i32),
+    /// The network lock saved in this image directory was released on the old kernel.
+    ReleaseNet(PathBuf),
 }
 
 /// A failure to inject.
@@ -83,6 +87,8 @@ pub enum Fault {
     ServiceStartsAfresh(&'static str),
     DaemonReload,
     OrderlyKexec,
+    /// criu cannot lock the network with nftables.
+    NoNftablesLock,
 }
 
 /// A service as the double's systemd runs it.
@@ -282,8 +288,30 @@ impl Machine for FakeMachine {
             return Err(criu_failure(pid, dir));
         }
         std::fs::write(dir.join("inventory.img"), "img").unwrap();
+        if o.nftables_lock {
+            self.log(Call::DumpLocked(pid));
+            std::fs::write(
+                dir.join(crate::tcp::LOCK_FILE),
+                format!("table inet CRIU-{pid} {{\n}}\n"),
+            )
+            .unwrap();
+        }
         self.stopped.lock().unwrap().extend(self.tree_ids(pid));
         Ok(7)
+    }
+    fn nftables_lock_support(&self, _: &Criu) -> Result<(), String> {
+        if self.faulty(Fault::NoNftablesLock) {
+            return Err(
+                "Nftables based locking requires libnftables and set concatenations support".into(),
+            );
+        }
+        Ok(())
+    }
+    fn release_network_lock(&self, dir: &Path, _: &[i32]) -> Result<usize, crate::tcp::TcpError> {
+        if dir.join(crate::tcp::LOCK_FILE).exists() {
+            self.log(Call::ReleaseNet(dir.to_path_buf()));
+        }
+        Ok(0)
     }
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
         self.log(Call::Resume(ids.to_vec()));

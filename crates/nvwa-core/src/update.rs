@@ -438,7 +438,17 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
                 why: e.to_string(),
             })?;
         }
-        let results = dump_all(self.m, cfg, &criu, &self.j.targets, self.r);
+        // Probed once per update: with nftables, the lock outlives the kexec (see `tcp`).
+        let nftables_lock = match self.m.nftables_lock_support(&criu) {
+            Ok(()) => true,
+            Err(why) => {
+                self.r.message(format!(
+                    "criu cannot lock the network with nftables here ({why}): established TCP connections of the targets are locked with criu's default, iptables (the iptables program must be installed), on this kernel only; a segment a peer sends after the new kernel's network is up and before the restore gets a reset"
+                ));
+                false
+            }
+        };
+        let results = dump_all(self.m, cfg, &criu, &self.j.targets, self.r, nftables_lock);
         let mut first_failure = None;
         for (t, res) in self.j.targets.iter_mut().zip(results) {
             match res {
@@ -539,6 +549,20 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
             ids.push(t.pid);
             ids.sort_unstable();
             ids.dedup();
+            // A dumped tree's connections are still locked and in repair mode: a tree that
+            // ran with them so would hang its peers.
+            match m.release_network_lock(&dir, &ids) {
+                Ok(0) => {}
+                Ok(n) => r.target(
+                    t,
+                    "unlocked",
+                    Some(format!("{n} TCP connection(s) out of repair mode")),
+                ),
+                Err(e) => problems.push(format!(
+                    "the TCP connections of {} (pid {}) may stay blocked: {e}",
+                    t.name, t.pid
+                )),
+            }
             match m.resume(&ids) {
                 Ok(()) => {
                     t.state = TargetState::Resumed;
@@ -647,8 +671,15 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a dump thread panicked".into())
 }
 
-fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u64, DumpFailure> {
+fn dump_one(
+    m: &dyn Machine,
+    cfg: &Config,
+    criu: &Criu,
+    t: &Target,
+    nftables_lock: bool,
+) -> Result<u64, DumpFailure> {
     let opts = DumpOptions {
+        nftables_lock,
         pin_memory: cfg.restore.enable_pin_memory,
         deadline: criu_deadline(cfg.server.dump_timeout_s, t.rss_bytes),
         // stdout and stderr usually share one stream: name each socket once.
@@ -684,6 +715,7 @@ fn dump_all(
     criu: &Criu,
     targets: &[Target],
     r: &Reporter,
+    nftables_lock: bool,
 ) -> Vec<Result<u64, DumpFailure>> {
     // Pin memory is one shared area: the original dumps serially with it, and so do we.
     if cfg.restore.enable_pin_memory {
@@ -691,7 +723,7 @@ fn dump_all(
             .iter()
             .map(|t| {
                 r.target(t, "dumping", None);
-                let res = dump_one(m, cfg, criu, t);
+                let res = dump_one(m, cfg, criu, t, nftables_lock);
                 report_dump(r, t, &res);
                 res
             })
@@ -705,7 +737,7 @@ fn dump_all(
             r.target(t, "dumping", None);
             let tx = tx.clone();
             s.spawn(move || {
-                let _ = tx.send((i, dump_one(m, cfg, criu, t)));
+                let _ = tx.send((i, dump_one(m, cfg, criu, t, nftables_lock)));
             });
         }
         drop(tx);
@@ -785,7 +817,15 @@ pub fn init(m: &dyn Machine, cfg: &Config) -> Result<String, UpdateError> {
     doomed.sort();
     doomed.dedup();
     let mut removed = 0;
+    let mut unlocked = Vec::new();
     for p in doomed {
+        // Their saved connections are gone with the images: so goes their network lock, which
+        // the new boot put in place for a restore that will not happen.
+        match crate::tcp::delete_saved(&p) {
+            Ok(Some(table)) => unlocked.push(table),
+            Ok(None) => {}
+            Err(e) => unlocked.push(format!("(not {}: {e})", p.display())),
+        }
         match std::fs::remove_dir_all(&p) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -800,8 +840,13 @@ pub fn init(m: &dyn Machine, cfg: &Config) -> Result<String, UpdateError> {
     } else {
         ""
     };
+    let unlocked = if unlocked.is_empty() {
+        String::new()
+    } else {
+        format!(", deleted the network lock(s) {}", unlocked.join(", "))
+    };
     Ok(format!(
-        "removed {removed} image set(s) and the journal from {}{pinned}",
+        "removed {removed} image set(s) and the journal from {}{pinned}{unlocked}",
         dir.display()
     ))
 }

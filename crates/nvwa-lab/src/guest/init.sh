@@ -48,10 +48,6 @@ while IFS= read -r m; do
         { echo "insmod $m: $(cat /tmp/insmod.err)" | out modules; }
 done < "/lib/modules/$K/nvwa-lab/load-order"
 ip link set lo up
-# QEMU's user-mode network: the host reaches the guest through the scenario's port forwards.
-if [ -e /sys/class/net/eth0 ]; then
-    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
-fi
 
 i=0
 while [ ! -b /dev/pmem0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -84,6 +80,13 @@ if ! grep -q ' /var/nvwa ' /proc/mounts; then
     finish 1
 fi
 grep ' /var/nvwa ' /proc/mounts | out init
+# nvwa-pre.service's other job, now that the images are mounted and before the network is up:
+# put back the lock of the saved TCP connections (the pids were reserved above already).
+nvwa pre 2>&1 | grep -v -e '^pids up to' -e '^no pid reservation' | out pre
+# QEMU's user-mode network: the host reaches the guest through the scenario's port forwards.
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+fi
 export LAB_STATE=/var/nvwa/lab
 mkdir -p "$LAB_STATE" /var/nvwa/log
 # The unprivileged user's home (lab_as_user); the initramfs makes everything root's.
