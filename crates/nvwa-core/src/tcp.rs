@@ -379,9 +379,12 @@ fn for_each_tcp_socket(ids: &[i32], mut f: impl FnMut(i32)) {
 }
 
 /// Held around the restore of one image set: while a set with connections saved without window
-/// scaling is restored, `net.ipv4.tcp_window_scaling` is 0, and no other restore runs (it
-/// would restore its own connections with a window clamped to 64 KiB). Dropping it puts the
-/// value back.
+/// scaling is restored, `net.ipv4.tcp_window_scaling` is 0, and no other restore of
+/// established connections runs (it would restore them with a window clamped to 64 KiB).
+/// Restores without established connections do not wait. Dropping it puts the value back.
+///
+/// The sysctl is the machine's: a connection that anything else opens in that window is not
+/// scaled either (its window is at most 64 KiB for its lifetime).
 pub struct WindowScaling {
     _lock: Option<std::fs::File>,
     restore_to: Option<String>,
@@ -393,16 +396,25 @@ impl WindowScaling {
     /// Waits for its turn, then sets the sysctl for the images in `dir`. Problems are logged,
     /// never fatal: the restore is still better than none.
     pub fn for_restore(dir: &Path) -> WindowScaling {
-        let unscaled = match criu_image::tcp_streams(dir) {
-            Ok(s) => s.iter().filter(|(_, scaled)| !scaled).count(),
+        let streams = match criu_image::tcp_streams(dir) {
+            Ok(s) => s,
             Err(e) => {
                 tracing::warn!(
                     "cannot tell which TCP connections of {} had window scaling: {e}",
                     dir.display()
                 );
-                0
+                Vec::new()
             }
         };
+        let unscaled = streams.iter().filter(|(_, scaled)| !scaled).count();
+        put_back_leftover();
+        if streams.is_empty() {
+            return WindowScaling {
+                _lock: None,
+                restore_to: None,
+                unscaled,
+            };
+        }
         let lock = match open_restore_lock(unscaled > 0) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -413,6 +425,7 @@ impl WindowScaling {
                 None
             }
         };
+        // Again under the lock: the holder of the sysctl may have been killed while we waited.
         put_back_leftover();
         let mut g = WindowScaling {
             _lock: lock,

@@ -109,10 +109,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     println!("connected from {local} to 127.0.0.1:{port}");
 
-    let mut answered = 0u64;
-    let mut last_answer: Option<(Instant, u128)> = None;
-    // (gap ms, wall ms of the last answer before it, of the first after it)
-    let mut longest = (0u128, 0u128, 0u128);
+    // When each answer arrived: (monotonic, wall ms).
+    let mut answers: Vec<(Instant, u128)> = Vec::new();
     let mut failure = None;
     let mut seq = 0;
     loop {
@@ -130,29 +128,36 @@ pub fn run(args: &[String]) -> Result<(), String> {
             failure = Some(e);
             break;
         }
-        answered += 1;
         let now = (Instant::now(), wall_ms());
-        if let Some((t, wall)) = last_answer {
-            let gap = now.0.duration_since(t).as_millis();
-            if gap > longest.0 {
-                longest = (gap, wall, now.1);
-                if gap > 1000 {
-                    println!("answer {seq} came {gap} ms after the one before");
-                }
+        if let Some((t, _)) = answers.last() {
+            let gap = now.0.duration_since(*t).as_millis();
+            if gap > 1000 {
+                println!("answer {seq} came {gap} ms after the one before");
             }
         }
-        last_answer = Some(now);
+        answers.push(now);
         if std::path::Path::new(&stop).exists() {
             break;
         }
         std::thread::sleep(interval);
     }
-    // The blackout minus the pause between requests: the time the service did not answer.
-    let blackout = longest.0.saturating_sub(interval.as_millis());
+    let gaps: Vec<u128> = answers
+        .windows(2)
+        .map(|w| w[1].0.duration_since(w[0].0).as_millis())
+        .collect();
+    // The longest gap is the blackout (less the pause between requests: the time the service
+    // did not answer); the longest after it shows how the connection runs once restored.
+    let at = (0..gaps.len()).max_by_key(|&i| gaps[i]);
+    let pause = interval.as_millis();
+    let blackout = at.map_or(0, |i| gaps[i].saturating_sub(pause));
+    let slowest_after = at
+        .and_then(|i| gaps[i + 1..].iter().max())
+        .map_or(0, |g| g.saturating_sub(pause));
+    let (before, after) = at.map_or((0, 0), |i| (answers[i].1, answers[i + 1].1));
     let json = format!(
-        "{{\"requests\":{seq},\"answers\":{answered},\"local\":\"{local}\",\"blackout_ms\":{blackout},\"last_answer_before_ms\":{},\"first_answer_after_ms\":{},\"error\":{}}}\n",
-        longest.1,
-        longest.2,
+        "{{\"requests\":{seq},\"answers\":{},\"local\":\"{local}\",\"blackout_ms\":{blackout},\"last_answer_before_ms\":{before},\"first_answer_after_ms\":{after},\"answers_after\":{},\"slowest_answer_after_ms\":{slowest_after},\"error\":{}}}\n",
+        answers.len(),
+        at.map_or(0, |i| answers.len() - i - 1),
         failure
             .as_deref()
             .map_or("null".to_string(), |e| format!("{e:?}"))
@@ -160,7 +165,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     std::fs::write(&report, &json).map_err(|e| format!("cannot write {report}: {e}"))?;
     print!("{json}");
     println!(
-        "client-visible blackout: {blackout} ms ({answered} answers on one connection from {local})"
+        "client-visible blackout: {blackout} ms; afterwards the slowest answer took {slowest_after} ms ({} answers on one connection from {local})",
+        answers.len()
     );
     match failure {
         Some(e) => Err(e),

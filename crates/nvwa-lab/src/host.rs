@@ -23,6 +23,9 @@ pub struct HostEnv {
     pub cwd: PathBuf,
     /// (guest port, host port) of every forward: `LAB_PORT_<guest>=<host>`.
     pub ports: Vec<(u16, u16)>,
+    /// The lab's binaries built from this checkout (`nvwa-lab-workload`, e.g. its host-side
+    /// `tcp-client`), first on the steps' PATH.
+    pub bin_dir: Option<PathBuf>,
 }
 
 struct Started {
@@ -93,6 +96,12 @@ impl<'a> HostSteps<'a> {
             .current_dir(&self.env.cwd)
             .env("LAB_RUN_DIR", &self.env.run_dir)
             .envs(port_vars(&self.env.ports))
+            .envs(self.env.bin_dir.as_ref().map(|d| {
+                let path = std::env::var_os("PATH").unwrap_or_default();
+                let mut dirs = vec![d.clone()];
+                dirs.extend(std::env::split_paths(&path));
+                ("PATH", std::env::join_paths(dirs).unwrap_or(path))
+            }))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -206,6 +215,7 @@ mod tests {
             run_dir: dir.to_path_buf(),
             cwd: dir.to_path_buf(),
             ports: vec![(7000, 40123)],
+            bin_dir: None,
         }
     }
 

@@ -317,6 +317,7 @@ impl Lab {
                 run_dir: dir.to_path_buf(),
                 cwd: s.path.parent().unwrap_or(Path::new(".")).to_path_buf(),
                 ports: spec.forwards.iter().map(|&(h, g)| (g, h)).collect(),
+                bin_dir: self.bins.workload.parent().map(Path::to_path_buf),
             },
         );
         let mut live = |l: &Stamped| {
