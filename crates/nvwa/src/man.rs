@@ -94,7 +94,7 @@ const FILES: &[(&str, &str)] = &[
     ("/var/nvwa/running/PID/", "The images of one target, private to root; removed after a successful restore or a rollback."),
     ("/run/nvwa/nvwa.socket", "The server's socket (directory 0700, socket 0600)."),
     ("/boot/vmlinuz-VERSION", "The kernel of `nvwa update VERSION`, with /boot/initrd.img-VERSION or /boot/initramfs-VERSION.img (or /usr/lib/modules/VERSION/vmlinuz)."),
-    ("nvwa.service, nvwa-pre.service", "The systemd units: the server, and the early step that keeps saved pids free on the new boot."),
+    ("nvwa.service, nvwa-pre.service", "The systemd units: the server, and the early step that keeps saved pids free and puts the saved TCP connections' network lock back on the new boot, before network-pre.target."),
     ("/usr/lib/systemd/system-generators/nvwa-generator", "The systemd generator that hands saved services to nvwa restore on the new boot (see SERVICES)."),
     ("/run/nvwa-restore/UNIT.pid", "Where nvwa restore leaves a restored service's main pid for systemd."),
 ];
@@ -128,6 +128,13 @@ const SERVICES: &[&str] = &[
     "Because the generator runs before other filesystems are mounted, criu_dir must be on the root filesystem when services are listed.",
 ];
 
+/// The NETWORK STATE section: what the switch carries over.
+const NETWORK: &[&str] = &[
+    "Established TCP connections of the targets are carried over: the peer sees a pause, never a reset. nvwa dumps with criu's nftables lock (--network-lock nftables, when criu check --feature network_lock_nftables passes), saves the table criu made (inet CRIU-...) with the images as nvwa-net-lock.nft, and nvwa pre puts it back on the new boot before the network comes up; criu's restore deletes it. A rollback deletes it and takes the sockets out of repair mode; nvwa init deletes the locks of the images it discards; an update that never committed puts nothing back. Without the nftables lock, criu locks with iptables on the old kernel only, and a peer that sends before the restore gets a reset.",
+    "Connections that did not negotiate window scaling are restored with net.ipv4.tcp_window_scaling at 0 (criu would restore them advertising a window of a few bytes), put back as soon as that target's restore ends; such a restore runs alone among the restores of established connections.",
+    "Listening sockets, unix sockets to outside peers and file locks are carried over. Connections of other processes, and the machine's addresses, routes, rules and firewall, are not.",
+];
+
 /// The JUMP section: what kexec_mode chooses.
 const JUMP: &[&str] = &[
     "With kexec_mode: immediate (the default), nvwa jumps into the new kernel as soon as the images are committed: sync(2), then reboot(2) with LINUX_REBOOT_CMD_KEXEC. Nothing runs between the freeze and the jump, so the downtime is freeze, dump, kexec, boot and restore. Services that are not listed are not stopped: they end with the old kernel as in a power cut, after every filesystem was synced, and start afresh on the new boot.",
@@ -145,6 +152,7 @@ pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
     configuration(out)?;
     prose(out, "SERVICES", SERVICES)?;
     prose(out, "THE JUMP", JUMP)?;
+    prose(out, "NETWORK STATE", NETWORK)?;
     section(out, "FILES")?;
     for (f, what) in FILES {
         item(out, f, what)?;
