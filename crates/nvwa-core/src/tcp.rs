@@ -388,14 +388,46 @@ fn for_each_tcp_socket(ids: &[i32], mut f: impl FnMut(i32)) {
 pub struct WindowScaling {
     _lock: Option<std::fs::File>,
     restore_to: Option<String>,
+    places: Places,
     /// The connections saved without window scaling.
     pub unscaled: usize,
+}
+
+/// Where the sysctl, the lock and the saved value are (elsewhere in tests).
+#[derive(Debug, Clone)]
+struct Places {
+    sysctl: PathBuf,
+    lock: PathBuf,
+    saved: PathBuf,
+}
+
+impl Places {
+    fn real() -> Places {
+        Places {
+            sysctl: WINDOW_SCALING.into(),
+            lock: RESTORE_LOCK.into(),
+            saved: SAVED_SCALING.into(),
+        }
+    }
+
+    /// A restore that was killed while it held the sysctl at 0 left its old value behind.
+    fn put_back_leftover(&self) {
+        if let Ok(v) = std::fs::read_to_string(&self.saved) {
+            if std::fs::write(&self.sysctl, v.trim()).is_ok() {
+                let _ = std::fs::remove_file(&self.saved);
+            }
+        }
+    }
 }
 
 impl WindowScaling {
     /// Waits for its turn, then sets the sysctl for the images in `dir`. Problems are logged,
     /// never fatal: the restore is still better than none.
     pub fn for_restore(dir: &Path) -> WindowScaling {
+        WindowScaling::at(dir, Places::real())
+    }
+
+    fn at(dir: &Path, places: Places) -> WindowScaling {
         let streams = match criu_image::tcp_streams(dir) {
             Ok(s) => s,
             Err(e) => {
@@ -407,45 +439,41 @@ impl WindowScaling {
             }
         };
         let unscaled = streams.iter().filter(|(_, scaled)| !scaled).count();
-        put_back_leftover();
-        if streams.is_empty() {
-            return WindowScaling {
-                _lock: None,
-                restore_to: None,
-                unscaled,
-            };
-        }
-        let lock = match open_restore_lock(unscaled > 0) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                tracing::warn!(
-                    "restoring {} without serialising restores: {e}",
-                    dir.display()
-                );
-                None
-            }
-        };
-        // Again under the lock: the holder of the sysctl may have been killed while we waited.
-        put_back_leftover();
+        places.put_back_leftover();
         let mut g = WindowScaling {
-            _lock: lock,
+            _lock: None,
             restore_to: None,
+            places,
             unscaled,
         };
+        if streams.is_empty() {
+            return g;
+        }
+        match open_restore_lock(&g.places.lock, unscaled > 0) {
+            Ok(f) => g._lock = Some(f),
+            Err(e) => tracing::warn!(
+                "restoring {} without serialising restores: {e}",
+                dir.display()
+            ),
+        }
+        // Again under the lock: the holder of the sysctl may have been killed while we waited.
+        g.places.put_back_leftover();
         if unscaled > 0 {
-            match std::fs::read_to_string(WINDOW_SCALING) {
+            let sysctl = g.places.sysctl.clone();
+            match std::fs::read_to_string(&sysctl) {
                 Ok(v) if v.trim() != "0" => {
-                    let saved = std::fs::write(SAVED_SCALING, v.trim());
-                    match saved.and_then(|()| std::fs::write(WINDOW_SCALING, "0")) {
+                    let saved = std::fs::write(&g.places.saved, v.trim());
+                    match saved.and_then(|()| std::fs::write(&sysctl, "0")) {
                         Ok(()) => g.restore_to = Some(v.trim().to_string()),
                         Err(e) => tracing::warn!(
-                            "cannot set {WINDOW_SCALING} to 0 for the restore of {}: {e}; its {unscaled} connection(s) without window scaling will advertise tiny windows",
+                            "cannot set {} to 0 for the restore of {}: {e}; its {unscaled} connection(s) without window scaling will advertise tiny windows",
+                            sysctl.display(),
                             dir.display()
                         ),
                     }
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!("cannot read {WINDOW_SCALING}: {e}"),
+                Err(e) => tracing::warn!("cannot read {}: {e}", sysctl.display()),
             }
         }
         g
@@ -455,30 +483,21 @@ impl WindowScaling {
 impl Drop for WindowScaling {
     fn drop(&mut self) {
         if let Some(v) = self.restore_to.take() {
-            match std::fs::write(WINDOW_SCALING, &v) {
+            match std::fs::write(&self.places.sysctl, &v) {
                 Ok(()) => {
-                    let _ = std::fs::remove_file(SAVED_SCALING);
+                    let _ = std::fs::remove_file(&self.places.saved);
                 }
                 Err(e) => tracing::error!(
-                    "cannot put {WINDOW_SCALING} back to {v}: {e}; run `sysctl net.ipv4.tcp_window_scaling={v}`"
+                    "cannot put {} back to {v}: {e}; run `sysctl net.ipv4.tcp_window_scaling={v}`",
+                    self.places.sysctl.display()
                 ),
             }
         }
     }
 }
 
-/// A restore that was killed while it held the sysctl at 0 left its old value behind.
-fn put_back_leftover() {
-    if let Ok(v) = std::fs::read_to_string(SAVED_SCALING) {
-        if std::fs::write(WINDOW_SCALING, v.trim()).is_ok() {
-            let _ = std::fs::remove_file(SAVED_SCALING);
-        }
-    }
-}
-
-fn open_restore_lock(exclusive: bool) -> std::io::Result<std::fs::File> {
+fn open_restore_lock(path: &Path, exclusive: bool) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let path = Path::new(RESTORE_LOCK);
     if let Some(d) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -586,5 +605,59 @@ mod tests {
                 .contains("cannot lock the saved TCP connections of 100"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn unscaled_connections_are_restored_with_the_sysctl_at_0_and_it_is_put_back() {
+        let t = tempfile::tempdir().unwrap();
+        let places = Places {
+            sysctl: t.path().join("tcp_window_scaling"),
+            lock: t.path().join("run/tcp-restore.lock"),
+            saved: t.path().join("run/saved"),
+        };
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+        std::fs::write(&places.sysctl, "1\n").unwrap();
+        let stream = |mask: u8| {
+            // magics, then an entry whose field 5 (opt_mask) is `mask`.
+            let msg = [8, 0, 5 << 3, mask];
+            let mut img = vec![0u8; 8];
+            img.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+            img.extend_from_slice(&msg);
+            img
+        };
+        // No established connections: nothing is touched, no lock is taken.
+        let none = t.path().join("none");
+        std::fs::create_dir(&none).unwrap();
+        drop(WindowScaling::at(&none, places.clone()));
+        assert!(!places.lock.exists());
+        assert_eq!(read(&places.sysctl), "1\n");
+
+        // Scaled ones only: the lock is shared, the sysctl untouched.
+        let scaled = t.path().join("scaled");
+        std::fs::create_dir(&scaled).unwrap();
+        std::fs::write(scaled.join("tcp-stream-1.img"), stream(0x7)).unwrap();
+        let g = WindowScaling::at(&scaled, places.clone());
+        assert_eq!((g.unscaled, read(&places.sysctl).as_str()), (0, "1\n"));
+        drop(g);
+
+        // One unscaled: 0 while held (its old value kept aside), put back when dropped.
+        let unscaled = t.path().join("unscaled");
+        std::fs::create_dir(&unscaled).unwrap();
+        std::fs::write(unscaled.join("tcp-stream-1.img"), stream(0x7)).unwrap();
+        std::fs::write(unscaled.join("tcp-stream-2.img"), stream(0x2)).unwrap();
+        let g = WindowScaling::at(&unscaled, places.clone());
+        assert_eq!(g.unscaled, 1);
+        assert_eq!(read(&places.sysctl), "0");
+        assert_eq!(read(&places.saved), "1");
+        drop(g);
+        assert_eq!(read(&places.sysctl), "1");
+        assert!(!places.saved.exists());
+
+        // A restore killed while it held the sysctl at 0: the next one puts the value back.
+        std::fs::write(&places.sysctl, "0").unwrap();
+        std::fs::write(&places.saved, "1").unwrap();
+        drop(WindowScaling::at(&none, places.clone()));
+        assert_eq!(read(&places.sysctl), "1");
+        assert!(!places.saved.exists());
     }
 }
