@@ -48,9 +48,10 @@ pub trait Machine: Send + Sync {
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError>;
     /// Whether criu can lock the targets' TCP connections with nftables; `Err` says why not.
     fn nftables_lock_support(&self, criu: &Criu) -> Result<(), String>;
-    /// Before a dumped tree (`ids`) runs again on the old kernel: deletes the lock saved in
-    /// `dir` and turns repair mode off on its TCP sockets. Returns how many left repair mode.
-    fn release_network_lock(&self, dir: &Path, ids: &[i32]) -> Result<usize, TcpError>;
+    /// Before a dumped tree (rooted at `pid`, with `ids`) runs again on the old kernel: deletes
+    /// the network lock of its dump into `dir` and turns repair mode off on its TCP sockets.
+    /// Returns how many left repair mode.
+    fn release_network_lock(&self, dir: &Path, pid: i32, ids: &[i32]) -> Result<usize, TcpError>;
     /// SIGCONT to every id (a stopped tree runs again).
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error>;
     /// Makes everything written under `dir` durable before the point of no return, reporting
@@ -171,8 +172,8 @@ impl Machine for RealMachine {
     fn nftables_lock_support(&self, criu: &Criu) -> Result<(), String> {
         criu.supports("network_lock_nftables")
     }
-    fn release_network_lock(&self, dir: &Path, ids: &[i32]) -> Result<usize, TcpError> {
-        tcp::release(dir, ids)
+    fn release_network_lock(&self, dir: &Path, pid: i32, ids: &[i32]) -> Result<usize, TcpError> {
+        tcp::release(dir, pid, ids)
     }
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
         process::resume(ids)

@@ -294,11 +294,19 @@ pub fn delete_saved(dir: &Path) -> Result<Option<String>, TcpError> {
     }
 }
 
-/// A rollback on the old kernel: the dump of `dir` left its connections locked and in repair
-/// mode (criu unlocks only when it resumes the tree itself). Deletes the lock, then turns
+/// A rollback on the old kernel: the dump of `pid` into `dir` left its connections locked and in
+/// repair mode (criu unlocks only when it resumes the tree itself). Deletes the lock (the saved
+/// one, or, when the server died before it could save it, the one the images name), then turns
 /// repair mode off on every TCP socket of the processes `ids` (which sends each peer a window
 /// probe). Returns how many sockets left repair mode.
-pub fn release(dir: &Path, ids: &[i32]) -> Result<usize, TcpError> {
+pub fn release(dir: &Path, pid: i32, ids: &[i32]) -> Result<usize, TcpError> {
+    if !dir.join(LOCK_FILE).exists() && dir.join("inventory.img").exists() {
+        let table = lock_table(dir, pid)?;
+        match nft(&format!("delete table inet {table}")) {
+            Err(e) if !no_such_table(&e) => return Err(e),
+            _ => {}
+        }
+    }
     delete_saved(dir)?;
     let mut n = 0;
     for_each_tcp_socket(ids, |fd| {

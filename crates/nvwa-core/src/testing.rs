@@ -307,7 +307,12 @@ impl Machine for FakeMachine {
         }
         Ok(())
     }
-    fn release_network_lock(&self, dir: &Path, _: &[i32]) -> Result<usize, crate::tcp::TcpError> {
+    fn release_network_lock(
+        &self,
+        dir: &Path,
+        _: i32,
+        _: &[i32],
+    ) -> Result<usize, crate::tcp::TcpError> {
         if dir.join(crate::tcp::LOCK_FILE).exists() {
             self.log(Call::ReleaseNet(dir.to_path_buf()));
         }

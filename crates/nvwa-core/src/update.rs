@@ -551,7 +551,7 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
             ids.dedup();
             // A dumped tree's connections are still locked and in repair mode: a tree that
             // ran with them so would hang its peers.
-            match m.release_network_lock(&dir, &ids) {
+            match m.release_network_lock(&dir, t.pid, &ids) {
                 Ok(0) => {}
                 Ok(n) => r.target(
                     t,
