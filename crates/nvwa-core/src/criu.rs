@@ -498,21 +498,28 @@ mod tests {
         assert!(e.is_pid_collision());
     }
 
-    #[test]
-    fn journal_streams_are_external_at_dump_and_inherited_at_restore() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = dir.path().join("criu");
-        let args = dir.path().join("args");
+    /// A criu that appends its arguments to `args` (one run per line) and succeeds: a restore
+    /// writes its pid file (pid 77), a pre-dump 4096 bytes of pages as criu's pages-1.img would.
+    fn recording_criu(dir: &Path) -> (PathBuf, PathBuf) {
+        let fake = dir.join("criu");
+        let args = dir.join("args");
         std::fs::write(
             &fake,
             format!(
-                "#!/bin/sh\necho \"$*\" >>{}\nop=$1\nwhile [ $# -gt 0 ]; do [ \"$1\" = -D ] && d=$2; shift; done\n[ $op = restore ] && echo 77 >$d/restored.pid\nexit 0\n",
+                "#!/bin/sh\necho \"$*\" >>{}\nop=$1\nwhile [ $# -gt 0 ]; do [ \"$1\" = -D ] && d=$2; shift; done\n[ $op = restore ] && echo 77 >$d/restored.pid\n[ $op = pre-dump ] && head -c 4096 /dev/zero >$d/pages-1.img\nexit 0\n",
                 args.display()
             ),
         )
         .unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
+        (fake, args)
+    }
+
+    #[test]
+    fn journal_streams_are_external_at_dump_and_inherited_at_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, args) = recording_criu(dir.path());
         let images = dir.path().join("svc");
         let criu = Criu::new(&fake);
         let dump = DumpOptions {
@@ -575,19 +582,7 @@ mod tests {
     #[test]
     fn pre_dump_passes_chain_to_the_dump_and_count_their_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let args = dir.path().join("args");
-        let fake = dir.path().join("criu");
-        // Each pre-dump writes 4096 bytes of pages, as criu's pages-1.img would hold.
-        std::fs::write(
-            &fake,
-            format!(
-                "#!/bin/sh\necho \"$*\" >>{}\nop=$1\nwhile [ $# -gt 0 ]; do [ \"$1\" = -D ] && d=$2; shift; done\n[ $op = pre-dump ] && head -c 4096 /dev/zero >$d/pages-1.img\nexit 0\n",
-                args.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let (fake, args) = recording_criu(dir.path());
         let images = dir.path().join("svc");
         std::fs::create_dir(&images).unwrap();
         let criu = Criu::new(&fake);
