@@ -376,30 +376,66 @@ fn check_criu(cfg: &Config, sys: &dyn System) -> Vec<CheckLine> {
     };
     let mut lines = vec![installed, check];
     if cfg.restore.pre_dump {
-        lines.push(check_dirty_tracking(cfg, sys, criu));
+        lines.push(check_criu_feature(cfg, sys, CriuFeature::DIRTY_TRACKING));
+    }
+    if cfg.restore.lazy_restore {
+        lines.push(check_criu_feature(cfg, sys, CriuFeature::LAZY_PAGES));
     }
     lines
 }
 
-/// `pre_dump: true` needs the kernel's soft-dirty bits; without them every pass fails and each
-/// target is dumped in full: slower, not wrong, so a warning.
-fn check_dirty_tracking(cfg: &Config, sys: &dyn System, criu: &Path) -> CheckLine {
-    const REQ: &str = "memory tracking (pre_dump)";
-    match sys.run(criu, &["check", "--feature", "mem_dirty_track"]) {
-        Ok((0, _)) => CheckLine::ok(REQ, "soft-dirty tracking available"),
+/// A kernel feature that a speed option needs. Without it nvwa falls back to the slower way,
+/// so its absence is a warning.
+struct CriuFeature {
+    requirement: &'static str,
+    /// criu's name for it (`criu check --feature NAME`).
+    name: &'static str,
+    key: &'static str,
+    what: &'static str,
+    fallback: &'static str,
+    kernel: &'static str,
+}
+
+impl CriuFeature {
+    const DIRTY_TRACKING: CriuFeature = CriuFeature {
+        requirement: "memory tracking (pre_dump)",
+        name: "mem_dirty_track",
+        key: "pre_dump",
+        what: "soft-dirty tracking available",
+        fallback: "every target will be dumped in full",
+        kernel: "CONFIG_MEM_SOFT_DIRTY",
+    };
+    const LAZY_PAGES: CriuFeature = CriuFeature {
+        requirement: "userfaultfd (lazy_restore)",
+        name: "uffd-noncoop",
+        key: "lazy_restore",
+        what: "userfaultfd with fork and remap events available",
+        fallback: "every target will be restored in full",
+        kernel: "CONFIG_USERFAULTFD",
+    };
+}
+
+fn check_criu_feature(cfg: &Config, sys: &dyn System, f: CriuFeature) -> CheckLine {
+    let criu = &cfg.server.criu_exe;
+    match sys.run(criu, &["check", "--feature", f.name]) {
+        Ok((0, _)) => CheckLine::ok(f.requirement, f.what),
         Ok((_, output)) => CheckLine::warn(
-            REQ,
+            f.requirement,
             format!(
-                "pre_dump is set but criu finds no memory tracking ({}): every target will be dumped in full",
-                last_line(&output)
+                "{} is set but criu finds no support for it ({}): {}",
+                f.key,
+                last_line(&output),
+                f.fallback
             ),
             format!(
-                "boot a kernel with CONFIG_MEM_SOFT_DIRTY, or set pre_dump: false in {}",
+                "boot a kernel with {}, or set {}: false in {}",
+                f.kernel,
+                f.key,
                 restore_file(cfg).display()
             ),
         ),
         Err(e) => CheckLine::warn(
-            REQ,
+            f.requirement,
             format!("cannot run {}: {e}", criu.display()),
             "make sure criu_exe is an executable criu binary",
         ),

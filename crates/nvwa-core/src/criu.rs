@@ -131,6 +131,9 @@ pub struct RestoreOptions {
     /// `--join-ns mnt:PID --join-ns uts:PID`: the restored tree enters this pid's mount and UTS
     /// namespaces (the holder that systemd started in the unit's fresh sandbox).
     pub join_ns_of: Option<i32>,
+    /// Restore without the memory and start a `criu lazy-pages` daemon that fills it in (see
+    /// [`crate::lazy_pages`]; the caller waits for it with [`crate::lazy_pages::finish`]).
+    pub lazy: bool,
 }
 
 impl Criu {
@@ -274,12 +277,74 @@ impl Criu {
             args.extend(["--join-ns".into(), format!("mnt:{h}")]);
             args.extend(["--join-ns".into(), format!("uts:{h}")]);
         }
-        let ms = self.run(run, dir, &args)?;
+        let daemon = if opts.lazy {
+            args.push("--lazy-pages".into());
+            Some(self.start_lazy_pages(dir, opts.deadline)?)
+        } else {
+            None
+        };
+        let ms = self.run(run, dir, &args).inspect_err(|_| {
+            // Nothing will connect to it now: it would wait forever.
+            if let Some(pid) = daemon {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        })?;
         let pid = std::fs::read_to_string(dir.join(PIDFILE))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
         Ok((pid, ms))
+    }
+
+    /// Whether criu and the running kernel support `feature` (`criu check --feature`); the
+    /// error is criu's last line, or why criu could not be asked.
+    pub fn check_feature(&self, feature: &str) -> Result<(), String> {
+        let out = exec::run(
+            Command::new(&self.exe).args(["check", "--feature", feature]),
+            Duration::from_secs(60),
+        )
+        .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let text = out.output_text();
+        Err(text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("criu check failed")
+            .trim()
+            .to_string())
+    }
+
+    /// Starts the `criu lazy-pages` daemon for the images in `dir`; returns its pid once it
+    /// listens for the restore (criu's parent process exits only then).
+    fn start_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<i32, CriuError> {
+        use crate::lazy_pages::{LOG, PIDFILE};
+        let _ = std::fs::remove_file(dir.join(PIDFILE));
+        let run = Run {
+            action: "lazy-pages",
+            object: dir.display().to_string(),
+            log: LOG,
+            deadline,
+            deadline_key: "restore_timeout",
+            cancellable: false,
+        };
+        let args = ["lazy-pages", "-d", "--pidfile", PIDFILE].map(String::from);
+        self.run(run, dir, &args)?;
+        std::fs::read_to_string(dir.join(PIDFILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| CriuError::Failed {
+                action: "lazy-pages",
+                object: dir.display().to_string(),
+                code: 0,
+                summary: format!("it started but wrote no {PIDFILE}"),
+                log: dir.join(LOG),
+            })
     }
 
     fn run(&self, run: Run, dir: &Path, args: &[String]) -> Result<u64, CriuError> {

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod exec;
 pub mod journal;
 pub mod kexec;
+pub mod lazy_pages;
 pub mod machine;
 pub mod metrics;
 pub mod pidns;

@@ -11,6 +11,7 @@ use crate::criu::{Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
 use crate::criu_image::{self, ImageError};
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::{self, KexecError};
+use crate::lazy_pages::{self, LazyError, Transferred};
 use crate::pidns::{self, PidError};
 use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
 use crate::policy::{FsView, ProcView, RealFs, RealProcs};
@@ -66,6 +67,12 @@ pub trait Machine: Send + Sync {
         dir: &Path,
         opts: &RestoreOptions,
     ) -> Result<(i32, u64), CriuError>;
+    /// Why lazy restores cannot work here (criu's `uffd-noncoop` check), if they cannot.
+    fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String>;
+    /// Waits for the lazy-pages daemon of a restore from `dir` ([`lazy_pages::finish`]).
+    fn finish_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<Transferred, LazyError>;
+    /// SIGKILL to the tree rooted at `pid`, reaped or gone within a few seconds.
+    fn kill_tree(&self, pid: i32);
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError>;
     fn wait_pids_free(&self, ids: &[i32], timeout: Duration) -> Result<(), PidError>;
     fn boot_id(&self) -> Result<String, JournalError>;
@@ -193,6 +200,15 @@ impl Machine for RealMachine {
         opts: &RestoreOptions,
     ) -> Result<(i32, u64), CriuError> {
         criu.restore(dir, opts)
+    }
+    fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String> {
+        criu.check_feature("uffd-noncoop").err()
+    }
+    fn finish_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<Transferred, LazyError> {
+        lazy_pages::finish(dir, deadline)
+    }
+    fn kill_tree(&self, pid: i32) {
+        process::kill_and_reap(&process::tree_ids(pid), KILL_WAIT);
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
         pidns::reserve_above(ids)

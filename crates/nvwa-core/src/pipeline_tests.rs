@@ -713,3 +713,75 @@ fn a_failing_pre_dump_costs_only_time_that_target_is_dumped_in_full() {
     });
     assert!(told, "{events:?}");
 }
+
+#[test]
+fn a_lazy_restore_is_recorded_once_every_page_is_in_and_only_then_drops_the_images() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 300]);
+    cfg.restore.lazy_restore = true;
+    saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
+    let new = new_boot();
+    restore(&new, &cfg).unwrap();
+    let calls = new.calls();
+    let pos = |c: &Call| calls.iter().position(|x| x == c).unwrap();
+    for name in ["100", "300"] {
+        assert!(new.called(&Call::RestoreLazy(name.into())), "{calls:?}");
+        // Every restore ran before the first wait: the daemons fill memory in in parallel.
+        assert!(pos(&Call::Restore("300".into())) < pos(&Call::FinishLazy(name.into())));
+        assert!(!cfg.server.criu_dir.join(name).exists(), "images removed");
+    }
+    let j = journal(&cfg);
+    assert_eq!(j.phase, Phase::Restored);
+    assert!(j.targets.iter().all(|t| t.state == TargetState::Restored));
+}
+
+#[test]
+fn without_userfaultfd_every_target_is_restored_in_full_and_the_server_says_why() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100]);
+    cfg.restore.lazy_restore = true;
+    saved_on_old_boot(&cfg, &[100], Phase::Committed);
+    let new = new_boot();
+    new.inject(Fault::NoLazyPages);
+    let mut events = Vec::new();
+    let mut sink = |p: Progress| events.push(p);
+    restore_saved(&new, &cfg, &update::Reporter::new(&mut sink)).unwrap();
+    assert!(new.called(&Call::Restore("100".into())));
+    assert!(!new
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::RestoreLazy(_) | Call::FinishLazy(_))));
+    assert!(events.iter().any(|e| matches!(e, Progress::Message { text }
+        if text.contains("UFFD is not supported") && text.contains("in full"))));
+}
+
+#[test]
+fn a_process_whose_memory_stayed_incomplete_is_killed_and_its_images_kept_for_a_retry() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 300]);
+    cfg.restore.lazy_restore = true;
+    saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
+    let new = new_boot();
+    new.inject(Fault::LazyIncomplete(300));
+    let err = restore(&new, &cfg).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RestoreFailed);
+    assert!(err.to_string().contains("copied 40 of 100 pages"), "{err}");
+    assert!(new.called(&Call::KillTree(300)));
+    assert!(!new.called(&Call::KillTree(100)));
+    assert!(cfg
+        .server
+        .criu_dir
+        .join("300")
+        .join("inventory.img")
+        .exists());
+    assert!(!cfg.server.criu_dir.join("100").exists());
+    let j = journal(&cfg);
+    assert_eq!(j.phase, Phase::RestoreFailed);
+    assert_eq!(j.targets[0].state, TargetState::Restored);
+    // The next start of the server restores it again, lazily, and completes.
+    let again = new_boot();
+    restore(&again, &cfg).unwrap();
+    assert!(again.called(&Call::RestoreLazy("300".into())));
+    assert!(!again.called(&Call::Restore("100".into())));
+    assert_eq!(journal(&cfg).phase, Phase::Restored);
+}

@@ -36,6 +36,11 @@ pub enum Call {
     Durable(PathBuf),
     Kexec,
     Restore(String),
+    /// A restore of these images without their memory, a lazy-pages daemon filling it in.
+    RestoreLazy(String),
+    /// The lazy-pages daemon of these images was waited for.
+    FinishLazy(String),
+    KillTree(i32),
     Reserve(Option<i32>),
     Pin(PinOp),
     /// The unix sockets a dump was told to treat as external.
@@ -72,6 +77,10 @@ pub enum Fault {
     Dump(i32),
     /// criu's pre-dump fails on this pid (the tree runs on).
     PreDump(i32),
+    /// criu reports no userfaultfd: lazy restores cannot work.
+    NoLazyPages,
+    /// The lazy-pages daemon of this pid's images ends before copying every page.
+    LazyIncomplete(i32),
     /// criu fails on this pid after it stopped the tree (it died mid-dump).
     DumpLeavesStopped(i32),
     /// The dump thread of this pid panics.
@@ -361,6 +370,9 @@ impl Machine for FakeMachine {
         }
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         self.log(Call::Restore(name.clone()));
+        if o.lazy {
+            self.log(Call::RestoreLazy(name.clone()));
+        }
         let pid: i32 = name.parse().unwrap_or_else(|_| {
             self.services
                 .iter()
@@ -378,6 +390,34 @@ impl Machine for FakeMachine {
         }
         self.alive.lock().unwrap().insert(pid);
         Ok((pid, 5))
+    }
+    fn lazy_pages_unsupported(&self, _: &Criu) -> Option<String> {
+        self.faulty(Fault::NoLazyPages)
+            .then(|| "Error: UFFD is not supported".to_string())
+    }
+    fn finish_lazy_pages(
+        &self,
+        dir: &Path,
+        _: Duration,
+    ) -> Result<crate::lazy_pages::Transferred, crate::lazy_pages::LazyError> {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        self.log(Call::FinishLazy(name.clone()));
+        let done = crate::lazy_pages::Transferred {
+            copied: 100,
+            total: 100,
+        };
+        if self.faulty(Fault::LazyIncomplete(name.parse().unwrap_or(0))) {
+            return Err(crate::lazy_pages::LazyError::Incomplete {
+                done: crate::lazy_pages::Transferred { copied: 40, ..done },
+                error: None,
+                log: dir.join(crate::lazy_pages::LOG),
+            });
+        }
+        Ok(done)
+    }
+    fn kill_tree(&self, pid: i32) {
+        self.log(Call::KillTree(pid));
+        self.alive.lock().unwrap().remove(&pid);
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
         self.log(Call::Reserve(ids.iter().max().copied()));
