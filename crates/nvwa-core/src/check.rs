@@ -374,7 +374,72 @@ fn check_criu(cfg: &Config, sys: &dyn System) -> Vec<CheckLine> {
             "make sure criu_exe is an executable criu binary",
         ),
     };
-    vec![installed, check]
+    let mut lines = vec![installed, check];
+    if cfg.restore.pre_dump {
+        lines.push(check_criu_feature(cfg, sys, CriuFeature::DIRTY_TRACKING));
+    }
+    if cfg.restore.lazy_restore {
+        lines.push(check_criu_feature(cfg, sys, CriuFeature::LAZY_PAGES));
+    }
+    lines
+}
+
+/// A kernel feature that a speed option needs. Without it nvwa falls back to the slower way,
+/// so its absence is a warning.
+struct CriuFeature {
+    requirement: &'static str,
+    /// criu's name for it (`criu check --feature NAME`).
+    name: &'static str,
+    key: &'static str,
+    what: &'static str,
+    fallback: &'static str,
+    kernel: &'static str,
+}
+
+impl CriuFeature {
+    const DIRTY_TRACKING: CriuFeature = CriuFeature {
+        requirement: "memory tracking (pre_dump)",
+        name: "mem_dirty_track",
+        key: "pre_dump",
+        what: "soft-dirty tracking available",
+        fallback: "every target will be dumped in full",
+        kernel: "CONFIG_MEM_SOFT_DIRTY",
+    };
+    const LAZY_PAGES: CriuFeature = CriuFeature {
+        requirement: "userfaultfd (lazy_restore)",
+        name: "uffd-noncoop",
+        key: "lazy_restore",
+        what: "userfaultfd with fork and remap events available",
+        fallback: "every target will be restored in full",
+        kernel: "CONFIG_USERFAULTFD",
+    };
+}
+
+fn check_criu_feature(cfg: &Config, sys: &dyn System, f: CriuFeature) -> CheckLine {
+    let criu = &cfg.server.criu_exe;
+    match sys.run(criu, &["check", "--feature", f.name]) {
+        Ok((0, _)) => CheckLine::ok(f.requirement, f.what),
+        Ok((_, output)) => CheckLine::warn(
+            f.requirement,
+            format!(
+                "{} is set but criu finds no support for it ({}): {}",
+                f.key,
+                last_line(&output),
+                f.fallback
+            ),
+            format!(
+                "boot a kernel with {}, or set {}: false in {}",
+                f.kernel,
+                f.key,
+                restore_file(cfg).display()
+            ),
+        ),
+        Err(e) => CheckLine::warn(
+            f.requirement,
+            format!("cannot run {}: {e}", criu.display()),
+            "make sure criu_exe is an executable criu binary",
+        ),
+    }
 }
 
 fn last_line(output: &str) -> &str {
@@ -890,6 +955,39 @@ mod tests {
             &run(&fx, &sys),
             "criu check",
             "exited with 1: Error: UFFD is not supported",
+        );
+    }
+
+    #[test]
+    fn pre_dump_asks_criu_for_memory_tracking_and_warns_without_it() {
+        let mut fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        let report = run(&fx, &sys);
+        assert!(report
+            .lines
+            .iter()
+            .all(|l| l.requirement != "memory tracking (pre_dump)"));
+        fx.cfg.restore.pre_dump = true;
+        sys.runs.insert(
+            "/usr/sbin/criu check --feature mem_dirty_track".into(),
+            (0, "mem_dirty_track is supported\n".into()),
+        );
+        let report = run(&fx, &sys);
+        assert_eq!(
+            line(&report, "memory tracking (pre_dump)").verdict,
+            Verdict::Ok
+        );
+        sys.runs.insert(
+            "/usr/sbin/criu check --feature mem_dirty_track".into(),
+            (1, "Error: Dirty tracking is OFF\n".into()),
+        );
+        let report = run(&fx, &sys);
+        let l = line(&report, "memory tracking (pre_dump)");
+        assert_eq!(l.verdict, Verdict::Warn, "{}", report.render());
+        assert!(
+            l.detail.contains("Dirty tracking is OFF"),
+            "{}",
+            report.render()
         );
     }
 

@@ -7,10 +7,11 @@ use std::time::Duration;
 use crate::journal::JournalError;
 
 use crate::boot::{self, BootError, KernelFiles};
-use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
+use crate::criu::{Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
 use crate::criu_image::{self, ImageError};
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::{self, KexecError};
+use crate::lazy_pages::{self, LazyError, Transferred};
 use crate::pidns::{self, PidError};
 use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
 use crate::policy::{FsView, ProcView, RealFs, RealProcs};
@@ -52,6 +53,15 @@ pub trait Machine: Send + Sync {
     /// the network lock of its dump into `dir` and turns repair mode off on its TCP sockets.
     /// Returns how many left repair mode.
     fn release_network_lock(&self, dir: &Path, pid: i32, ids: &[i32]) -> Result<usize, TcpError>;
+    /// One pre-dump pass; the tree runs on afterwards (see [`Criu::pre_dump`]).
+    fn pre_dump(
+        &self,
+        criu: &Criu,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        opts: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError>;
     /// SIGCONT to every id (a stopped tree runs again).
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error>;
     /// Makes everything written under `dir` durable before the point of no return, reporting
@@ -65,6 +75,12 @@ pub trait Machine: Send + Sync {
         dir: &Path,
         opts: &RestoreOptions,
     ) -> Result<(i32, u64), CriuError>;
+    /// Why lazy restores cannot work here (criu's `uffd-noncoop` check), if they cannot.
+    fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String>;
+    /// Waits for the lazy-pages daemon of a restore from `dir` ([`lazy_pages::finish`]).
+    fn finish_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<Transferred, LazyError>;
+    /// SIGKILL to the tree rooted at `pid`, reaped or gone within a few seconds.
+    fn kill_tree(&self, pid: i32);
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError>;
     fn wait_pids_free(&self, ids: &[i32], timeout: Duration) -> Result<(), PidError>;
     fn boot_id(&self) -> Result<String, JournalError>;
@@ -170,10 +186,20 @@ impl Machine for RealMachine {
         Ok(ms)
     }
     fn nftables_lock_support(&self, criu: &Criu) -> Result<(), String> {
-        criu.supports("network_lock_nftables")
+        criu.check_feature("network_lock_nftables")
     }
     fn release_network_lock(&self, dir: &Path, pid: i32, ids: &[i32]) -> Result<usize, TcpError> {
         tcp::release(dir, pid, ids)
+    }
+    fn pre_dump(
+        &self,
+        criu: &Criu,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        opts: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError> {
+        criu.pre_dump(pid, dir, prev, opts)
     }
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
         process::resume(ids)
@@ -195,6 +221,15 @@ impl Machine for RealMachine {
         // Held until criu is done: its connections are restored with the sysctl it needs.
         let _window = tcp::WindowScaling::for_restore(dir);
         criu.restore(dir, opts)
+    }
+    fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String> {
+        criu.check_feature("uffd-noncoop").err()
+    }
+    fn finish_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<Transferred, LazyError> {
+        lazy_pages::finish(dir, deadline)
+    }
+    fn kill_tree(&self, pid: i32) {
+        process::kill_and_reap(&process::tree_ids(pid), KILL_WAIT);
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
         pidns::reserve_above(ids)

@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::criu::{Criu, CriuError, RestoreOptions};
 use crate::journal::{now, Journal, Phase, Target, TargetKind, TargetState};
+use crate::lazy_pages::LazyError;
 use crate::machine::Machine;
 use crate::pidns::PidError;
 use crate::update::{criu_deadline, image_dir, undo, Reporter, UpdateError};
@@ -166,6 +167,18 @@ fn restore_all(
         }
     }
 
+    let lazy = cfg.restore.lazy_restore
+        && ready.iter().any(|&i| j.targets[i].kind == TargetKind::Pid)
+        && match m.lazy_pages_unsupported(&criu) {
+            None => true,
+            Some(why) => {
+                r.message(format!(
+                    "lazy_restore: criu cannot restore lazily here ({why}); restoring every target in full"
+                ));
+                false
+            }
+        };
+
     // In parallel first; collisions (EEXIST) are retried one at a time.
     let first: Vec<Result<(i32, u64), RestoreFailure>> = std::thread::scope(|s| {
         let handles: Vec<_> = ready
@@ -174,7 +187,7 @@ fn restore_all(
                 let t = &j.targets[i];
                 r.target(t, "restoring", None);
                 let criu = &criu;
-                s.spawn(move || restore_one(m, cfg, criu, t))
+                s.spawn(move || restore_one(m, cfg, criu, t, lazy))
             })
             .collect();
         handles
@@ -189,6 +202,7 @@ fn restore_all(
             .collect()
     });
     let mut services_restored = false;
+    let mut filling = Vec::new();
     for (&i, first) in ready.iter().zip(first) {
         let res = match first {
             // Only a pid target's own criu run can collide; a service's unit retries itself.
@@ -198,7 +212,7 @@ fn restore_all(
                     m,
                     &t.tree_ids,
                     Err(e),
-                    || m.restore(&criu, &image_dir(cfg, t), &pid_restore_options(cfg, t)),
+                    || m.restore(&criu, &image_dir(cfg, t), &lazy_options(cfg, t, lazy)),
                     || r.target(t, "retrying", Some("a saved pid was taken".into())),
                 )
                 .map_err(|e| e.to_string())
@@ -213,7 +227,10 @@ fn restore_all(
                 t.running_again_wall_ms = Some(now().0);
                 services_restored |= t.kind == TargetKind::Service;
                 r.target(t, "restored", Some(format!("pid {pid}, {ms} ms")));
-                if !cfg.restore.enable_debug_mode {
+                if lazy && t.kind == TargetKind::Pid {
+                    // Its lazy-pages daemon still reads the images.
+                    filling.push(i);
+                } else if !cfg.restore.enable_debug_mode {
                     let _ = std::fs::remove_dir_all(image_dir(cfg, t));
                 }
             }
@@ -222,6 +239,10 @@ fn restore_all(
                 t.state = TargetState::Failed(why);
             }
         }
+    }
+
+    for i in filling {
+        finish_lazy(m, cfg, &mut j.targets[i], r);
     }
 
     let failed: Vec<String> = j
@@ -278,15 +299,56 @@ enum RestoreFailure {
     Other(String),
 }
 
+/// Waits until the lazy-pages daemon of a restored pid target has filled its memory in. A
+/// target whose memory stayed incomplete is killed (it would run on zero-filled pages) and
+/// fails with its images kept, for a retry at the server's next start.
+fn finish_lazy(m: &dyn Machine, cfg: &Config, t: &mut Target, r: &Reporter) {
+    let dir = image_dir(cfg, t);
+    let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);
+    match m.finish_lazy_pages(&dir, deadline) {
+        Ok(done) => {
+            r.target(
+                t,
+                "memory complete",
+                Some(format!("{} pages copied in", done.copied)),
+            );
+            if !cfg.restore.enable_debug_mode {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        // Still serving is not failing: the process is whole as long as the daemon runs.
+        Err(e @ LazyError::StillServing { .. }) => {
+            r.message(format!("{} (pid {}): {e}", t.name, t.pid))
+        }
+        Err(e) => {
+            m.kill_tree(t.pid);
+            let why = format!(
+                "{e}; the restored process was killed, its images are kept for a retry (restart the nvwa server), or set lazy_restore: false"
+            );
+            r.target(t, "failed", Some(why.clone()));
+            t.state = TargetState::Failed(why);
+        }
+    }
+}
+
+/// A pid target's restore options on the new boot: lazy when `lazy`.
+fn lazy_options(cfg: &Config, t: &Target, lazy: bool) -> RestoreOptions {
+    RestoreOptions {
+        lazy,
+        ..pid_restore_options(cfg, t)
+    }
+}
+
 fn restore_one(
     m: &dyn Machine,
     cfg: &Config,
     criu: &Criu,
     t: &Target,
+    lazy: bool,
 ) -> Result<(i32, u64), RestoreFailure> {
     match t.kind {
         TargetKind::Pid => m
-            .restore(criu, &image_dir(cfg, t), &pid_restore_options(cfg, t))
+            .restore(criu, &image_dir(cfg, t), &lazy_options(cfg, t, lazy))
             .map_err(RestoreFailure::Criu),
         TargetKind::Service => {
             let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);

@@ -280,6 +280,9 @@ fn restore_with(
         inherit: inherit_streams(unit, t)?,
         inherit_files: reopen_external_files(unit, saved)?,
         join_ns_of: holder,
+        // The unit's restore exits once the service runs: nothing would wait for a lazy-pages
+        // daemon, which would stay in the unit's cgroup. Services are restored in full.
+        lazy: false,
     };
     let criu = Criu::new(&cfg.server.criu_exe);
     let first = m.restore(&criu, images, &opts);

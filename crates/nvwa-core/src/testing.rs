@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::boot::{BootError, KernelFiles};
 use crate::config::{Config, RestoreConfig, ServerConfig};
-use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
+use crate::criu::{Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
 use crate::journal::JournalError;
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::KexecError;
@@ -27,11 +27,20 @@ pub enum Call {
         quick: bool,
     },
     Unload,
+    /// A pre-dump pass of this pid, onto the pass named (relative to its directory).
+    PreDump(i32, Option<String>),
     Dump(i32),
+    /// The dump of this pid wrote only what changed since this pre-dump pass.
+    DumpOnto(i32, String),
     Resume(Vec<i32>),
     Durable(PathBuf),
     Kexec,
     Restore(String),
+    /// A restore of these images without their memory, a lazy-pages daemon filling it in.
+    RestoreLazy(String),
+    /// The lazy-pages daemon of these images was waited for.
+    FinishLazy(String),
+    KillTree(i32),
     Reserve(Option<i32>),
     Pin(PinOp),
     /// The unix sockets a dump was told to treat as external.
@@ -70,6 +79,12 @@ pub enum Fault {
     Unload,
     /// criu fails on this pid after writing part of its images, leaving the tree running.
     Dump(i32),
+    /// criu's pre-dump fails on this pid (the tree runs on).
+    PreDump(i32),
+    /// criu reports no userfaultfd: lazy restores cannot work.
+    NoLazyPages,
+    /// The lazy-pages daemon of this pid's images ends before copying every page.
+    LazyIncomplete(i32),
     /// criu fails on this pid after it stopped the tree (it died mid-dump).
     DumpLeavesStopped(i32),
     /// The dump thread of this pid panics.
@@ -134,6 +149,8 @@ pub struct FakeMachine {
     pub services: Vec<FakeService>,
     /// The pid of `nvwa hold` in the restoring unit's cgroup.
     pub holder: Option<i32>,
+    /// Bytes each pre-dump pass writes, by pass (the last repeats): a dirty set that shrinks.
+    pub pre_dump_bytes: Vec<u64>,
     /// Runs at every dump (after the fault handling): lets a test act mid-update.
     #[allow(clippy::type_complexity)]
     pub on_dump: Option<Box<dyn Fn(i32) + Send + Sync>>,
@@ -151,6 +168,7 @@ impl FakeMachine {
             calls: Mutex::default(),
             services: Vec::new(),
             holder: None,
+            pre_dump_bytes: vec![256 << 20, 16 << 20, 1 << 20],
             on_dump: None,
         }
     }
@@ -249,8 +267,41 @@ impl Machine for FakeMachine {
     fn tree_ids(&self, pid: i32) -> Vec<i32> {
         vec![pid, pid + 1]
     }
+    fn pre_dump(
+        &self,
+        _: &Criu,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        _: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError> {
+        self.log(Call::PreDump(pid, prev.map(String::from)));
+        std::fs::create_dir(dir).unwrap();
+        if self.faulty(Fault::PreDump(pid)) {
+            return Err(CriuError::Failed {
+                action: "pre-dump",
+                object: format!("pid {pid}"),
+                code: 1,
+                summary: "Error (criu/mem.c:1): soft-dirty tracking is off".into(),
+                log: dir.join(crate::criu::PRE_DUMP_LOG),
+            });
+        }
+        let pass: usize = dir
+            .to_string_lossy()
+            .rsplit("pre-")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let bytes = self.pre_dump_bytes[pass.min(self.pre_dump_bytes.len()) - 1];
+        std::fs::write(dir.join("pages-1.img"), "pages").unwrap();
+        Ok(PreDumpPass { bytes, ms: 5 })
+    }
     fn dump(&self, _: &Criu, pid: i32, dir: &Path, o: DumpOptions) -> Result<u64, CriuError> {
         self.log(Call::Dump(pid));
+        if let Some(prev) = &o.prev_images {
+            self.log(Call::DumpOnto(pid, prev.clone()));
+        }
         if !o.external_unix.is_empty() {
             self.log(Call::DumpExternal(pid, o.external_unix.clone()));
         }
@@ -352,6 +403,9 @@ impl Machine for FakeMachine {
         }
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         self.log(Call::Restore(name.clone()));
+        if o.lazy {
+            self.log(Call::RestoreLazy(name.clone()));
+        }
         let pid: i32 = name.parse().unwrap_or_else(|_| {
             self.services
                 .iter()
@@ -369,6 +423,34 @@ impl Machine for FakeMachine {
         }
         self.alive.lock().unwrap().insert(pid);
         Ok((pid, 5))
+    }
+    fn lazy_pages_unsupported(&self, _: &Criu) -> Option<String> {
+        self.faulty(Fault::NoLazyPages)
+            .then(|| "Error: UFFD is not supported".to_string())
+    }
+    fn finish_lazy_pages(
+        &self,
+        dir: &Path,
+        _: Duration,
+    ) -> Result<crate::lazy_pages::Transferred, crate::lazy_pages::LazyError> {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        self.log(Call::FinishLazy(name.clone()));
+        let done = crate::lazy_pages::Transferred {
+            copied: 100,
+            total: 100,
+        };
+        if self.faulty(Fault::LazyIncomplete(name.parse().unwrap_or(0))) {
+            return Err(crate::lazy_pages::LazyError::Incomplete {
+                done: crate::lazy_pages::Transferred { copied: 40, ..done },
+                error: None,
+                log: dir.join(crate::lazy_pages::LOG),
+            });
+        }
+        Ok(done)
+    }
+    fn kill_tree(&self, pid: i32) {
+        self.log(Call::KillTree(pid));
+        self.alive.lock().unwrap().remove(&pid);
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
         self.log(Call::Reserve(ids.iter().max().copied()));

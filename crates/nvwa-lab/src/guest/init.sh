@@ -127,6 +127,8 @@ fi
 failed=0
 
 settle_and_check() {
+    # The scenario's nvwa-restore.yaml, as a disk would have kept it.
+    [ ! -e "$LAB_STATE/nvwa-restore.yaml" ] || cp "$LAB_STATE/nvwa-restore.yaml" /etc/nvwa/
     ( set -e; . "$LAB_STATE/vars"; lab_before_restore ) >/tmp/before.out 2>&1
     rc=$?
     out before_restore </tmp/before.out

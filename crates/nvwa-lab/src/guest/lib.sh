@@ -60,6 +60,8 @@ run_setup() {
         set -e
         lab_setup
         lab_render_config >/etc/nvwa/nvwa-restore.yaml
+        # /etc is on the initramfs here, not on a disk: keep the file for the next boot.
+        cp /etc/nvwa/nvwa-restore.yaml "$LAB_STATE/nvwa-restore.yaml"
     ) >/tmp/setup.out 2>&1
     rc=$?
     out setup </tmp/setup.out
