@@ -53,7 +53,7 @@ pub const SERVER_KEY_DOCS: &[(&str, &str)] = &[
 pub const RESTORE_KEY_DOCS: &[(&str, &str)] = &[
     ("pids", "The processes to preserve, by pid; each with its whole process tree."),
     ("services", "systemd services to preserve (with or without .service), each from its main process with its whole process tree; on the new boot their units take them back (see SERVICES)."),
-    ("restore_net", "Carry the network configuration over; refused by this version unless false."),
+    ("restore_net", "Carry the network configuration over: addresses, routes of every table, policy rules and the firewall (nftables tables; iptables-legacy tables where the machine has them) are saved before the targets are frozen and restored on the new boot before any target, matched to interfaces by name. Left out: what the kernel or a DHCP/RA client makes by itself, and criu's CRIU-* lock tables. What the new boot already has is skipped; an entry that conflicts or whose interface is missing is named, the targets are restored anyway, and the update ends restore_failed until a server restart restores it. Needs ip (iproute2) and, for the firewall, nft. See NETWORK STATE."),
     ("enable_quick_kexec", "Load the kernel with openEuler's quick kexec (kexec -q)."),
     ("enable_pin_memory", "Keep the targets' memory in openEuler's pinned memory across the switch."),
     ("enable_debug_mode", "Keep the images after a successful restore (also spelled enbale_debug_mode, as in the original)."),

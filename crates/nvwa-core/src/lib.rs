@@ -17,6 +17,7 @@ pub mod journal;
 pub mod kexec;
 pub mod machine;
 pub mod metrics;
+pub mod net;
 pub mod pidns;
 pub mod pinmem;
 pub mod policy;
@@ -29,6 +30,8 @@ pub mod systemd;
 pub mod trust;
 pub mod update;
 
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod pipeline_tests;
 #[cfg(test)]
