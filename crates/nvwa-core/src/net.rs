@@ -806,25 +806,31 @@ pub fn remove_state(criu_dir: &Path) -> std::io::Result<()> {
 /// back every table as it printed it, and saves it. Returns the saved state.
 pub fn save(m: &dyn crate::machine::Machine, criu_dir: &Path) -> Result<NetState, NetError> {
     let state = operator_state(&m.net_read()?);
+    // Written first: the directory is also where nft reads its script from.
+    write_state(criu_dir, &state)?;
     if let Some(tables) = &state.nft {
         // Checked one by one, so that the error names the table.
         for t in tables {
             let script = nft_script(&[t]);
-            m.net_apply(
+            let checked = m.net_apply(
                 &NetCmd::Nft {
                     script,
                     check_only: true,
                 },
                 &net_dir(criu_dir),
-            )
-            .map_err(|e| NetError::NotRestorable {
-                family: t.family.clone(),
-                name: t.name.clone(),
-                output: e.to_string(),
-            })?;
+            );
+            match checked {
+                Err(NetError::Failed { output, .. }) => {
+                    return Err(NetError::NotRestorable {
+                        family: t.family.clone(),
+                        name: t.name.clone(),
+                        output,
+                    })
+                }
+                other => other?,
+            }
         }
     }
-    write_state(criu_dir, &state)?;
     Ok(state)
 }
 

@@ -493,8 +493,16 @@ impl Machine for FakeMachine {
     fn net_links(&self) -> Result<BTreeSet<String>, NetError> {
         Ok(self.links.lock().unwrap().clone())
     }
-    fn net_apply(&self, cmd: &NetCmd, _: &Path) -> Result<(), NetError> {
+    fn net_apply(&self, cmd: &NetCmd, scratch: &Path) -> Result<(), NetError> {
         self.log(Call::Net(cmd.clone()));
+        // The real machine writes scripts there.
+        if !scratch.is_dir() {
+            return Err(NetError::Io {
+                action: "write a script into",
+                path: scratch.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
         let check = matches!(
             cmd,
             NetCmd::Nft {
