@@ -128,6 +128,13 @@ const SERVICES: &[&str] = &[
     "Because the generator runs before other filesystems are mounted, criu_dir must be on the root filesystem when services are listed.",
 ];
 
+/// The NETWORK STATE section: what restore_net carries over.
+const NETWORK: &[&str] = &[
+    "With restore_net: true, the update saves the network configuration into CRIU_DIR/net/ once the kernel is loaded and before anything is frozen, and commits it with the images. On the new boot it is restored before any target (by the server, or by a listed service's unit if that starts first): addresses (on the interface of the same name), routes of every table, policy rules, every nftables table (replacing its namesake of the new boot in one nft -f transaction; nft -c checks on the old boot that each table can be read back) and iptables-legacy tables. Left out: what the kernel, DHCP or router advertisements make by themselves, criu's CRIU-* lock tables, the interfaces themselves, neighbours, multipath routes. nvwa check lists what will be saved.",
+    "What the new boot already has is skipped. A conflict (the address on another interface, another route for the same destination, table and metric) or a missing interface keeps the new boot's entry and is named with what to do; the targets are restored anyway, the update ends restore_failed, and the saved state is kept until a restart of the server restores what is still missing.",
+    "systemd-networkd removes foreign addresses, routes and policy rules from the links it manages when it configures them (at its start; ManageForeignRoutes=, ManageForeignRoutingPolicyRules= in networkd.conf): nvwa.service restores after network-online.target, so what it restores lasts until networkd next starts or reconfigures the link, as the original configuration would have. Configuration that must outlive that belongs in .network files.",
+];
+
 /// The JUMP section: what kexec_mode chooses.
 const JUMP: &[&str] = &[
     "With kexec_mode: immediate (the default), nvwa jumps into the new kernel as soon as the images are committed: sync(2), then reboot(2) with LINUX_REBOOT_CMD_KEXEC. Nothing runs between the freeze and the jump, so the downtime is freeze, dump, kexec, boot and restore. Services that are not listed are not stopped: they end with the old kernel as in a power cut, after every filesystem was synced, and start afresh on the new boot.",
@@ -144,6 +151,7 @@ pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
     commands(out)?;
     configuration(out)?;
     prose(out, "SERVICES", SERVICES)?;
+    prose(out, "NETWORK STATE", NETWORK)?;
     prose(out, "THE JUMP", JUMP)?;
     section(out, "FILES")?;
     for (f, what) in FILES {
