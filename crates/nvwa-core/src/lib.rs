@@ -18,6 +18,7 @@ pub mod kexec;
 pub mod lazy_pages;
 pub mod machine;
 pub mod metrics;
+pub mod net;
 pub mod pidns;
 pub mod pinmem;
 pub mod policy;
@@ -32,6 +33,8 @@ pub mod tcp;
 pub mod trust;
 pub mod update;
 
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod pipeline_tests;
 #[cfg(test)]

@@ -12,6 +12,7 @@ use crate::criu_image::{self, ImageError};
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::{self, KexecError};
 use crate::lazy_pages::{self, LazyError, Transferred};
+use crate::net::{self, NetCmd, NetError, NetState};
 use crate::pidns::{self, PidError};
 use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
 use crate::policy::{FsView, ProcView, RealFs, RealProcs};
@@ -118,6 +119,12 @@ pub trait Machine: Send + Sync {
     fn orderly_kexec(&self, units: &[String], pids: &[i32]) -> Result<(), SystemdError>;
     /// Writes `pid` into `path` (a pid file systemd reads), creating its directory.
     fn write_pid_file(&self, path: &Path, pid: i32) -> std::io::Result<()>;
+    /// The network configuration (`ip -j`, `nft`, iptables-legacy), unfiltered.
+    fn net_read(&self) -> Result<NetState, NetError>;
+    /// The names of the interfaces that exist now.
+    fn net_links(&self) -> Result<std::collections::BTreeSet<String>, NetError>;
+    /// Runs one network command; scripts are written into `scratch` first.
+    fn net_apply(&self, cmd: &NetCmd, scratch: &Path) -> Result<(), NetError>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,5 +322,14 @@ impl Machine for RealMachine {
             std::fs::create_dir_all(dir)?;
         }
         std::fs::write(path, format!("{pid}\n"))
+    }
+    fn net_read(&self) -> Result<NetState, NetError> {
+        net::read_real()
+    }
+    fn net_links(&self) -> Result<std::collections::BTreeSet<String>, NetError> {
+        net::links_real()
+    }
+    fn net_apply(&self, cmd: &NetCmd, scratch: &Path) -> Result<(), NetError> {
+        net::apply_real(cmd, scratch)
     }
 }

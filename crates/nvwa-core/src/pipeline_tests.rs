@@ -256,10 +256,6 @@ fn options_this_nvwa_cannot_honour_are_refused_not_ignored() {
     let dir = crate::trust::trusted_tempdir();
     let m = FakeMachine::with_pids(&[100]);
     let mut cfg = config(dir.path(), &[100]);
-    cfg.restore.restore_net = true;
-    let (res, _) = run_update(&m, &cfg, "6.12-new");
-    assert!(res.unwrap_err().to_string().contains("restore_net"));
-    let mut cfg = config(dir.path(), &[100]);
     cfg.restore.services = vec!["redis".into()];
     let (res, _) = run_update(&m, &cfg, "6.12-new");
     assert!(res.unwrap_err().to_string().contains("redis"));

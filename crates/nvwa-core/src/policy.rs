@@ -165,8 +165,6 @@ pub enum Refusal {
     },
     /// A listed pid inside a listed service's main tree (or the reverse).
     ServiceOverlap { unit: String, pid: i32 },
-    /// `restore_net: true` is not implemented yet.
-    RestoreNetUnsupported { file: PathBuf },
     /// Neither pids nor services: an update would switch kernels with nothing saved.
     NothingListed { file: PathBuf },
     /// `pre_dump` and `enable_pin_memory` both set: pin memory takes the pages at the freeze.
@@ -258,10 +256,6 @@ impl Refusal {
             Refusal::ServiceOverlap { unit, pid } => format!(
                 "pid {pid} is listed under `pids:` and is in the process tree of service {unit}, whose dump already includes it"
             ),
-            Refusal::RestoreNetUnsupported { file } => format!(
-                "restore_net: true in {} is not supported by this nvwa yet (the network configuration would not be carried over)",
-                file.display()
-            ),
             Refusal::PreDumpWithPinMemory { file } => format!(
                 "pre_dump and enable_pin_memory are both true in {}: pin memory keeps the pages in place at the freeze, so there is nothing for pre-dump passes to copy ahead",
                 file.display()
@@ -332,7 +326,6 @@ impl Refusal {
             Refusal::ServiceSandboxed { unit, .. } => format!(
                 "remove {unit} from `services:`, or turn those namespaces off with a drop-in (`systemctl edit {unit}`) if its confinement allows"
             ),
-            Refusal::RestoreNetUnsupported { .. } => "set it to false".to_string(),
             Refusal::NothingListed { file } => {
                 format!("list the processes to keep in {}", file.display())
             }
@@ -382,9 +375,6 @@ pub fn config_findings(cfg: &Config) -> Vec<Refusal> {
     let file = restore_file(cfg);
     let r = &cfg.restore;
     let mut out = Vec::new();
-    if r.restore_net {
-        out.push(Refusal::RestoreNetUnsupported { file: file.clone() });
-    }
     if r.pre_dump && r.enable_pin_memory {
         out.push(Refusal::PreDumpWithPinMemory { file: file.clone() });
     }
@@ -988,18 +978,6 @@ mod tests {
     }
 
     #[test]
-    fn restore_net_is_refused_with_the_update_wording() {
-        let mut c = cfg(&[100]);
-        c.restore.restore_net = true;
-        let r = judge_config(&c).unwrap_err();
-        assert_eq!(
-            r.to_string(),
-            "restore_net: true in /etc/nvwa/nvwa-restore.yaml is not supported by this nvwa yet (the network configuration would not be carried over); set it to false"
-        );
-        assert_eq!(preservable_pids(&c, &procs(), ME), Err(r));
-    }
-
-    #[test]
     fn pre_dump_with_pin_memory_is_refused_naming_both_keys() {
         let mut c = cfg(&[100]);
         c.restore.pre_dump = true;
@@ -1078,9 +1056,10 @@ mod tests {
         assert_eq!(judge_config(&c), Ok(()));
         assert!(config_findings(&c).is_empty());
         c.restore.restore_net = true;
+        assert!(config_findings(&c).is_empty(), "restore_net is supported");
         c.restore.pids = vec![];
         let all = config_findings(&c);
-        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all.len(), 1, "{all:?}");
         assert_eq!(judge_config(&c), Err(all[0].clone()));
     }
 

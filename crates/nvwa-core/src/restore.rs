@@ -79,6 +79,9 @@ fn abandon(cfg: &Config, j: &mut Journal, boot: &str, r: &Reporter) -> Result<St
         }
         t.state = TargetState::Failed("lost when the machine restarted before the commit".into());
     }
+    if let Err(e) = crate::net::remove_state(&cfg.server.criu_dir) {
+        problems.push(format!("cannot remove the saved network state: {e}"));
+    }
     let msg = format!(
         "the update to {} was abandoned: the machine restarted (phase {}) before the update committed, so its targets did not survive and their incomplete images were deleted, not restored{}",
         j.to_kernel,
@@ -144,6 +147,8 @@ fn restore_all(
     if let Err(e) = m.reserve_pids(&all_ids) {
         r.message(e.to_string());
     }
+    // Before any target: restored processes find the addresses, routes and firewall they had.
+    let net_problems = restore_network(m, cfg, r);
 
     let mut ready = Vec::new();
     for &i in &pending {
@@ -253,7 +258,12 @@ fn restore_all(
             _ => None,
         })
         .collect();
-    if failed.is_empty() {
+    if failed.is_empty() && net_problems.is_empty() {
+        if !cfg.restore.enable_debug_mode {
+            if let Err(e) = crate::net::remove_state(&cfg.server.criu_dir) {
+                r.message(format!("cannot remove the saved network state: {e}"));
+            }
+        }
         j.advance(Phase::Restored, boot)?;
         j.save(&cfg.server.criu_dir)?;
         r.phase(Phase::Restored);
@@ -276,17 +286,61 @@ fn restore_all(
             j.to_kernel
         ));
     }
-    j.error = Some(format!(
-        "{} target(s) not restored, images kept for a retry (restart the nvwa server): {}",
-        failed.len(),
-        failed.join("; ")
-    ));
+    let mut parts = Vec::new();
+    if !failed.is_empty() {
+        parts.push(format!(
+            "{} target(s) not restored, images kept for a retry (restart the nvwa server): {}",
+            failed.len(),
+            failed.join("; ")
+        ));
+    }
+    if !net_problems.is_empty() {
+        parts.push(format!(
+            "{} network entr{} not restored (the saved state is kept; restarting the nvwa server retries it, and skips what is there): {}",
+            net_problems.len(),
+            if net_problems.len() == 1 { "y" } else { "ies" },
+            net_problems.join("; ")
+        ));
+    }
+    j.error = Some(parts.join("; "));
     j.advance(Phase::RestoreFailed, boot)?;
     j.save(&cfg.server.criu_dir)?;
     r.phase(Phase::RestoreFailed);
     Err(UpdateError::RestoreFailed(
         j.error.clone().unwrap_or_default(),
     ))
+}
+
+/// Restores the network saved by the update (`restore_net: true`), if it saved one. Returns what
+/// could not be restored. These problems do not hold the targets back: their memory is what
+/// would be lost, a missing route or address can be fixed on the running machine, and a target
+/// that cannot work without it (a socket bound to a missing address) fails its own restore with
+/// criu's reason. They make the update end `restore_failed`, so that `nvwa status` and its exit
+/// code say so, and a restart of the server retries the network.
+fn restore_network(m: &dyn Machine, cfg: &Config, r: &Reporter) -> Vec<String> {
+    if !crate::net::saved(&cfg.server.criu_dir) {
+        return Vec::new();
+    }
+    match crate::net::restore_saved(m, &cfg.server.criu_dir) {
+        Ok(done) => {
+            for what in &done.applied {
+                r.message(format!("network: restored {what}"));
+            }
+            r.message(done.summary());
+            done.problems
+                .iter()
+                .map(|p| {
+                    r.message(format!("network: {p}"));
+                    p.to_string()
+                })
+                .collect()
+        }
+        Err(e) => {
+            let why = format!("the saved network configuration was not restored: {e}");
+            r.message(why.clone());
+            vec![why]
+        }
+    }
 }
 
 /// Why one target's restore failed: criu's own error (a pid collision is retried), or the

@@ -13,6 +13,7 @@ use crate::journal::JournalError;
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
+use crate::net::{NetCmd, NetError, NetState};
 use crate::pidns::PidError;
 use crate::pinmem::PinMemError;
 use crate::policy::fake::FakeFs;
@@ -70,6 +71,10 @@ pub enum Call {
     DumpLocked(i32),
     /// The network lock saved in this image directory was released on the old kernel.
     ReleaseNet(PathBuf),
+    /// The network configuration was read.
+    NetRead,
+    /// A network command was run.
+    Net(NetCmd),
 }
 
 /// A failure to inject.
@@ -104,6 +109,12 @@ pub enum Fault {
     OrderlyKexec,
     /// criu cannot lock the network with nftables.
     NoNftablesLock,
+    /// `ip`/`nft` cannot be run to read the network.
+    NetRead,
+    /// Every network command fails.
+    NetApply,
+    /// nft cannot read back what it printed (`nft -c -f` fails).
+    NftCheck,
 }
 
 /// A service as the double's systemd runs it.
@@ -154,6 +165,10 @@ pub struct FakeMachine {
     /// Runs at every dump (after the fault handling): lets a test act mid-update.
     #[allow(clippy::type_complexity)]
     pub on_dump: Option<Box<dyn Fn(i32) + Send + Sync>>,
+    /// The network as `ip`/`nft` would show it.
+    pub net: Mutex<NetState>,
+    /// The interfaces that exist.
+    pub links: Mutex<BTreeSet<String>>,
 }
 
 impl FakeMachine {
@@ -170,6 +185,8 @@ impl FakeMachine {
             holder: None,
             pre_dump_bytes: vec![256 << 20, 16 << 20, 1 << 20],
             on_dump: None,
+            net: Mutex::default(),
+            links: Mutex::new(["lo", "eth0"].map(String::from).into()),
         }
     }
     /// A machine running `services` (and their main processes) besides `pids`.
@@ -573,6 +590,46 @@ impl Machine for FakeMachine {
                 command: "systemctl kexec".into(),
                 code: 1,
                 output: "Failed to start kexec.target: Transaction is destructive.".into(),
+            });
+        }
+        Ok(())
+    }
+    fn net_read(&self) -> Result<NetState, NetError> {
+        self.log(Call::NetRead);
+        if self.faulty(Fault::NetRead) {
+            return Err(NetError::Missing {
+                tool: "ip (iproute2, with -j)",
+                package: "iproute2",
+                why: "read and restore addresses, routes and rules",
+            });
+        }
+        Ok(self.net.lock().unwrap().clone())
+    }
+    fn net_links(&self) -> Result<BTreeSet<String>, NetError> {
+        Ok(self.links.lock().unwrap().clone())
+    }
+    fn net_apply(&self, cmd: &NetCmd, scratch: &Path) -> Result<(), NetError> {
+        self.log(Call::Net(cmd.clone()));
+        // The real machine writes scripts there.
+        if !scratch.is_dir() {
+            return Err(NetError::Io {
+                action: "write a script into",
+                path: scratch.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        let check = matches!(
+            cmd,
+            NetCmd::Nft {
+                check_only: true,
+                ..
+            }
+        );
+        if self.faulty(Fault::NetApply) || (check && self.faulty(Fault::NftCheck)) {
+            return Err(NetError::Failed {
+                command: cmd.describe(),
+                code: 2,
+                output: "Error: File exists".into(),
             });
         }
         Ok(())

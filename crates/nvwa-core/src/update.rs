@@ -117,6 +117,8 @@ pub enum Abort {
     Jump(KexecError),
     #[error("systemd did not take over the orderly kexec (kexec_mode: orderly): {0}")]
     Handover(crate::systemd::SystemdError),
+    #[error("the network configuration could not be saved (restore_net: true): {0}")]
+    Network(crate::net::NetError),
 }
 
 /// Streams progress events from the pipeline (possibly from several dump threads).
@@ -347,6 +349,11 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
                 _ => {}
             }
         }
+        // A network state left by an older update must not be restored with this one's images.
+        crate::net::remove_state(&cfg.server.criu_dir).map_err(|e| UpdateError::RemoveImages {
+            path: cfg.server.criu_dir.join(crate::net::NET_DIR),
+            source: e,
+        })?;
         j.save(&cfg.server.criu_dir)?;
         r.phase(Phase::Planned);
         Ok(UpdateRun {
@@ -384,6 +391,14 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
         if cfg.restore.pre_dump {
             // A stop asked for meanwhile cancels the passes and then the update, at the freeze.
             self.pre_dump_targets();
+        }
+        if cfg.restore.restore_net {
+            // Before the freeze: a failure costs no downtime, and criu's network locks (made
+            // during the dumps) are not there to be mistaken for the operator's rules. It is
+            // committed with the images (same directory, same syncfs) and restored only then.
+            let saved = crate::net::save(m, &cfg.server.criu_dir).map_err(Abort::Network)?;
+            self.r
+                .message(format!("network configuration saved: {}", saved.summary()));
         }
         if cfg.restore.enable_pin_memory {
             m.pin_memory(PinOp::Clear).map_err(Abort::PinMemory)?;
@@ -660,6 +675,12 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
             }
             _ => {}
         }
+    }
+    if let Err(e) = crate::net::remove_state(&cfg.server.criu_dir) {
+        problems.push(format!(
+            "cannot remove {}: {e}",
+            cfg.server.criu_dir.join(crate::net::NET_DIR).display()
+        ));
     }
     problems
 }

@@ -128,11 +128,15 @@ const SERVICES: &[&str] = &[
     "Because the generator runs before other filesystems are mounted, criu_dir must be on the root filesystem when services are listed.",
 ];
 
-/// The NETWORK STATE section: what the switch carries over.
+/// The NETWORK STATE section: what the switch carries over for the targets, and what restore_net
+/// carries over for the machine.
 const NETWORK: &[&str] = &[
     "Established TCP connections of the targets are carried over: the peer sees a pause, never a reset. nvwa dumps with criu's nftables lock (--network-lock nftables, when criu check --feature network_lock_nftables passes), saves the table criu made (inet CRIU-...) with the images as nvwa-net-lock.nft, and nvwa pre puts it back on the new boot before the network comes up; criu's restore deletes it. A rollback deletes it and takes the sockets out of repair mode; nvwa init deletes the locks of the images it discards; an update that never committed puts nothing back. Without the nftables lock, criu locks with iptables on the old kernel only, and a peer that sends before the restore gets a reset.",
     "Connections that did not negotiate window scaling are restored with net.ipv4.tcp_window_scaling at 0 (criu would restore them advertising a window of a few bytes), put back as soon as that target's restore ends; such a restore runs alone among the restores of established connections.",
-    "Listening sockets, unix sockets to outside peers and file locks are carried over. Connections of other processes, and the machine's addresses, routes, rules and firewall, are not.",
+    "Listening sockets, unix sockets to outside peers and file locks are carried over. Connections of other processes are not; the machine's addresses, routes, rules and firewall only with restore_net: true.",
+    "With restore_net: true, the update saves the network configuration into CRIU_DIR/net/ once the kernel is loaded and before anything is frozen, and commits it with the images. On the new boot it is restored before any target (by the server, or by a listed service's unit if that starts first): addresses (on the interface of the same name), routes of every table, policy rules, every nftables table (replacing its namesake of the new boot in one nft -f transaction; nft -c checks on the old boot that each table can be read back) and iptables-legacy tables. Left out: what the kernel, DHCP or router advertisements make by themselves, criu's CRIU-* lock tables, the interfaces themselves, neighbours, multipath routes. nvwa check lists what will be saved.",
+    "What the new boot already has is skipped. A conflict (the address on another interface, another route for the same destination, table and metric) or a missing interface keeps the new boot's entry and is named with what to do; the targets are restored anyway, the update ends restore_failed, and the saved state is kept until a restart of the server restores what is still missing.",
+    "systemd-networkd removes foreign addresses, routes and policy rules from the links it manages when it configures them (at its start; ManageForeignRoutes=, ManageForeignRoutingPolicyRules= in networkd.conf): nvwa.service restores after network-online.target, so what it restores lasts until networkd next starts or reconfigures the link, as the original configuration would have. Configuration that must outlive that belongs in .network files.",
 ];
 
 /// The JUMP section: what kexec_mode chooses.
@@ -151,8 +155,8 @@ pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
     commands(out)?;
     configuration(out)?;
     prose(out, "SERVICES", SERVICES)?;
-    prose(out, "THE JUMP", JUMP)?;
     prose(out, "NETWORK STATE", NETWORK)?;
+    prose(out, "THE JUMP", JUMP)?;
     section(out, "FILES")?;
     for (f, what) in FILES {
         item(out, f, what)?;
