@@ -182,6 +182,35 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// What `nvwa-lab-workload tcp-client` leaves in the run directory (scenarios pass these
+/// paths): its report, and the file whose appearance stops it.
+pub const CLIENT_RESULT: &str = "tcp-client.json";
+pub const CLIENT_STOP: &str = "tcp-client.stop";
+
+/// The client-visible figures of a run whose host steps ran the lab's TCP client: the blackout
+/// (last answer before the switch → first answer after it, on the host's clock) and the slowest
+/// answer afterwards, for the report's timeline.
+pub fn client_timeline(run_dir: &Path) -> Vec<crate::report::PhaseTime> {
+    let Ok(text) = std::fs::read_to_string(run_dir.join(CLIENT_RESULT)) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    [
+        ("client blackout", "blackout_ms"),
+        ("client: slowest answer after", "slowest_answer_after_ms"),
+    ]
+    .into_iter()
+    .filter_map(|(phase, key)| {
+        Some(crate::report::PhaseTime {
+            phase: phase.into(),
+            ms: v[key].as_u64()?,
+        })
+    })
+    .collect()
+}
+
 /// A free TCP port on 127.0.0.1 for a forward, chosen by the kernel. Another program may take it
 /// before QEMU binds it; QEMU then fails to start and says so.
 pub fn free_port() -> std::io::Result<u16> {
@@ -277,6 +306,21 @@ mod tests {
         let failures = h.finish(Instant::now() + Duration::from_millis(300));
         assert_eq!(failures.len(), 1, "{failures:?}");
         assert!(failures[0].contains("killed"), "{}", failures[0]);
+    }
+
+    #[test]
+    fn the_clients_blackout_joins_the_timeline() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(client_timeline(dir.path()).is_empty());
+        std::fs::write(
+            dir.path().join(CLIENT_RESULT),
+            r#"{"requests":46,"answers":46,"blackout_ms":13285,"slowest_answer_after_ms":32,"error":null}"#,
+        )
+        .unwrap();
+        let t = client_timeline(dir.path());
+        assert_eq!(t[0].phase, "client blackout");
+        assert_eq!(t[0].ms, 13285);
+        assert_eq!(t[1].ms, 32);
     }
 
     #[test]

@@ -311,6 +311,10 @@ impl Lab {
                     .context("cannot find a free host port for a forward")
             })
             .collect::<Result<_>>()?;
+        // A client of an earlier run of this scenario must neither speak for this one nor stop it.
+        for stale in [host::CLIENT_RESULT, host::CLIENT_STOP] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
         let mut steps = HostSteps::new(
             &s.host,
             HostEnv {
@@ -353,6 +357,7 @@ impl Lab {
         let host_failures = steps.finish(deadline);
         result.passed &= host_failures.is_empty();
         result.failures.extend(host_failures);
+        result.timeline_ms.extend(host::client_timeline(dir));
         let events = dir.join("events.json");
         let all: Vec<_> = outcome
             .lines
