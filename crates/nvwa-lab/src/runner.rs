@@ -301,6 +301,9 @@ impl Lab {
                 self.server_pair(s)?.1.release().to_string(),
             ),
         };
+        if let Some(p) = s.pmem_mib {
+            spec.set_pmem(p);
+        }
         spec.forwards = s.forwards.iter().map(|f| (f.host, f.guest)).collect();
         // Only a scenario that cuts the power needs its RAM to outlive QEMU.
         let ram = s.power_cut.then(|| RamFile::new(dir.join("ram")));
