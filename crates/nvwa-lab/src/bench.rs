@@ -1,10 +1,10 @@
 //! `nvwa-lab bench`: where the downtime of a live kernel upgrade goes, next to its floors.
 //!
-//! Each run is a busybox-guest scenario made here: workloads of a case start on the old kernel,
-//! `nvwa update` moves them to the new one, and on the new kernel, once they are verified, the
-//! guest measures two floors in the same boot: criu alone dumping and restoring the same
-//! processes, and a bare kexec (kexec-tools, `kexec_file_load` as nvwa uses) of the update's
-//! kernel and initramfs with nothing to save.
+//! Each run is a busybox-guest scenario made here: the workloads of a case start on the old
+//! kernel, `nvwa update` moves them to the new one, and there, once they are verified, criu alone
+//! dumps and restores the same processes (the restore floor). Then the lab boots the same old
+//! kernel and images once more, and the guest at once kexecs (kexec-tools, `kexec_file_load`
+//! as nvwa uses) into the update's kernel and initramfs with nothing to save (the kexec floor).
 //!
 //! Every figure is on the host's clock. Serial lines are stamped by the host as they arrive
 //! ([`crate::vm::Stamped`]); a guest line that carries the guest's uptime places that kernel's
@@ -128,7 +128,7 @@ impl Case {
     }
 
     /// Persistent memory for one set of images (nvwa's are deleted before the floor dumps its
-    /// own), the new kernel and its initramfs: at least the lab's usual 768 MiB.
+    /// own) with room to spare: at least the lab's usual 768 MiB.
     pub fn pmem_mib(&self) -> u32 {
         let need = self.procs * self.mib * 5 / 4 + 256;
         need.div_ceil(128).max(6) * 128
@@ -158,11 +158,6 @@ config = """
 pids: [$PID_LIST]
 {strategy_config}"""
 setup = '''
-F=$LAB_STATE/floor
-mkdir -p $F
-# The bare kexec on the new kernel loads the update's kernel and initramfs from here.
-cp /boot/vmlinuz-$LAB_NEW_KERNEL $F/vmlinuz
-cp /boot/initramfs-$LAB_NEW_KERNEL.img $F/initrd
 pids=
 n=0
 while [ $n -lt {procs} ]; do
@@ -180,19 +175,8 @@ echo "NVWA-LAB {{\"event\":\"bench\",\"step\":\"anchor\",\"uptime\":$(cut -d' ' 
 '''
 
 [[files]]
-guest = "/lab/after-checks.sh"
-content = '''
-# The bench's bare kexec: the update's kernel and initramfs again, nothing to save.
-F=$LAB_STATE/floor
-if kexec -s -l "$F/vmlinuz" --initrd="$F/initrd" --reuse-cmdline --append=nvwa_lab.boot=floor >/tmp/kexec.out 2>&1; then
-  sync
-  ev '{{"event":"bench","step":"kexec"}}'
-  kexec -e >>/tmp/kexec.out 2>&1
-fi
-out bench </tmp/kexec.out
-ev '{{"event":"bench","step":"kexec-failed"}}'
-failed=1
-'''
+guest = "/lab/bench"
+content = ""
 
 [[update]]
 expect = "success"
@@ -293,7 +277,7 @@ pub const PHASES: &[(&str, &str, &str)] = &[
     (
         "bare_kexec",
         "bare kexec",
-        "floor: a bare kexec of the same kernel and initramfs, handoff + boot to /init",
+        "floor: a fresh boot of the old kernel kexecs the update's kernel and initramfs, nothing to save: handoff + boot to /init",
     ),
     (
         "criu_restore",
@@ -354,8 +338,9 @@ fn uptime_ms(v: &serde_json::Value) -> Option<i64> {
     v["uptime"].as_f64().map(|s| (s * 1000.0).round() as i64)
 }
 
-/// The phases of one run, from its stamped lines; the keys it could not find are missing.
-pub fn measure(lines: &[Stamped]) -> BTreeMap<String, i64> {
+/// The phases of one run, from the stamped lines of its update and of its bare kexec; the keys
+/// it could not find are missing.
+pub fn measure(lines: &[Stamped], bare_lines: &[Stamped]) -> BTreeMap<String, i64> {
     let events: Vec<(i64, &serde_json::Value)> = lines
         .iter()
         .filter_map(|l| match &l.line {
@@ -432,9 +417,24 @@ pub fn measure(lines: &[Stamped]) -> BTreeMap<String, i64> {
     put("criu_dump", span(at("dump-start"), at("dump-done")));
     let criu_restore = span(at("restore-start"), at("restore-done"));
     put("criu_restore", criu_restore);
-    let kexec = at("kexec");
-    // The bare kexec's boot is the init after the kexec step.
-    let floor = kexec.and_then(|k| inits.iter().copied().find(|(at, _)| *at > k));
+    // The bare kexec's boot is the init after its kexec step.
+    let bare_events: Vec<(i64, &serde_json::Value)> = bare_lines
+        .iter()
+        .filter_map(|l| match &l.line {
+            Line::Event(v) => Some((l.at_ms as i64, v)),
+            _ => None,
+        })
+        .collect();
+    let kexec = bare_events
+        .iter()
+        .find(|(_, v)| v["event"] == "bench" && v["step"] == "kexec")
+        .map(|(at, _)| *at);
+    let floor = kexec.and_then(|k| {
+        bare_events
+            .iter()
+            .copied()
+            .find(|(at, v)| *at >= k && v["event"] == "init")
+    });
     let zero_floor = floor.and_then(zero);
     put("bare_handoff", span(kexec, zero_floor));
     put("bare_boot", span(zero_floor, floor.map(|(at, _)| at)));
@@ -755,8 +755,18 @@ pub fn run(lab: &Lab, o: &Options, progress: &mut dyn FnMut(&Run)) -> Result<Rep
                     .run(&s, &mut |_| {})
                     .with_context(|| format!("bench run {}", s.name))?;
                 let lines = read_serial_log(&r.serial_log)?;
-                let ms = measure(&lines);
+                let (bare, bare_log) = lab
+                    .boot_again(&s, "nvwa_lab.boot=bare")
+                    .with_context(|| format!("the bare kexec of bench run {}", s.name))?;
+                let ms = measure(&lines, &bare.lines);
                 let mut failures = r.failures.clone();
+                if bare.timed_out {
+                    failures.push(format!(
+                        "the bare kexec did not finish within {} s (see {})",
+                        s.timeout_s,
+                        bare_log.display()
+                    ));
+                }
                 let lacking = missing(&ms);
                 if !lacking.is_empty() {
                     failures.push(format!(
@@ -812,7 +822,7 @@ mod tests {
     }
 
     /// A whole run as the guest reports it, in host milliseconds. The old kernel's zero is at
-    /// host 1000, the new one's at 30000, the bare kexec's at 60000.
+    /// host 1000, the new one's at 30000.
     fn a_run() -> Vec<Stamped> {
         let journal = r#"{"downtime_ms":9000,"timeline":[
             {"phase":"planned","mono_ms":10000,"boot_id":"a"},
@@ -850,13 +860,27 @@ mod tests {
                 r#"NVWA-LAB {"event":"bench","step":"restore-start"}"#,
             ),
             (46100, r#"NVWA-LAB {"event":"bench","step":"restore-done"}"#),
-            (59000, r#"NVWA-LAB {"event":"bench","step":"kexec"}"#),
             (
-                62000,
+                47100,
+                r#"NVWA-LAB {"event":"finish","kernel":"6.12","failed":0}"#,
+            ),
+        ])
+    }
+
+    /// The bare kexec's boot: the old kernel, then the new one with its zero at host 6000.
+    fn a_bare_kexec() -> Vec<Stamped> {
+        lines(&[
+            (
+                2000,
+                r#"NVWA-LAB {"event":"init","kernel":"6.1","uptime":1.00}"#,
+            ),
+            (5000, r#"NVWA-LAB {"event":"bench","step":"kexec"}"#),
+            (
+                8000,
                 r#"NVWA-LAB {"event":"init","kernel":"6.12","uptime":2.00}"#,
             ),
             (
-                62100,
+                8100,
                 r#"NVWA-LAB {"event":"finish","kernel":"6.12","failed":0}"#,
             ),
         ])
@@ -864,7 +888,7 @@ mod tests {
 
     #[test]
     fn phases_are_placed_on_the_host_clock_through_each_kernels_zero() {
-        let ms = measure(&a_run());
+        let ms = measure(&a_run(), &a_bare_kexec());
         let get = |k: &str| ms.get(k).copied();
         assert_eq!(get("load_kernel"), Some(2000));
         assert_eq!(get("dump"), Some(3000));
@@ -893,12 +917,12 @@ mod tests {
 
     #[test]
     fn a_run_without_its_floors_lacks_them_by_name() {
-        let all = a_run();
-        let cut: Vec<Stamped> = all
+        let cut: Vec<Stamped> = a_run()
             .into_iter()
-            .filter(|l| !matches!(&l.line, Line::Event(v) if v["step"] == "kexec" || v["step"] == "restore-done"))
+            .filter(|l| !matches!(&l.line, Line::Event(v) if v["step"] == "restore-done"))
             .collect();
-        let ms = measure(&cut);
+        let no_jump: Vec<Stamped> = a_bare_kexec().into_iter().take(2).collect();
+        let ms = measure(&cut, &no_jump);
         let lacking = missing(&ms);
         for k in ["bare_kexec", "criu_restore", "overhead", "bare_boot"] {
             assert!(lacking.contains(&k), "{k} in {lacking:?}");
@@ -977,7 +1001,7 @@ mod tests {
             assert!(c.pmem_mib() > c.procs * c.mib, "{}", c.name);
             let script = s.guest_script("6.1", "6.12");
             assert!(script.contains("--buffer-mib"), "{script}");
-            assert!(s.files.iter().any(|f| f.guest == "/lab/after-checks.sh"));
+            assert!(s.files.iter().any(|f| f.guest == "/lab/bench"));
         }
         assert_eq!(Case::parse("1g").unwrap().pmem_mib(), 1536);
         assert_eq!(Case::parse("64m").unwrap().pmem_mib(), 768);
