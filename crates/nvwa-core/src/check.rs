@@ -374,7 +374,36 @@ fn check_criu(cfg: &Config, sys: &dyn System) -> Vec<CheckLine> {
             "make sure criu_exe is an executable criu binary",
         ),
     };
-    vec![installed, check]
+    let mut lines = vec![installed, check];
+    if cfg.restore.pre_dump {
+        lines.push(check_dirty_tracking(cfg, sys, criu));
+    }
+    lines
+}
+
+/// `pre_dump: true` needs the kernel's soft-dirty bits; without them every pass fails and each
+/// target is dumped in full: slower, not wrong, so a warning.
+fn check_dirty_tracking(cfg: &Config, sys: &dyn System, criu: &Path) -> CheckLine {
+    const REQ: &str = "memory tracking (pre_dump)";
+    match sys.run(criu, &["check", "--feature", "mem_dirty_track"]) {
+        Ok((0, _)) => CheckLine::ok(REQ, "soft-dirty tracking available"),
+        Ok((_, output)) => CheckLine::warn(
+            REQ,
+            format!(
+                "pre_dump is set but criu finds no memory tracking ({}): every target will be dumped in full",
+                last_line(&output)
+            ),
+            format!(
+                "boot a kernel with CONFIG_MEM_SOFT_DIRTY, or set pre_dump: false in {}",
+                restore_file(cfg).display()
+            ),
+        ),
+        Err(e) => CheckLine::warn(
+            REQ,
+            format!("cannot run {}: {e}", criu.display()),
+            "make sure criu_exe is an executable criu binary",
+        ),
+    }
 }
 
 fn last_line(output: &str) -> &str {
@@ -890,6 +919,39 @@ mod tests {
             &run(&fx, &sys),
             "criu check",
             "exited with 1: Error: UFFD is not supported",
+        );
+    }
+
+    #[test]
+    fn pre_dump_asks_criu_for_memory_tracking_and_warns_without_it() {
+        let mut fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        let report = run(&fx, &sys);
+        assert!(report
+            .lines
+            .iter()
+            .all(|l| l.requirement != "memory tracking (pre_dump)"));
+        fx.cfg.restore.pre_dump = true;
+        sys.runs.insert(
+            "/usr/sbin/criu check --feature mem_dirty_track".into(),
+            (0, "mem_dirty_track is supported\n".into()),
+        );
+        let report = run(&fx, &sys);
+        assert_eq!(
+            line(&report, "memory tracking (pre_dump)").verdict,
+            Verdict::Ok
+        );
+        sys.runs.insert(
+            "/usr/sbin/criu check --feature mem_dirty_track".into(),
+            (1, "Error: Dirty tracking is OFF\n".into()),
+        );
+        let report = run(&fx, &sys);
+        let l = line(&report, "memory tracking (pre_dump)");
+        assert_eq!(l.verdict, Verdict::Warn, "{}", report.render());
+        assert!(
+            l.detail.contains("Dirty tracking is OFF"),
+            "{}",
+            report.render()
         );
     }
 

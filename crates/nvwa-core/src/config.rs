@@ -56,6 +56,7 @@ pub const RESTORE_KEY_DOCS: &[(&str, &str)] = &[
     ("restore_net", "Carry the network configuration over; refused by this version unless false."),
     ("enable_quick_kexec", "Load the kernel with openEuler's quick kexec (kexec -q)."),
     ("enable_pin_memory", "Keep the targets' memory in openEuler's pinned memory across the switch."),
+    ("pre_dump", "Copy the targets' memory while they still run (criu pre-dump, in passes until their dirty memory stops shrinking, at most 4), so that the freeze writes only the pages dirtied since the last pass: less downtime for applications with much memory that changes little. A pass that fails costs only time: that target is dumped in full. Needs soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); not with enable_pin_memory. Default false."),
     ("enable_debug_mode", "Keep the images after a successful restore (also spelled enbale_debug_mode, as in the original)."),
 ];
 
@@ -67,6 +68,7 @@ pub const RESTORE_KEYS: &[&str] = &[
     "restore_net",
     "enable_quick_kexec",
     "enable_pin_memory",
+    "pre_dump",
     "enable_debug_mode",
 ];
 const DEBUG_KEY: &str = "enable_debug_mode";
@@ -146,6 +148,8 @@ pub struct RestoreConfig {
     pub restore_net: bool,
     pub enable_quick_kexec: bool,
     pub enable_pin_memory: bool,
+    /// `pre_dump`: copy memory in passes before the freeze (see [`crate::pre_dump`]).
+    pub pre_dump: bool,
     pub enable_debug_mode: bool,
 }
 
@@ -436,6 +440,7 @@ pub fn parse_restore(text: &str, path: &Path) -> Result<RestoreConfig, ConfigErr
             "restore_net" => cfg.restore_net = ctx.bool()?,
             "enable_quick_kexec" => cfg.enable_quick_kexec = ctx.bool()?,
             "enable_pin_memory" => cfg.enable_pin_memory = ctx.bool()?,
+            "pre_dump" => cfg.pre_dump = ctx.bool()?,
             DEBUG_KEY | DEBUG_KEY_ORIGINAL => {
                 let value = ctx.bool()?;
                 if let Some((other, at, previous)) = &debug_seen {

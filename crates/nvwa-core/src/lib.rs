@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pidns;
 pub mod pinmem;
 pub mod policy;
+pub mod pre_dump;
 pub mod process;
 pub mod protocol;
 pub mod restore;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::journal::JournalError;
 
 use crate::boot::{self, BootError, KernelFiles};
-use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
+use crate::criu::{Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
 use crate::criu_image::{self, ImageError};
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::{self, KexecError};
@@ -44,6 +44,15 @@ pub trait Machine: Send + Sync {
     fn tree_ids(&self, pid: i32) -> Vec<i32>;
     /// Checkpoints and leaves the tree stopped; returns milliseconds spent.
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError>;
+    /// One pre-dump pass; the tree runs on afterwards (see [`Criu::pre_dump`]).
+    fn pre_dump(
+        &self,
+        criu: &Criu,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        opts: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError>;
     /// SIGCONT to every id (a stopped tree runs again).
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error>;
     /// Makes everything written under `dir` durable before the point of no return, reporting
@@ -155,6 +164,16 @@ impl Machine for RealMachine {
     }
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
         criu.dump(pid, dir, opts)
+    }
+    fn pre_dump(
+        &self,
+        criu: &Criu,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        opts: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError> {
+        criu.pre_dump(pid, dir, prev, opts)
     }
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
         process::resume(ids)

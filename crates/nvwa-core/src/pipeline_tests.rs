@@ -621,3 +621,95 @@ fn every_request_publishes_the_last_update_to_the_metrics_file() {
     assert!(text.contains("phase=\"rolled_back\"} 1"), "{text}");
     assert!(text.contains("nvwa_last_update_success 0"), "{text}");
 }
+
+#[test]
+fn pre_dump_passes_run_before_the_freeze_and_the_dump_writes_only_what_followed() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 200]);
+    cfg.restore.pre_dump = true;
+    let m = FakeMachine::with_pids(&[100, 200]);
+    let (_, events) = run_update(&m, &cfg, "6.12-new");
+    let calls = m.calls();
+    // 256 MiB, then 16 MiB (shrinking), then 1 MiB (small): three passes, each on the last.
+    for pid in [100, 200] {
+        let passes: Vec<_> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::PreDump(p, prev) if *p == pid => Some(prev.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            passes,
+            [None, Some("../pre-1".into()), Some("../pre-2".into())],
+            "{calls:?}"
+        );
+        assert!(m.called(&Call::DumpOnto(pid, "pre-3".into())), "{calls:?}");
+    }
+    let last_pass = calls
+        .iter()
+        .rposition(|c| matches!(c, Call::PreDump(..)))
+        .unwrap();
+    let first_dump = calls
+        .iter()
+        .position(|c| matches!(c, Call::Dump(_)))
+        .unwrap();
+    assert!(last_pass < first_dump, "{calls:?}");
+    // Every pass happened before the freeze: the targets ran meanwhile.
+    let frozen_at = events
+        .iter()
+        .position(|e| {
+            matches!(
+                e,
+                Progress::Phase {
+                    phase: Phase::Frozen
+                }
+            )
+        })
+        .unwrap();
+    let pre_dumped_at = events
+        .iter()
+        .rposition(|e| matches!(e, Progress::Target { state, .. } if state == "pre-dumped"))
+        .unwrap();
+    assert!(pre_dumped_at < frozen_at);
+    let j = journal(&cfg);
+    assert_eq!(j.targets[0].pre_dump.len(), 3);
+    assert_eq!(j.targets[0].pre_dump[0].bytes, 256 << 20);
+}
+
+#[test]
+fn a_failing_pre_dump_costs_only_time_that_target_is_dumped_in_full() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 200]);
+    cfg.restore.pre_dump = true;
+    let m = FakeMachine::with_pids(&[100, 200]);
+    m.inject(Fault::PreDump(200));
+    let images = cfg.server.criu_dir.join("200");
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let (seen2, images2) = (Arc::clone(&seen), images.clone());
+    let mut m = m;
+    m.on_dump = Some(Box::new(move |pid| {
+        if pid == 200 {
+            *seen2.lock().unwrap() = Some(images2.join("pre-1").exists());
+        }
+    }));
+    let (res, events) = run_update(&m, &cfg, "6.12-new");
+    // The update went on to the (fake, failing) jump.
+    assert!(m.called(&Call::Kexec), "{:?}", m.calls());
+    assert!(res.unwrap_err().to_string().contains("jump"));
+    assert!(m.called(&Call::DumpOnto(100, "pre-3".into())));
+    assert!(!m
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::DumpOnto(200, _))));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some(false),
+        "a failed pass was left behind"
+    );
+    let told = events.iter().any(|e| {
+        matches!(e, Progress::Target { target, state, detail: Some(d), .. }
+        if target == "200" && state == "pre-dump failed" && d.contains("dumping it in full"))
+    });
+    assert!(told, "{events:?}");
+}

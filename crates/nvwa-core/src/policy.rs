@@ -169,6 +169,8 @@ pub enum Refusal {
     RestoreNetUnsupported { file: PathBuf },
     /// Neither pids nor services: an update would switch kernels with nothing saved.
     NothingListed { file: PathBuf },
+    /// `pre_dump` and `enable_pin_memory` both set: pin memory takes the pages at the freeze.
+    PreDumpWithPinMemory { file: PathBuf },
     /// `criu_dir` is on a memory filesystem, emptied by the kernel switch.
     VolatileImageStore { dir: PathBuf, fs: &'static str },
     /// Less free space than the images need.
@@ -260,6 +262,10 @@ impl Refusal {
                 "restore_net: true in {} is not supported by this nvwa yet (the network configuration would not be carried over)",
                 file.display()
             ),
+            Refusal::PreDumpWithPinMemory { file } => format!(
+                "pre_dump and enable_pin_memory are both true in {}: pin memory keeps the pages in place at the freeze, so there is nothing for pre-dump passes to copy ahead",
+                file.display()
+            ),
             Refusal::NothingListed { file } => format!(
                 "nothing to preserve: no pids and no services are listed in {}, so an update would switch kernels with nothing saved",
                 file.display()
@@ -330,6 +336,7 @@ impl Refusal {
             Refusal::NothingListed { file } => {
                 format!("list the processes to keep in {}", file.display())
             }
+            Refusal::PreDumpWithPinMemory { .. } => "set one of them to false".to_string(),
             Refusal::VolatileImageStore { .. } => {
                 format!("put criu_dir (in {SERVER_FILE}) on a disk or persistent memory")
             }
@@ -377,6 +384,9 @@ pub fn config_findings(cfg: &Config) -> Vec<Refusal> {
     let mut out = Vec::new();
     if r.restore_net {
         out.push(Refusal::RestoreNetUnsupported { file: file.clone() });
+    }
+    if r.pre_dump && r.enable_pin_memory {
+        out.push(Refusal::PreDumpWithPinMemory { file: file.clone() });
     }
     if r.pids.is_empty() && r.services.is_empty() {
         out.push(Refusal::NothingListed { file });
@@ -987,6 +997,22 @@ mod tests {
             "restore_net: true in /etc/nvwa/nvwa-restore.yaml is not supported by this nvwa yet (the network configuration would not be carried over); set it to false"
         );
         assert_eq!(preservable_pids(&c, &procs(), ME), Err(r));
+    }
+
+    #[test]
+    fn pre_dump_with_pin_memory_is_refused_naming_both_keys() {
+        let mut c = cfg(&[100]);
+        c.restore.pre_dump = true;
+        assert_eq!(judge_config(&c), Ok(()));
+        c.restore.enable_pin_memory = true;
+        let r = judge_config(&c).unwrap_err().to_string();
+        assert!(
+            r.contains(
+                "pre_dump and enable_pin_memory are both true in /etc/nvwa/nvwa-restore.yaml"
+            ),
+            "{r}"
+        );
+        assert!(r.ends_with("set one of them to false"), "{r}");
     }
 
     #[test]

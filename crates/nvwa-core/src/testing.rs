@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::boot::{BootError, KernelFiles};
 use crate::config::{Config, RestoreConfig, ServerConfig};
-use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
+use crate::criu::{Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
 use crate::journal::JournalError;
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::KexecError;
@@ -27,7 +27,11 @@ pub enum Call {
         quick: bool,
     },
     Unload,
+    /// A pre-dump pass of this pid, onto the pass named (relative to its directory).
+    PreDump(i32, Option<String>),
     Dump(i32),
+    /// The dump of this pid wrote only what changed since this pre-dump pass.
+    DumpOnto(i32, String),
     Resume(Vec<i32>),
     Durable(PathBuf),
     Kexec,
@@ -66,6 +70,8 @@ pub enum Fault {
     Unload,
     /// criu fails on this pid after writing part of its images, leaving the tree running.
     Dump(i32),
+    /// criu's pre-dump fails on this pid (the tree runs on).
+    PreDump(i32),
     /// criu fails on this pid after it stopped the tree (it died mid-dump).
     DumpLeavesStopped(i32),
     /// The dump thread of this pid panics.
@@ -128,6 +134,8 @@ pub struct FakeMachine {
     pub services: Vec<FakeService>,
     /// The pid of `nvwa hold` in the restoring unit's cgroup.
     pub holder: Option<i32>,
+    /// Bytes each pre-dump pass writes, by pass (the last repeats): a dirty set that shrinks.
+    pub pre_dump_bytes: Vec<u64>,
     /// Runs at every dump (after the fault handling): lets a test act mid-update.
     #[allow(clippy::type_complexity)]
     pub on_dump: Option<Box<dyn Fn(i32) + Send + Sync>>,
@@ -145,6 +153,7 @@ impl FakeMachine {
             calls: Mutex::default(),
             services: Vec::new(),
             holder: None,
+            pre_dump_bytes: vec![256 << 20, 16 << 20, 1 << 20],
             on_dump: None,
         }
     }
@@ -243,8 +252,41 @@ impl Machine for FakeMachine {
     fn tree_ids(&self, pid: i32) -> Vec<i32> {
         vec![pid, pid + 1]
     }
+    fn pre_dump(
+        &self,
+        _: &Criu,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        _: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError> {
+        self.log(Call::PreDump(pid, prev.map(String::from)));
+        std::fs::create_dir(dir).unwrap();
+        if self.faulty(Fault::PreDump(pid)) {
+            return Err(CriuError::Failed {
+                action: "pre-dump",
+                object: format!("pid {pid}"),
+                code: 1,
+                summary: "Error (criu/mem.c:1): soft-dirty tracking is off".into(),
+                log: dir.join(crate::criu::PRE_DUMP_LOG),
+            });
+        }
+        let pass: usize = dir
+            .to_string_lossy()
+            .rsplit("pre-")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let bytes = self.pre_dump_bytes[pass.min(self.pre_dump_bytes.len()) - 1];
+        std::fs::write(dir.join("pages-1.img"), "pages").unwrap();
+        Ok(PreDumpPass { bytes, ms: 5 })
+    }
     fn dump(&self, _: &Criu, pid: i32, dir: &Path, o: DumpOptions) -> Result<u64, CriuError> {
         self.log(Call::Dump(pid));
+        if let Some(prev) = &o.prev_images {
+            self.log(Call::DumpOnto(pid, prev.clone()));
+        }
         if !o.external_unix.is_empty() {
             self.log(Call::DumpExternal(pid, o.external_unix.clone()));
         }

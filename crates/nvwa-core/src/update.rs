@@ -21,6 +21,7 @@ use crate::journal::{Journal, JournalError, Phase, SavedService, Target, TargetK
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
 use crate::policy::{self, Refusal};
+use crate::pre_dump;
 use crate::protocol::{ErrorKind, Progress};
 use crate::trust::{self, TrustError, TrustedKind};
 
@@ -168,16 +169,9 @@ pub(crate) fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>,
     let mut targets: Vec<Target> = pids
         .into_iter()
         .map(|pid| Target {
-            name: pid.to_string(),
-            kind: TargetKind::Pid,
-            pid,
             tree_ids: m.tree_ids(pid),
             rss_bytes: procs.tree_rss_bytes(pid),
-            state: TargetState::Pending,
-            dump_ms: None,
-            restore_ms: None,
-            running_again_wall_ms: None,
-            service: None,
+            ..Target::pending(pid.to_string(), TargetKind::Pid, pid)
         })
         .collect();
     let services = plan_services(m, cfg)?;
@@ -227,15 +221,8 @@ fn plan_services(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateErr
             Vec::new()
         };
         out.push(Target {
-            name: unit,
-            kind: TargetKind::Service,
-            pid,
             tree_ids: m.tree_ids(pid),
             rss_bytes: m.procs().tree_rss_bytes(pid),
-            state: TargetState::Pending,
-            dump_ms: None,
-            restore_ms: None,
-            running_again_wall_ms: None,
             service: Some(SavedService {
                 identifier: info.identifier,
                 pid_file: info.pid_file,
@@ -243,6 +230,7 @@ fn plan_services(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateErr
                 namespaces,
                 external_files,
             }),
+            ..Target::pending(unit, TargetKind::Service, pid)
         });
     }
     Ok(out)
@@ -392,6 +380,11 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
         m.load_kernel(files, &cfg.server.kexec_exe, cfg.restore.enable_quick_kexec)
             .map_err(Abort::Kernel)?;
         self.advance(Phase::KernelLoaded)?;
+        self.prepare_images()?;
+        if cfg.restore.pre_dump {
+            // A stop asked for meanwhile cancels the passes and then the update, at the freeze.
+            self.pre_dump_targets();
+        }
         if cfg.restore.enable_pin_memory {
             m.pin_memory(PinOp::Clear).map_err(Abort::PinMemory)?;
         }
@@ -428,16 +421,70 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
         }
     }
 
-    /// Dumps every target, recording each result; the first failure aborts the update.
-    fn dump_targets(&mut self) -> Result<(), Abort> {
-        let cfg = self.cfg;
-        let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
+    /// Creates every target's image directory.
+    fn prepare_images(&self) -> Result<(), Abort> {
         for t in &self.j.targets {
-            prepare_image_dir(&image_dir(cfg, t), &t.name).map_err(|e| Abort::Dump {
+            prepare_image_dir(&image_dir(self.cfg, t), &t.name).map_err(|e| Abort::Dump {
                 target: format!("{} (pid {})", t.name, t.pid),
                 why: e.to_string(),
             })?;
         }
+        Ok(())
+    }
+
+    /// Pre-dumps every target in parallel while they run (see [`pre_dump`]), recording each
+    /// one's passes. A target whose passes fail is dumped in full: the passes only save time.
+    fn pre_dump_targets(&mut self) {
+        let (m, cfg, r) = (self.m, self.cfg, self.r);
+        let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
+        for t in &self.j.targets {
+            r.target(t, "pre-dumping", None);
+        }
+        let results: Vec<_> = std::thread::scope(|s| {
+            let runs: Vec<_> = self
+                .j
+                .targets
+                .iter()
+                .map(|t| {
+                    let criu = &criu;
+                    s.spawn(move || {
+                        let opts = dump_options(cfg, t);
+                        pre_dump::run(m, criu, t.pid, &image_dir(cfg, t), &opts)
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|h| h.join()).collect()
+        });
+        for (t, res) in self.j.targets.iter_mut().zip(results) {
+            match res {
+                Ok(Ok(passes)) => {
+                    r.target(t, "pre-dumped", Some(pre_dump::describe(&passes)));
+                    t.pre_dump = passes;
+                }
+                Ok(Err(e)) => {
+                    r.target(
+                        t,
+                        "pre-dump failed",
+                        Some(format!("{e}; dumping it in full")),
+                    );
+                    discard_pre_dumps(&image_dir(cfg, t));
+                }
+                Err(p) => {
+                    r.target(
+                        t,
+                        "pre-dump failed",
+                        Some(format!("{}; dumping it in full", panic_text(p))),
+                    );
+                    discard_pre_dumps(&image_dir(cfg, t));
+                }
+            }
+        }
+    }
+
+    /// Dumps every target, recording each result; the first failure aborts the update.
+    fn dump_targets(&mut self) -> Result<(), Abort> {
+        let cfg = self.cfg;
+        let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
         let results = dump_all(self.m, cfg, &criu, &self.j.targets, self.r);
         let mut first_failure = None;
         for (t, res) in self.j.targets.iter_mut().zip(results) {
@@ -647,8 +694,16 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a dump thread panicked".into())
 }
 
-fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u64, DumpFailure> {
-    let opts = DumpOptions {
+/// Removes the passes of a target whose pre-dump failed: the dump starts from scratch.
+fn discard_pre_dumps(images: &Path) {
+    for n in 1..=pre_dump::MAX_PASSES {
+        let _ = std::fs::remove_dir_all(pre_dump::pass_dir(images, n));
+    }
+}
+
+/// How criu dumps (and pre-dumps) target `t`.
+fn dump_options(cfg: &Config, t: &Target) -> DumpOptions {
+    DumpOptions {
         pin_memory: cfg.restore.enable_pin_memory,
         deadline: criu_deadline(cfg.server.dump_timeout_s, t.rss_bytes),
         // stdout and stderr usually share one stream: name each socket once.
@@ -668,7 +723,12 @@ fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u6
             .collect(),
         enter_ns_of: t.service.as_ref().filter(|s| s.sandboxed()).map(|_| t.pid),
         ignore_cgroups: t.service.as_ref().is_some_and(|s| !s.namespaces.is_empty()),
-    };
+        prev_images: pre_dump::dump_parent(t.pre_dump.len()),
+    }
+}
+
+fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u64, DumpFailure> {
+    let opts = dump_options(cfg, t);
     let dir = image_dir(cfg, t);
     // A panic here must not skip the rollback of the others: it becomes this target's failure.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -24,18 +24,22 @@ use crate::vm::{self, Line, Stamped};
 
 /// How nvwa moves the targets; the bench compares them side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// The original's sequence: load the kernel, dump every target, kexec, restore after boot.
     Baseline,
+    /// `pre_dump: true`: criu copies the targets' memory in passes while they run; the freeze
+    /// writes only what changed since the last pass.
+    PreDump,
 }
 
 impl Strategy {
-    pub const ALL: &'static [Strategy] = &[Strategy::Baseline];
+    pub const ALL: &'static [Strategy] = &[Strategy::Baseline, Strategy::PreDump];
 
     pub fn name(self) -> &'static str {
         match self {
             Strategy::Baseline => "baseline",
+            Strategy::PreDump => "pre-dump",
         }
     }
 
@@ -60,6 +64,7 @@ impl Strategy {
     fn config(self) -> &'static str {
         match self {
             Strategy::Baseline => "",
+            Strategy::PreDump => "pre_dump: true\n",
         }
     }
 }
@@ -240,6 +245,11 @@ pub const PHASES: &[(&str, &str, &str)] = &[
         "nvwa loads the new kernel (before anything is frozen)",
     ),
     (
+        "pre_dump",
+        "pre-dump",
+        "criu's pre-dump passes while the targets run (kernel_loaded → frozen): not downtime",
+    ),
+    (
         "dump",
         "dump",
         "criu freezes each target and writes its images (frozen → dumped)",
@@ -397,6 +407,7 @@ pub fn measure(lines: &[Stamped], bare_lines: &[Stamped]) -> BTreeMap<String, i6
     };
     let span = |a: Option<i64>, b: Option<i64>| Some(b? - a?);
     put("load_kernel", span(host("planned"), host("kernel_loaded")));
+    put("pre_dump", span(host("kernel_loaded"), host("frozen")));
     put("dump", span(host("frozen"), host("dumped")));
     put("sync", span(host("dumped"), host("committed")));
     put("handoff", span(host("committed"), zero_new));
@@ -891,6 +902,7 @@ mod tests {
         let ms = measure(&a_run(), &a_bare_kexec());
         let get = |k: &str| ms.get(k).copied();
         assert_eq!(get("load_kernel"), Some(2000));
+        assert_eq!(get("pre_dump"), Some(10));
         assert_eq!(get("dump"), Some(3000));
         assert_eq!(get("sync"), Some(100));
         // committed at 1000 + 15110; the new kernel's zero at 32500 − 2500.
@@ -1007,6 +1019,13 @@ mod tests {
         assert_eq!(Case::parse("64m").unwrap().pmem_mib(), 768);
         assert!(Case::parse("2g").is_err());
         assert_eq!(Strategy::parse("baseline").unwrap(), Strategy::Baseline);
+        assert_eq!(Strategy::parse("pre-dump").unwrap(), Strategy::PreDump);
+        let s = Case::parse("1g")
+            .unwrap()
+            .scenario(Strategy::PreDump)
+            .unwrap();
+        assert_eq!(s.name, "bench-1g-pre-dump");
+        assert!(s.config.contains("pre_dump: true"), "{}", s.config);
         assert!(format!("{:#}", Strategy::parse("lazy").unwrap_err()).contains("baseline"));
     }
 

@@ -6,6 +6,7 @@ pub mod cpio;
 pub mod elf;
 pub mod exec;
 pub mod guest;
+pub mod host;
 pub mod image;
 pub mod modules;
 pub mod oops;

@@ -60,7 +60,8 @@ enum Cmd {
         #[arg(long = "case", value_name = "CASE", value_delimiter = ',')]
         cases: Vec<String>,
         /// Strategies to compare (repeatable or comma-separated): baseline (the original's
-        /// sequence: load, dump all, kexec, restore after boot); default all
+        /// sequence: load, dump all, kexec, restore after boot), pre-dump (pre_dump: true:
+        /// memory copied in passes while the targets run); default all
         #[arg(long = "strategy", value_name = "STRATEGY", value_delimiter = ',')]
         strategies: Vec<String>,
         /// Runs of each case with each strategy; the table shows median, min and max

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::apt;
 use crate::guest::{self, Binaries};
+use crate::host::{self, HostEnv, HostSteps};
 use crate::prepare::{self, Ingredients, KernelBits};
 use crate::report::{self, ScenarioResult};
 use crate::scenario::{Guest, Scenario};
@@ -304,17 +305,37 @@ impl Lab {
         if let Some(p) = s.pmem_mib {
             spec.set_pmem(p);
         }
-        spec.forwards = s.forwards.iter().map(|f| (f.host, f.guest)).collect();
+        spec.forwards = s
+            .forwards
+            .iter()
+            .map(|&guest| {
+                host::free_port()
+                    .map(|h| (h, guest))
+                    .context("cannot find a free host port for a forward")
+            })
+            .collect::<Result<_>>()?;
+        let mut steps = HostSteps::new(
+            &s.host,
+            HostEnv {
+                run_dir: dir.to_path_buf(),
+                cwd: s.path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                ports: spec.forwards.iter().map(|&(h, g)| (g, h)).collect(),
+            },
+        );
+        let mut live = |l: &Stamped| {
+            steps.on_line(l);
+            live(l)
+        };
         // Only a scenario that cuts the power needs its RAM to outlive QEMU.
         let ram = s.power_cut.then(|| RamFile::new(dir.join("ram")));
         spec.ram_file = ram.as_ref().map(|r| r.path.clone());
-        let mut outcome = vm::run(&spec, origin, live)?;
+        let mut outcome = vm::run(&spec, origin, &mut live)?;
         if s.power_cut && !outcome.timed_out && cut_power(&outcome) {
             // The same machine powered on again: same kernel, initramfs and RAM file; the flag
             // only tells init.sh to take the "after restart" path instead of setting up anew.
             spec.append.push_str(&format!(" {COLD_BOOT_FLAG}"));
             spec.timeout = deadline.saturating_duration_since(Instant::now());
-            let second = vm::run(&spec, origin, live)?;
+            let second = vm::run(&spec, origin, &mut live)?;
             outcome.lines.extend(second.lines);
             outcome.timed_out = second.timed_out;
         }
@@ -331,6 +352,9 @@ impl Lab {
         }
         drop(ram);
         let mut result = report::judge(s, &new_version, &outcome, log.clone());
+        let host_failures = steps.finish(deadline);
+        result.passed &= host_failures.is_empty();
+        result.failures.extend(host_failures);
         let events = dir.join("events.json");
         let all: Vec<_> = outcome
             .lines

@@ -33,9 +33,10 @@ pub struct Scenario {
     /// moves it above 4 GiB and gives the guest 3 GiB of RAM besides it.
     #[serde(default)]
     pub pmem_mib: Option<u32>,
-    /// TCP ports of the guest reachable from the host on 127.0.0.1.
+    /// TCP ports of the guest reachable from the host on 127.0.0.1, each through a free host
+    /// port the runner picks (host steps find it in `LAB_PORT_<guest port>`).
     #[serde(default)]
-    pub forwards: Vec<Forward>,
+    pub forwards: Vec<u16>,
     #[serde(default)]
     pub files: Vec<GuestFile>,
     /// `nvwa-restore.yaml`, with `$VARS` of the setup script expanded.
@@ -67,6 +68,10 @@ pub struct Scenario {
     /// LAB_EVENTS (a JSON file) in the environment.
     #[serde(default)]
     pub host_check: Vec<Check>,
+    /// Commands run on the host while the guest runs, each started when the guest calls
+    /// `lab_host WHEN` (see `host`).
+    #[serde(default)]
+    pub host: Vec<HostStep>,
 }
 
 const TOP_LEVEL: &[&str] = &[
@@ -126,11 +131,14 @@ impl KernelPair {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+/// A command run on the host while the guest runs: started in the background when the guest
+/// calls `lab_host WHEN`, waited for after the guest powered off; it must exit 0.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Forward {
-    pub host: u16,
-    pub guest: u16,
+pub struct HostStep {
+    pub name: String,
+    pub when: String,
+    pub run: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -314,6 +322,22 @@ impl Scenario {
                     "files: {} needs exactly one of `source` or `content`",
                     f.guest
                 );
+            }
+        }
+        for (i, h) in self.host.iter().enumerate() {
+            if h.when.is_empty()
+                || !h
+                    .when
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                bail!("host step {:?}: when = {:?} must be a word (letters, digits, - or _): the guest calls `lab_host WORD`", h.name, h.when);
+            }
+            if h.run.trim().is_empty() {
+                bail!("host step {:?} has nothing to run", h.name);
+            }
+            if self.host[..i].iter().any(|o| o.name == h.name) {
+                bail!("two host steps are named {:?}: names must differ", h.name);
             }
         }
         for c in self.check.iter().chain(&self.host_check) {
@@ -515,6 +539,20 @@ run = "kill -0 $A"
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("must be the last"), "{e:#}");
+    }
+
+    #[test]
+    fn host_steps_parse_and_their_mistakes_are_named() {
+        let ok = "description = \"x\"\nforwards = [7000]\n[[host]]\nname = \"client\"\nwhen = \"go\"\nrun = \"true\"";
+        let s = Scenario::parse(ok, Path::new("a.toml")).unwrap();
+        assert_eq!(s.forwards, [7000]);
+        assert_eq!(s.host[0].when, "go");
+        let bad_when = ok.replace("when = \"go\"", "when = \"go now\"");
+        let e = Scenario::parse(&bad_when, Path::new("a.toml")).unwrap_err();
+        assert!(format!("{e:#}").contains("must be a word"), "{e:#}");
+        let twice = format!("{ok}\n[[host]]\nname = \"client\"\nwhen = \"go\"\nrun = \"true\"");
+        let e = Scenario::parse(&twice, Path::new("a.toml")).unwrap_err();
+        assert!(format!("{e:#}").contains("two host steps"), "{e:#}");
     }
 
     #[test]

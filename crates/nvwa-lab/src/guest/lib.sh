@@ -2,6 +2,9 @@
 # server.sh source this file after setting K (the running kernel) and LAB_STATE (a directory that
 # survives the kernel switch).
 
+# The serial console the runner reads (server.sh sets /dev/ttyS0).
+LAB_CONSOLE=${LAB_CONSOLE:-/dev/console}
+
 # NVWA-LAB {json}: a structured event; NVWA-LAB-OUT tag: text: output of a step, for the report.
 ev() { echo "NVWA-LAB $1"; }
 out() { tag=$1; while IFS= read -r line; do echo "NVWA-LAB-OUT $tag: $line"; done; }
@@ -40,6 +43,12 @@ lab_phase() {
     p=$(nvwa status --json 2>/dev/null | tr -d ' \n' | grep -o '"phase":"[a-z_]*"' | head -n 1 | sed 's/.*:"\(.*\)"/\1/')
     echo "${p:-none}"
 }
+
+# lab_host WHEN: the runner starts the scenario's [[host]] steps with that `when` on the host, in
+# the background (a client through a port forward, a fleet tool over SSH). The guest learns what
+# they did only through what they do to it: synchronise on that (a connection in `ss`, a file).
+# The event goes to the console device itself: setup's and checks' output is captured in files.
+lab_host() { ev "{\"event\":\"host\",\"name\":\"$1\"}" >"$LAB_CONSOLE"; }
 
 # lab_save NAME VALUE: keep a variable for the checks after the kernel switch.
 lab_save() { echo "$1='$2'" >> "$LAB_STATE/vars"; eval "$1='$2'"; export "$1"; }

@@ -12,6 +12,7 @@ exec </dev/null >/dev/ttyS0 2>&1
 
 K=$(uname -r)
 export LAB_STATE=/var/lib/nvwa-lab
+LAB_CONSOLE=/dev/ttyS0
 . /lab/lib.sh
 finish() {
     sync
