@@ -40,7 +40,30 @@ finish() {
     poweroff -f
 }
 
-ev "{\"event\":\"init\",\"kernel\":\"$K\"}"
+# The uptime lets the host place this kernel's clock zero on its own clock: the kexec handoff
+# ends there, and the boot to /init is the uptime (see nvwa-lab's bench).
+ev "{\"event\":\"init\",\"kernel\":\"$K\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"
+# The boot of the bench's bare kexec (below): reaching /init is all it measures.
+if grep -q 'nvwa_lab.boot=floor' /proc/cmdline; then
+    ev "{\"event\":\"boot\",\"stage\":\"floor\",\"kernel\":\"$K\"}"
+    # Where the kernel spent its boot, for comparison with the update's (the serial log).
+    dmesg | out dmesg-floor
+    finish 0
+fi
+
+# The bench's bare kexec (crates/nvwa-lab/src/bench.rs): a fresh boot of the old kernel jumps at
+# once into the update's kernel and initramfs, with nothing to save.
+if grep -q 'nvwa_lab.boot=bare' /proc/cmdline; then
+    . /lab/scenario.sh
+    if kexec -s -l "/boot/vmlinuz-$LAB_NEW_KERNEL" --initrd="/boot/initramfs-$LAB_NEW_KERNEL.img" \
+        --reuse-cmdline --append=nvwa_lab.boot=floor >/tmp/kexec.out 2>&1; then
+        sync
+        ev '{"event":"bench","step":"kexec"}'
+        kexec -e >>/tmp/kexec.out 2>&1
+    fi
+    out bench </tmp/kexec.out
+    finish 1
+fi
 
 # Kernel modules criu and the persistent memory need, in dependency order.
 while IFS= read -r m; do
@@ -139,6 +162,8 @@ settle_and_check() {
     echo "NVWA-LAB {\"event\":\"journal\",\"journal\":$(nvwa status --json | tr -d '\n')}"
     run_checks
     cat "/var/nvwa/log/server-$K.log" | out server
+    # The bench compares where this boot spent its time with its bare kexec (the serial log).
+    if [ -f /lab/bench ]; then dmesg | out dmesg-new; fi
     finish $failed
 }
 
