@@ -365,6 +365,23 @@ fn package_key(base: &Manifest, deb: &Path) -> Result<String> {
 pub fn with_package(base: &ServerGuest, deb: &Path) -> Result<ServerGuest> {
     let m = load_manifest(&base.dir).context("the server guest's base layer has no manifest")?;
     let key = package_key(&m, deb)?;
+    // Two labs sharing the cache (two checkouts) must not build the layer over each other: the
+    // second waits, then finds it built (or builds its own package's).
+    let lock_path = base.dir.join("pkg.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    use std::os::fd::AsRawFd;
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!(
+            "cannot lock {}: {}",
+            lock_path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
     let pkg = base.dir.join("pkg");
     let g = ServerGuest {
         dir: base.dir.clone(),
