@@ -13,6 +13,7 @@ use std::process::Command;
 
 use crate::boot::{self, BootError};
 use crate::config::{Config, RESTORE_FILE, SERVER_FILE};
+use crate::net;
 use crate::pinmem::{self, KernelFeatures};
 use crate::policy::{self, FsView, ProcView, RealFs, RealProcs, Refusal};
 
@@ -237,6 +238,7 @@ pub fn run_checks(
     lines.push(check_trusted_paths(cfg, sys));
     lines.push(check_criu_dir(cfg, sys));
     lines.push(check_image_storage(cfg, &targets, sys));
+    lines.push(check_network(cfg, sys));
 
     let features = detect_features(sys);
     lines.push(check_quick_kexec(cfg, &features));
@@ -250,9 +252,6 @@ pub fn run_checks(
 /// still be checked.
 fn config_line(r: &Refusal) -> CheckLine {
     match r {
-        Refusal::RestoreNetUnsupported { .. } => {
-            CheckLine::fail("restore_net supported", r.problem(), r.fix())
-        }
         Refusal::NothingListed { .. } => CheckLine::warn("targets listed", r.problem(), r.fix()),
         _ => CheckLine::fail("configuration", r.problem(), r.fix()),
     }
@@ -374,7 +373,72 @@ fn check_criu(cfg: &Config, sys: &dyn System) -> Vec<CheckLine> {
             "make sure criu_exe is an executable criu binary",
         ),
     };
-    vec![installed, check]
+    let mut lines = vec![installed, check];
+    if cfg.restore.pre_dump {
+        lines.push(check_criu_feature(cfg, sys, CriuFeature::DIRTY_TRACKING));
+    }
+    if cfg.restore.lazy_restore {
+        lines.push(check_criu_feature(cfg, sys, CriuFeature::LAZY_PAGES));
+    }
+    lines
+}
+
+/// A kernel feature that a speed option needs. Without it nvwa falls back to the slower way,
+/// so its absence is a warning.
+struct CriuFeature {
+    requirement: &'static str,
+    /// criu's name for it (`criu check --feature NAME`).
+    name: &'static str,
+    key: &'static str,
+    what: &'static str,
+    fallback: &'static str,
+    kernel: &'static str,
+}
+
+impl CriuFeature {
+    const DIRTY_TRACKING: CriuFeature = CriuFeature {
+        requirement: "memory tracking (pre_dump)",
+        name: "mem_dirty_track",
+        key: "pre_dump",
+        what: "soft-dirty tracking available",
+        fallback: "every target will be dumped in full",
+        kernel: "CONFIG_MEM_SOFT_DIRTY",
+    };
+    const LAZY_PAGES: CriuFeature = CriuFeature {
+        requirement: "userfaultfd (lazy_restore)",
+        name: "uffd-noncoop",
+        key: "lazy_restore",
+        what: "userfaultfd with fork and remap events available",
+        fallback: "every target will be restored in full",
+        kernel: "CONFIG_USERFAULTFD",
+    };
+}
+
+fn check_criu_feature(cfg: &Config, sys: &dyn System, f: CriuFeature) -> CheckLine {
+    let criu = &cfg.server.criu_exe;
+    match sys.run(criu, &["check", "--feature", f.name]) {
+        Ok((0, _)) => CheckLine::ok(f.requirement, f.what),
+        Ok((_, output)) => CheckLine::warn(
+            f.requirement,
+            format!(
+                "{} is set but criu finds no support for it ({}): {}",
+                f.key,
+                last_line(&output),
+                f.fallback
+            ),
+            format!(
+                "boot a kernel with {}, or set {}: false in {}",
+                f.kernel,
+                f.key,
+                restore_file(cfg).display()
+            ),
+        ),
+        Err(e) => CheckLine::warn(
+            f.requirement,
+            format!("cannot run {}: {e}", criu.display()),
+            "make sure criu_exe is an executable criu binary",
+        ),
+    }
 }
 
 fn last_line(output: &str) -> &str {
@@ -480,6 +544,84 @@ fn check_service(cfg: &Config, svc: &str, sys: &dyn System) -> CheckLine {
         ),
         Err(r) => CheckLine::fail(req, r.problem(), r.fix()),
     }
+}
+
+/// `restore_net: true`: what the update will save (the same reading and filter as the update's),
+/// and whether the tools it needs are there.
+fn check_network(cfg: &Config, sys: &dyn System) -> CheckLine {
+    const REQ: &str = "network configuration";
+    if !cfg.restore.restore_net {
+        return CheckLine::ok(REQ, "not carried over (restore_net: false)");
+    }
+    let tool = |name: &str| {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| sys.exists(p))
+    };
+    let Some(ip) = tool("ip") else {
+        return CheckLine::fail(
+            REQ,
+            "restore_net: true but ip (iproute2) is not installed",
+            "install iproute2, or set restore_net: false",
+        );
+    };
+    let json = |program: &Path, args: &[&str]| -> Result<serde_json::Value, String> {
+        let cmd = format!("{} {}", program.display(), args.join(" "));
+        match sys.run(program, args) {
+            Ok((0, out)) if out.trim().is_empty() => Ok(serde_json::Value::Array(Vec::new())),
+            Ok((0, out)) => serde_json::from_str(&out).map_err(|e| format!("`{cmd}`: {e}")),
+            Ok((code, out)) => Err(format!("`{cmd}` failed (exit {code}): {}", out.trim())),
+            Err(e) => Err(format!("cannot run `{cmd}`: {e}")),
+        }
+    };
+    let read = || -> Result<net::NetState, String> {
+        let mut st = net::NetState {
+            addrs: net::parse_addrs(&json(&ip, &["-j", "addr", "show"])?)?,
+            ..Default::default()
+        };
+        for (flag, fam) in [("-4", net::Family::Inet), ("-6", net::Family::Inet6)] {
+            let routes = json(&ip, &["-j", flag, "route", "show", "table", "all"])?;
+            st.routes.extend(net::parse_routes(fam, &routes)?);
+            st.rules.extend(net::parse_rules(
+                fam,
+                &json(&ip, &["-j", flag, "rule", "show"])?,
+            )?);
+        }
+        if let Some(nft) = tool("nft") {
+            let tables = net::parse_nft_tables(&json(&nft, &["-j", "list", "tables"])?)?;
+            st.nft = Some(
+                tables
+                    .into_iter()
+                    .map(|(family, name)| net::NftTable {
+                        family,
+                        name,
+                        text: String::new(),
+                    })
+                    .collect(),
+            );
+        }
+        Ok(st)
+    };
+    let state = match read() {
+        Ok(all) => net::operator_state(&all),
+        Err(why) => {
+            return CheckLine::fail(
+                REQ,
+                format!("restore_net: true but the network configuration cannot be read: {why}"),
+                "install iproute2 (ip -j) and nftables, or set restore_net: false",
+            )
+        }
+    };
+    let detail = format!("restore_net: true; the update saves {}", state.summary());
+    if state.nft.is_none() {
+        return CheckLine::warn(
+            REQ,
+            format!("{detail}; nft is not installed, so an nftables firewall is not saved"),
+            "install nftables if this machine has an nftables firewall",
+        );
+    }
+    CheckLine::ok(REQ, detail)
 }
 
 /// The paths nvwa runs or writes as root must be root's alone (the rule `update` applies).
@@ -894,6 +1036,39 @@ mod tests {
     }
 
     #[test]
+    fn pre_dump_asks_criu_for_memory_tracking_and_warns_without_it() {
+        let mut fx = fixture();
+        let mut sys = FakeSystem::healthy();
+        let report = run(&fx, &sys);
+        assert!(report
+            .lines
+            .iter()
+            .all(|l| l.requirement != "memory tracking (pre_dump)"));
+        fx.cfg.restore.pre_dump = true;
+        sys.runs.insert(
+            "/usr/sbin/criu check --feature mem_dirty_track".into(),
+            (0, "mem_dirty_track is supported\n".into()),
+        );
+        let report = run(&fx, &sys);
+        assert_eq!(
+            line(&report, "memory tracking (pre_dump)").verdict,
+            Verdict::Ok
+        );
+        sys.runs.insert(
+            "/usr/sbin/criu check --feature mem_dirty_track".into(),
+            (1, "Error: Dirty tracking is OFF\n".into()),
+        );
+        let report = run(&fx, &sys);
+        let l = line(&report, "memory tracking (pre_dump)");
+        assert_eq!(l.verdict, Verdict::Warn, "{}", report.render());
+        assert!(
+            l.detail.contains("Dirty tracking is OFF"),
+            "{}",
+            report.render()
+        );
+    }
+
+    #[test]
     fn the_report_names_the_criu_version_and_ends_with_a_verdict() {
         let fx = fixture();
         let text = run(&fx, &FakeSystem::healthy()).render();
@@ -1028,13 +1203,54 @@ mod tests {
     }
 
     #[test]
-    fn restore_net_is_refused_until_supported() {
+    fn restore_net_says_what_the_update_saves() {
         let mut fx = fixture();
+        assert_eq!(
+            line(&run(&fx, &FakeSystem::healthy()), "network configuration").detail,
+            "not carried over (restore_net: false)"
+        );
         fx.cfg.restore.restore_net = true;
-        assert_fails(
-            &run(&fx, &FakeSystem::healthy()),
-            "restore_net supported",
-            "set it to false",
+        let mut sys = FakeSystem::healthy();
+        assert_fails(&run(&fx, &sys), "network configuration", "install iproute2");
+        sys.paths.insert("/usr/sbin/ip".into());
+        let ok = |s: &str| (0, s.to_string());
+        sys.runs.insert(
+            "/usr/sbin/ip -j addr show".into(),
+            ok(r#"[{"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}]},
+                  {"ifname":"eth0","addr_info":[{"family":"inet","local":"10.0.2.15","prefixlen":24,"scope":"global"},
+                  {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#),
+        );
+        sys.runs.insert(
+            "/usr/sbin/ip -j -4 route show table all".into(),
+            ok(
+                r#"[{"dst":"default","gateway":"10.0.2.2","dev":"eth0","protocol":"static"},
+                  {"dst":"10.0.2.0/24","dev":"eth0","protocol":"kernel","scope":"link"}]"#,
+            ),
+        );
+        sys.runs
+            .insert("/usr/sbin/ip -j -6 route show table all".into(), ok(""));
+        sys.runs.insert(
+            "/usr/sbin/ip -j -4 rule show".into(),
+            ok(r#"[{"priority":0,"src":"all","table":"local"},{"priority":100,"src":"10.0.3.0","srclen":24,"table":"100"},{"priority":32766,"src":"all","table":"main"}]"#),
+        );
+        sys.runs
+            .insert("/usr/sbin/ip -j -6 rule show".into(), ok("[]"));
+        let l = line(&run(&fx, &sys), "network configuration").clone();
+        assert_eq!(l.verdict, Verdict::Warn, "{l:?}");
+        assert!(
+            l.detail.starts_with("restore_net: true; the update saves 1 address, 1 route, 1 policy rule; nft is not installed"),
+            "{l:?}"
+        );
+        sys.paths.insert("/usr/sbin/nft".into());
+        sys.runs.insert(
+            "/usr/sbin/nft -j list tables".into(),
+            ok(r#"{"nftables":[{"metainfo":{}},{"table":{"family":"inet","name":"lab","handle":1}},{"table":{"family":"inet","name":"CRIU-12","handle":2}}]}"#),
+        );
+        let l = line(&run(&fx, &sys), "network configuration").clone();
+        assert_eq!(l.verdict, Verdict::Ok, "{l:?}");
+        assert!(
+            l.detail.ends_with("1 policy rule, nftables table inet lab"),
+            "{l:?}"
         );
     }
 

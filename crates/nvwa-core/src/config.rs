@@ -53,9 +53,11 @@ pub const SERVER_KEY_DOCS: &[(&str, &str)] = &[
 pub const RESTORE_KEY_DOCS: &[(&str, &str)] = &[
     ("pids", "The processes to preserve, by pid; each with its whole process tree."),
     ("services", "systemd services to preserve (with or without .service), each from its main process with its whole process tree; on the new boot their units take them back (see SERVICES)."),
-    ("restore_net", "Carry the network configuration over; refused by this version unless false."),
+    ("restore_net", "Carry the network configuration over: addresses, routes of every table, policy rules and the firewall (nftables tables; iptables-legacy tables where the machine has them) are saved before the targets are frozen and restored on the new boot before any target, matched to interfaces by name. Left out: what the kernel or a DHCP/RA client makes by itself, and criu's CRIU-* lock tables. What the new boot already has is skipped; an entry that conflicts or whose interface is missing is named, the targets are restored anyway, and the update ends restore_failed until a server restart restores it. Needs ip (iproute2) and, for the firewall, nft. See NETWORK STATE."),
     ("enable_quick_kexec", "Load the kernel with openEuler's quick kexec (kexec -q)."),
     ("enable_pin_memory", "Keep the targets' memory in openEuler's pinned memory across the switch."),
+    ("pre_dump", "Copy the targets' memory while they still run (criu pre-dump, in passes until their dirty memory stops shrinking, at most 4), so that the freeze writes only the pages dirtied since the last pass: less downtime for applications with much memory that changes little. A pass that fails costs only time: that target is dumped in full. Needs soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); not with enable_pin_memory. Default false."),
+    ("lazy_restore", "Restore pid targets without their memory and let a criu lazy-pages daemon fill it in from the images on demand (userfaultfd) and in the background: a process runs again before its memory is read, so the restore no longer grows with memory. The update counts as restored only once every page is in; a process whose pages could not all be copied is killed and restored again from its images at the next start of the server. Services are always restored in full; without userfaultfd (criu check --feature uffd-noncoop) every target is. With pre_dump, only the pages dirtied after the last pass come lazily: criu reads the pre-dumped ones before the process runs. Default false."),
     ("enable_debug_mode", "Keep the images after a successful restore (also spelled enbale_debug_mode, as in the original)."),
 ];
 
@@ -67,6 +69,8 @@ pub const RESTORE_KEYS: &[&str] = &[
     "restore_net",
     "enable_quick_kexec",
     "enable_pin_memory",
+    "pre_dump",
+    "lazy_restore",
     "enable_debug_mode",
 ];
 const DEBUG_KEY: &str = "enable_debug_mode";
@@ -146,6 +150,10 @@ pub struct RestoreConfig {
     pub restore_net: bool,
     pub enable_quick_kexec: bool,
     pub enable_pin_memory: bool,
+    /// `pre_dump`: copy memory in passes before the freeze (see [`crate::pre_dump`]).
+    pub pre_dump: bool,
+    /// `lazy_restore`: pid targets' memory comes in after they run (see [`crate::lazy_pages`]).
+    pub lazy_restore: bool,
     pub enable_debug_mode: bool,
 }
 
@@ -436,6 +444,8 @@ pub fn parse_restore(text: &str, path: &Path) -> Result<RestoreConfig, ConfigErr
             "restore_net" => cfg.restore_net = ctx.bool()?,
             "enable_quick_kexec" => cfg.enable_quick_kexec = ctx.bool()?,
             "enable_pin_memory" => cfg.enable_pin_memory = ctx.bool()?,
+            "pre_dump" => cfg.pre_dump = ctx.bool()?,
+            "lazy_restore" => cfg.lazy_restore = ctx.bool()?,
             DEBUG_KEY | DEBUG_KEY_ORIGINAL => {
                 let value = ctx.bool()?;
                 if let Some((other, at, previous)) = &debug_seen {

@@ -15,6 +15,7 @@ use crate::exec::{self, ExecError};
 
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
+pub const PRE_DUMP_LOG: &str = "pre-dump.log";
 pub const PIDFILE: &str = "restored.pid";
 
 /// The original's options, kept so images and behaviour match it.
@@ -61,6 +62,11 @@ pub enum CriuError {
         object: String,
         source: std::io::Error,
     },
+    #[error("criu dumped pid {pid} with its TCP connections locked, but the lock could not be saved for the new boot: {source}")]
+    NetworkLock {
+        pid: i32,
+        source: crate::tcp::TcpError,
+    },
     #[error("criu {action} of {object} failed (exit {code}): {summary}; full log: {log}")]
     Failed {
         action: &'static str,
@@ -104,6 +110,21 @@ pub struct DumpOptions {
     /// `--manage-cgroups=ignore`: a service stays in (and is restored into) its unit's cgroup,
     /// which systemd owns.
     pub ignore_cgroups: bool,
+    /// The last pre-dump's directory, relative to the dump's: only the pages dirtied since that
+    /// pass are written (`--prev-images-dir` with `--track-mem`); the restore reads the rest
+    /// through the `parent` links.
+    pub prev_images: Option<String>,
+    /// `--network-lock nftables`: established connections are locked in a table that nvwa can
+    /// save and put back on the new boot (see `tcp`); otherwise criu's default, iptables.
+    pub nftables_lock: bool,
+}
+
+/// One `criu pre-dump` pass: what it wrote and how long the target was frozen for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PreDumpPass {
+    /// Bytes of memory pages written (the pages-*.img files).
+    pub bytes: u64,
+    pub ms: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -118,6 +139,9 @@ pub struct RestoreOptions {
     /// `--join-ns mnt:PID --join-ns uts:PID`: the restored tree enters this pid's mount and UTS
     /// namespaces (the holder that systemd started in the unit's fresh sandbox).
     pub join_ns_of: Option<i32>,
+    /// Restore without the memory and start a `criu lazy-pages` daemon that fills it in (see
+    /// [`crate::lazy_pages`]; the caller waits for it with [`crate::lazy_pages::finish`]).
+    pub lazy: bool,
 }
 
 impl Criu {
@@ -161,6 +185,16 @@ impl Criu {
         if opts.ignore_cgroups {
             args.push("--manage-cgroups=ignore".into());
         }
+        if let Some(prev) = &opts.prev_images {
+            args.extend([
+                "--track-mem".into(),
+                "--prev-images-dir".into(),
+                prev.clone(),
+            ]);
+        }
+        if opts.nftables_lock {
+            args.extend(["--network-lock".into(), "nftables".into()]);
+        }
         let run = Run {
             action: "dump",
             object: format!("pid {pid}"),
@@ -173,6 +207,51 @@ impl Criu {
             None => self.run(run, dir, &args),
             Some(ns_pid) => self.run_in_ns_of(ns_pid, run, dir, &args),
         }
+    }
+
+    /// One pre-dump pass of the tree rooted at `pid` into `dir`: its memory (only what changed
+    /// since the pass in `prev`, relative to `dir`, when given), with the tree running again
+    /// afterwards. Memory tracking (soft-dirty bits) starts here, for the next pass and the dump.
+    pub fn pre_dump(
+        &self,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        opts: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| CriuError::ImageDir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        let pid_s = pid.to_string();
+        let mut args: Vec<String> = ["pre-dump", "-t", &pid_s, "--track-mem"]
+            .map(String::from)
+            .into();
+        if let Some(prev) = prev {
+            args.extend(["--prev-images-dir".into(), prev.to_string()]);
+        }
+        if opts.ignore_cgroups {
+            args.push("--manage-cgroups=ignore".into());
+        }
+        let run = Run {
+            action: "pre-dump",
+            object: format!("pid {pid}"),
+            log: PRE_DUMP_LOG,
+            deadline: opts.deadline,
+            deadline_key: "dump_timeout",
+            cancellable: true,
+        };
+        let ms = match opts.enter_ns_of {
+            None => self.run(run, dir, &args),
+            Some(ns_pid) => self.run_in_ns_of(ns_pid, run, dir, &args),
+        }?;
+        Ok(PreDumpPass {
+            bytes: page_bytes(dir),
+            ms,
+        })
     }
 
     /// Restores the image set in `dir` detached from criu; returns the restored root pid.
@@ -209,12 +288,74 @@ impl Criu {
             args.extend(["--join-ns".into(), format!("mnt:{h}")]);
             args.extend(["--join-ns".into(), format!("uts:{h}")]);
         }
-        let ms = self.run(run, dir, &args)?;
+        let daemon = if opts.lazy {
+            args.push("--lazy-pages".into());
+            Some(self.start_lazy_pages(dir, opts.deadline)?)
+        } else {
+            None
+        };
+        let ms = self.run(run, dir, &args).inspect_err(|_| {
+            // Nothing will connect to it now: it would wait forever.
+            if let Some(pid) = daemon {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        })?;
         let pid = std::fs::read_to_string(dir.join(PIDFILE))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
         Ok((pid, ms))
+    }
+
+    /// Whether criu and the running kernel support `feature` (`criu check --feature`); the
+    /// error is criu's last line, or why criu could not be asked.
+    pub fn check_feature(&self, feature: &str) -> Result<(), String> {
+        let out = exec::run(
+            Command::new(&self.exe).args(["check", "--feature", feature]),
+            Duration::from_secs(60),
+        )
+        .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let text = out.output_text();
+        Err(text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("criu check failed")
+            .trim()
+            .to_string())
+    }
+
+    /// Starts the `criu lazy-pages` daemon for the images in `dir`; returns its pid once it
+    /// listens for the restore (criu's parent process exits only then).
+    fn start_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<i32, CriuError> {
+        use crate::lazy_pages::{LOG, PIDFILE};
+        let _ = std::fs::remove_file(dir.join(PIDFILE));
+        let run = Run {
+            action: "lazy-pages",
+            object: dir.display().to_string(),
+            log: LOG,
+            deadline,
+            deadline_key: "restore_timeout",
+            cancellable: false,
+        };
+        let args = ["lazy-pages", "-d", "--pidfile", PIDFILE].map(String::from);
+        self.run(run, dir, &args)?;
+        std::fs::read_to_string(dir.join(PIDFILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| CriuError::Failed {
+                action: "lazy-pages",
+                object: dir.display().to_string(),
+                code: 0,
+                summary: format!("it started but wrote no {PIDFILE}"),
+                log: dir.join(LOG),
+            })
     }
 
     fn run(&self, run: Run, dir: &Path, args: &[String]) -> Result<u64, CriuError> {
@@ -322,6 +463,22 @@ impl Criu {
     }
 }
 
+/// Bytes of memory pages in an image directory (its pages-*.img files).
+fn page_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("pages-") && name.ends_with(".img")
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// One criu invocation: what it is called in messages, its log file and its deadline.
 struct Run {
     action: &'static str,
@@ -417,21 +574,28 @@ mod tests {
         assert!(e.is_pid_collision());
     }
 
-    #[test]
-    fn journal_streams_are_external_at_dump_and_inherited_at_restore() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = dir.path().join("criu");
-        let args = dir.path().join("args");
+    /// A criu that appends its arguments to `args` (one run per line) and succeeds: a restore
+    /// writes its pid file (pid 77), a pre-dump 4096 bytes of pages as criu's pages-1.img would.
+    fn recording_criu(dir: &Path) -> (PathBuf, PathBuf) {
+        let fake = dir.join("criu");
+        let args = dir.join("args");
         std::fs::write(
             &fake,
             format!(
-                "#!/bin/sh\necho \"$*\" >>{}\nop=$1\nwhile [ $# -gt 0 ]; do [ \"$1\" = -D ] && d=$2; shift; done\n[ $op = restore ] && echo 77 >$d/restored.pid\nexit 0\n",
+                "#!/bin/sh\necho \"$*\" >>{}\nop=$1\nwhile [ $# -gt 0 ]; do [ \"$1\" = -D ] && d=$2; shift; done\n[ $op = restore ] && echo 77 >$d/restored.pid\n[ $op = pre-dump ] && head -c 4096 /dev/zero >$d/pages-1.img\nexit 0\n",
                 args.display()
             ),
         )
         .unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
+        (fake, args)
+    }
+
+    #[test]
+    fn journal_streams_are_external_at_dump_and_inherited_at_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, args) = recording_criu(dir.path());
         let images = dir.path().join("svc");
         let criu = Criu::new(&fake);
         let dump = DumpOptions {
@@ -487,6 +651,45 @@ mod tests {
             lines[3].starts_with(
                 "restore -d --pidfile restored.pid --manage-cgroups=ignore --inherit-fd fd[11]:file[1a:5] --join-ns mnt:812 --join-ns uts:812 -D"
             ),
+            "{seen}"
+        );
+    }
+
+    #[test]
+    fn pre_dump_passes_chain_to_the_dump_and_count_their_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, args) = recording_criu(dir.path());
+        let images = dir.path().join("svc");
+        std::fs::create_dir(&images).unwrap();
+        let criu = Criu::new(&fake);
+        let opts = DumpOptions {
+            deadline: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let first = criu
+            .pre_dump(42, &images.join("pre-1"), None, &opts)
+            .unwrap();
+        assert_eq!(first.bytes, 4096);
+        criu.pre_dump(42, &images.join("pre-2"), Some("../pre-1"), &opts)
+            .unwrap();
+        let dump = DumpOptions {
+            prev_images: Some("pre-2".into()),
+            ..opts
+        };
+        criu.dump(42, &images, dump).unwrap();
+        let seen = std::fs::read_to_string(&args).unwrap();
+        let lines: Vec<&str> = seen.lines().collect();
+        assert!(
+            lines[0].starts_with("pre-dump -t 42 --track-mem -D"),
+            "{seen}"
+        );
+        assert!(
+            lines[1].starts_with("pre-dump -t 42 --track-mem --prev-images-dir ../pre-1 -D"),
+            "{seen}"
+        );
+        assert!(
+            lines[2]
+                .starts_with("dump -t 42 --leave-stopped --track-mem --prev-images-dir pre-2 -D"),
             "{seen}"
         );
     }

@@ -190,6 +190,65 @@ pub fn restore_in_own_user_ns(dir: &Path, pid: i32) -> Result<(u64, u64), ImageE
     Ok((old, user_ns))
 }
 
+/// `InventoryEntry.dump_criu_run_id` (criu 4.1 and newer).
+const INVENTORY_RUN_ID: u64 = 13;
+/// `TcpStreamEntry.opt_mask`: the TCPI_OPT_ bits the connection negotiated.
+const TCP_STREAM_OPT_MASK: u64 = 5;
+/// `TCPI_OPT_WSCALE`.
+const TCPI_OPT_WSCALE: u64 = 4;
+
+fn read_image(path: PathBuf) -> Result<(PathBuf, Vec<u8>), ImageError> {
+    std::fs::read(&path)
+        .map(|b| (path.clone(), b))
+        .map_err(|source| ImageError::Io { path, source })
+}
+
+/// The id under which criu 4.1 and newer ran the dump in `dir` (it names the dump's nftables
+/// lock table); `None` for older criu, which names the table after the root pid.
+pub fn dump_run_id(dir: &Path) -> Result<Option<String>, ImageError> {
+    let (path, inventory) = read_image(dir.join("inventory.img"))?;
+    let fields = first_entry(&inventory, 1)
+        .and_then(|(_, m)| decode(m))
+        .ok_or(ImageError::Malformed {
+            path,
+            why: "undecodable inventory entry",
+        })?;
+    Ok(fields.into_iter().find_map(|(n, v)| match v {
+        Value::Bytes(b) if n == INVENTORY_RUN_ID => String::from_utf8(b).ok(),
+        _ => None,
+    }))
+}
+
+/// The established TCP connections saved in `dir` (`tcp-stream-<inode>.img`), each with whether
+/// it negotiated window scaling.
+pub fn tcp_streams(dir: &Path) -> Result<Vec<(String, bool)>, ImageError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ImageError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(ino) = name
+            .strip_prefix("tcp-stream-")
+            .and_then(|n| n.strip_suffix(".img"))
+        else {
+            continue;
+        };
+        let (path, img) = read_image(e.path())?;
+        let mask = first_entry(&img, 2)
+            .and_then(|(_, m)| decode(m))
+            .and_then(|f| varint_field(&f, TCP_STREAM_OPT_MASK))
+            .ok_or(ImageError::Malformed {
+                path,
+                why: "no opt_mask in the tcp stream entry",
+            })?;
+        out.push((ino.to_string(), mask & TCPI_OPT_WSCALE != 0));
+    }
+    out.sort();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +323,49 @@ mod tests {
         assert_eq!(
             restore_in_own_user_ns(dir.path(), 77).unwrap(),
             (4026532401, 4026532401)
+        );
+    }
+
+    #[test]
+    fn the_run_id_and_the_tcp_streams_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = encode(&[
+            (1, Value::Varint(2)),
+            (INVENTORY_RUN_ID, Value::Bytes(b"5b1c7a7e-0d2f".to_vec())),
+        ]);
+        std::fs::write(dir.path().join("inventory.img"), image(&[1], &inv)).unwrap();
+        assert_eq!(
+            dump_run_id(dir.path()).unwrap().as_deref(),
+            Some("5b1c7a7e-0d2f")
+        );
+        // criu 3.17: no run id.
+        let old = encode(&[(1, Value::Varint(2))]);
+        std::fs::write(dir.path().join("inventory.img"), image(&[1], &old)).unwrap();
+        assert_eq!(dump_run_id(dir.path()).unwrap(), None);
+
+        let stream = |mask| {
+            encode(&[
+                (1, Value::Varint(0)),
+                (TCP_STREAM_OPT_MASK, Value::Varint(mask)),
+            ])
+        };
+        std::fs::write(
+            dir.path().join("tcp-stream-1a.img"),
+            image(&[1, 2], &stream(0x7)),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("tcp-stream-2b.img"),
+            image(&[1, 2], &stream(0x2)),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("tcp-stream-3c.img"), image(&[1, 2], &[])).unwrap();
+        let err = tcp_streams(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("opt_mask"), "{err}");
+        std::fs::remove_file(dir.path().join("tcp-stream-3c.img")).unwrap();
+        assert_eq!(
+            tcp_streams(dir.path()).unwrap(),
+            [("1a".to_string(), true), ("2b".to_string(), false)]
         );
     }
 

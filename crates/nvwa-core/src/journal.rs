@@ -164,6 +164,9 @@ pub struct Target {
     #[serde(default)]
     pub rss_bytes: u64,
     pub state: TargetState,
+    /// The pre-dump passes before the freeze (`pre_dump: true`), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_dump: Vec<crate::criu::PreDumpPass>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dump_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +177,25 @@ pub struct Target {
     /// For a service: what its unit's restore on the next boot needs to know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<SavedService>,
+}
+
+impl Target {
+    /// A target as planned: nothing done to it yet, nothing measured.
+    pub fn pending(name: impl Into<String>, kind: TargetKind, pid: i32) -> Target {
+        Target {
+            name: name.into(),
+            kind,
+            pid,
+            tree_ids: Vec::new(),
+            rss_bytes: 0,
+            state: TargetState::Pending,
+            pre_dump: Vec::new(),
+            dump_ms: None,
+            restore_ms: None,
+            running_again_wall_ms: None,
+            service: None,
+        }
+    }
 }
 
 /// A service target's unit, as systemd ran it when it was dumped.
@@ -449,18 +471,7 @@ mod tests {
     const BOOT: &str = "0f5e1a8c-boot-one";
 
     fn target(name: &str) -> Target {
-        Target {
-            name: name.into(),
-            kind: TargetKind::Pid,
-            pid: name.parse().unwrap_or(1),
-            tree_ids: vec![],
-            rss_bytes: 0,
-            state: TargetState::Pending,
-            dump_ms: None,
-            restore_ms: None,
-            running_again_wall_ms: None,
-            service: None,
-        }
+        Target::pending(name, TargetKind::Pid, name.parse().unwrap_or(1))
     }
 
     #[test]

@@ -15,20 +15,26 @@ pub mod daemon;
 pub mod exec;
 pub mod journal;
 pub mod kexec;
+pub mod lazy_pages;
 pub mod machine;
 pub mod metrics;
+pub mod net;
 pub mod pidns;
 pub mod pinmem;
 pub mod policy;
+pub mod pre_dump;
 pub mod process;
 pub mod protocol;
 pub mod restore;
 pub mod server;
 pub mod service;
 pub mod systemd;
+pub mod tcp;
 pub mod trust;
 pub mod update;
 
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod pipeline_tests;
 #[cfg(test)]

@@ -7,15 +7,18 @@ use std::time::Duration;
 use crate::journal::JournalError;
 
 use crate::boot::{self, BootError, KernelFiles};
-use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
+use crate::criu::{Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
 use crate::criu_image::{self, ImageError};
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::{self, KexecError};
+use crate::lazy_pages::{self, LazyError, Transferred};
+use crate::net::{self, NetCmd, NetError, NetState};
 use crate::pidns::{self, PidError};
 use crate::pinmem::{PinMem, PinMemError, DEV_ROOT, PINMEM_DEVICE};
 use crate::policy::{FsView, ProcView, RealFs, RealProcs};
 use crate::process;
 use crate::systemd::{self, SystemdError, UnitInfo};
+use crate::tcp::{self, TcpError};
 
 /// A file's text, if it can be read.
 fn read_text(path: &Path) -> Option<String> {
@@ -42,8 +45,24 @@ pub trait Machine: Send + Sync {
     fn fs(&self) -> &dyn FsView;
     /// Every pid and thread id of the tree rooted at `pid`.
     fn tree_ids(&self, pid: i32) -> Vec<i32>;
-    /// Checkpoints and leaves the tree stopped; returns milliseconds spent.
+    /// Checkpoints and leaves the tree stopped; returns milliseconds spent. With
+    /// `opts.nftables_lock`, the lock criu left is saved beside the images ([`crate::tcp`]).
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError>;
+    /// Whether criu can lock the targets' TCP connections with nftables; `Err` says why not.
+    fn nftables_lock_support(&self, criu: &Criu) -> Result<(), String>;
+    /// Before a dumped tree (rooted at `pid`, with `ids`) runs again on the old kernel: deletes
+    /// the network lock of its dump into `dir` and turns repair mode off on its TCP sockets.
+    /// Returns how many left repair mode.
+    fn release_network_lock(&self, dir: &Path, pid: i32, ids: &[i32]) -> Result<usize, TcpError>;
+    /// One pre-dump pass; the tree runs on afterwards (see [`Criu::pre_dump`]).
+    fn pre_dump(
+        &self,
+        criu: &Criu,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        opts: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError>;
     /// SIGCONT to every id (a stopped tree runs again).
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error>;
     /// Makes everything written under `dir` durable before the point of no return, reporting
@@ -57,6 +76,12 @@ pub trait Machine: Send + Sync {
         dir: &Path,
         opts: &RestoreOptions,
     ) -> Result<(i32, u64), CriuError>;
+    /// Why lazy restores cannot work here (criu's `uffd-noncoop` check), if they cannot.
+    fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String>;
+    /// Waits for the lazy-pages daemon of a restore from `dir` ([`lazy_pages::finish`]).
+    fn finish_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<Transferred, LazyError>;
+    /// SIGKILL to the tree rooted at `pid`, reaped or gone within a few seconds.
+    fn kill_tree(&self, pid: i32);
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError>;
     fn wait_pids_free(&self, ids: &[i32], timeout: Duration) -> Result<(), PidError>;
     fn boot_id(&self) -> Result<String, JournalError>;
@@ -94,6 +119,12 @@ pub trait Machine: Send + Sync {
     fn orderly_kexec(&self, units: &[String], pids: &[i32]) -> Result<(), SystemdError>;
     /// Writes `pid` into `path` (a pid file systemd reads), creating its directory.
     fn write_pid_file(&self, path: &Path, pid: i32) -> std::io::Result<()>;
+    /// The network configuration (`ip -j`, `nft`, iptables-legacy), unfiltered.
+    fn net_read(&self) -> Result<NetState, NetError>;
+    /// The names of the interfaces that exist now.
+    fn net_links(&self) -> Result<std::collections::BTreeSet<String>, NetError>;
+    /// Runs one network command; scripts are written into `scratch` first.
+    fn net_apply(&self, cmd: &NetCmd, scratch: &Path) -> Result<(), NetError>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +185,28 @@ impl Machine for RealMachine {
         process::tree_ids(pid)
     }
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
-        criu.dump(pid, dir, opts)
+        let locked = opts.nftables_lock;
+        let ms = criu.dump(pid, dir, opts)?;
+        if locked {
+            tcp::save_lock(dir, pid).map_err(|source| CriuError::NetworkLock { pid, source })?;
+        }
+        Ok(ms)
+    }
+    fn nftables_lock_support(&self, criu: &Criu) -> Result<(), String> {
+        criu.check_feature("network_lock_nftables")
+    }
+    fn release_network_lock(&self, dir: &Path, pid: i32, ids: &[i32]) -> Result<usize, TcpError> {
+        tcp::release(dir, pid, ids)
+    }
+    fn pre_dump(
+        &self,
+        criu: &Criu,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        opts: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError> {
+        criu.pre_dump(pid, dir, prev, opts)
     }
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
         process::resume(ids)
@@ -173,7 +225,18 @@ impl Machine for RealMachine {
         dir: &Path,
         opts: &RestoreOptions,
     ) -> Result<(i32, u64), CriuError> {
+        // Held until criu is done: its connections are restored with the sysctl it needs.
+        let _window = tcp::WindowScaling::for_restore(dir);
         criu.restore(dir, opts)
+    }
+    fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String> {
+        criu.check_feature("uffd-noncoop").err()
+    }
+    fn finish_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<Transferred, LazyError> {
+        lazy_pages::finish(dir, deadline)
+    }
+    fn kill_tree(&self, pid: i32) {
+        process::kill_and_reap(&process::tree_ids(pid), KILL_WAIT);
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
         pidns::reserve_above(ids)
@@ -259,5 +322,14 @@ impl Machine for RealMachine {
             std::fs::create_dir_all(dir)?;
         }
         std::fs::write(path, format!("{pid}\n"))
+    }
+    fn net_read(&self) -> Result<NetState, NetError> {
+        net::read_real()
+    }
+    fn net_links(&self) -> Result<std::collections::BTreeSet<String>, NetError> {
+        net::links_real()
+    }
+    fn net_apply(&self, cmd: &NetCmd, scratch: &Path) -> Result<(), NetError> {
+        net::apply_real(cmd, scratch)
     }
 }

@@ -143,16 +143,12 @@ mod tests {
 
     fn restored() -> Journal {
         let t = Target {
-            name: "1008".into(),
-            kind: TargetKind::Pid,
-            pid: 1008,
             tree_ids: vec![1008],
             rss_bytes: 1,
             state: TargetState::Restored,
             dump_ms: Some(2618),
             restore_ms: Some(4066),
-            running_again_wall_ms: None,
-            service: None,
+            ..Target::pending("1008", TargetKind::Pid, 1008)
         };
         let mut j = Journal::new("6.1", "6.12", vec![t], BOOT);
         j.advance_all(&Phase::path_to(Phase::Restored), BOOT)

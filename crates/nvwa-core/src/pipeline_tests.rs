@@ -256,10 +256,6 @@ fn options_this_nvwa_cannot_honour_are_refused_not_ignored() {
     let dir = crate::trust::trusted_tempdir();
     let m = FakeMachine::with_pids(&[100]);
     let mut cfg = config(dir.path(), &[100]);
-    cfg.restore.restore_net = true;
-    let (res, _) = run_update(&m, &cfg, "6.12-new");
-    assert!(res.unwrap_err().to_string().contains("restore_net"));
-    let mut cfg = config(dir.path(), &[100]);
     cfg.restore.services = vec!["redis".into()];
     let (res, _) = run_update(&m, &cfg, "6.12-new");
     assert!(res.unwrap_err().to_string().contains("redis"));
@@ -620,4 +616,212 @@ fn every_request_publishes_the_last_update_to_the_metrics_file() {
     let text = std::fs::read_to_string(&prom).unwrap();
     assert!(text.contains("phase=\"rolled_back\"} 1"), "{text}");
     assert!(text.contains("nvwa_last_update_success 0"), "{text}");
+}
+
+#[test]
+fn dumps_lock_the_network_with_nftables_and_a_rollback_releases_it_before_resuming() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 200]);
+    let m = FakeMachine::with_pids(&[100, 200]);
+    m.inject(Fault::Dump(200));
+    let (res, _) = run_update(&m, &cfg, "6.12-new");
+    assert_eq!(res.unwrap_err().kind(), ErrorKind::RolledBack);
+    let calls = m.calls();
+    assert!(m.called(&Call::DumpLocked(100)), "{calls:?}");
+    let dumped = cfg.server.criu_dir.join("100");
+    let release = calls
+        .iter()
+        .position(|c| c == &Call::ReleaseNet(dumped.clone()))
+        .unwrap_or_else(|| panic!("the lock of 100 was not released: {calls:?}"));
+    let resume = calls
+        .iter()
+        .position(|c| matches!(c, Call::Resume(ids) if ids.contains(&100)))
+        .unwrap();
+    assert!(release < resume, "{calls:?}");
+    // 200's dump failed: criu unlocked it itself and left no lock to release.
+    assert!(!calls
+        .iter()
+        .any(|c| matches!(c, Call::ReleaseNet(d) if d.ends_with("200"))));
+    assert_all_rolled_back(&m, &cfg, &[100, 200]);
+}
+
+#[test]
+fn without_criu_nftables_lock_the_dumps_use_criu_default_and_say_what_that_means() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100]);
+    let m = FakeMachine::with_pids(&[100]);
+    m.inject(Fault::NoNftablesLock);
+    // The double's jump fails: what matters here is how the dump ran.
+    let (_, events) = run_update(&m, &cfg, "6.12-new");
+    assert!(m.called(&Call::Dump(100)));
+    assert!(!m.called(&Call::DumpLocked(100)), "{:?}", m.calls());
+    let said = events.iter().any(|e| {
+        matches!(e, Progress::Message { text }
+            if text.contains("cannot lock the network with nftables") && text.contains("reset"))
+    });
+    assert!(said, "{events:?}");
+}
+
+#[test]
+fn pre_dump_passes_run_before_the_freeze_and_the_dump_writes_only_what_followed() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 200]);
+    cfg.restore.pre_dump = true;
+    let m = FakeMachine::with_pids(&[100, 200]);
+    let (_, events) = run_update(&m, &cfg, "6.12-new");
+    let calls = m.calls();
+    // 256 MiB, then 16 MiB (shrinking), then 1 MiB (small): three passes, each on the last.
+    for pid in [100, 200] {
+        let passes: Vec<_> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::PreDump(p, prev) if *p == pid => Some(prev.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            passes,
+            [None, Some("../pre-1".into()), Some("../pre-2".into())],
+            "{calls:?}"
+        );
+        assert!(m.called(&Call::DumpOnto(pid, "pre-3".into())), "{calls:?}");
+    }
+    let last_pass = calls
+        .iter()
+        .rposition(|c| matches!(c, Call::PreDump(..)))
+        .unwrap();
+    let first_dump = calls
+        .iter()
+        .position(|c| matches!(c, Call::Dump(_)))
+        .unwrap();
+    assert!(last_pass < first_dump, "{calls:?}");
+    // Every pass happened before the freeze: the targets ran meanwhile.
+    let frozen_at = events
+        .iter()
+        .position(|e| {
+            matches!(
+                e,
+                Progress::Phase {
+                    phase: Phase::Frozen
+                }
+            )
+        })
+        .unwrap();
+    let pre_dumped_at = events
+        .iter()
+        .rposition(|e| matches!(e, Progress::Target { state, .. } if state == "pre-dumped"))
+        .unwrap();
+    assert!(pre_dumped_at < frozen_at);
+    let j = journal(&cfg);
+    assert_eq!(j.targets[0].pre_dump.len(), 3);
+    assert_eq!(j.targets[0].pre_dump[0].bytes, 256 << 20);
+}
+
+#[test]
+fn a_failing_pre_dump_costs_only_time_that_target_is_dumped_in_full() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 200]);
+    cfg.restore.pre_dump = true;
+    let m = FakeMachine::with_pids(&[100, 200]);
+    m.inject(Fault::PreDump(200));
+    let images = cfg.server.criu_dir.join("200");
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let (seen2, images2) = (Arc::clone(&seen), images.clone());
+    let mut m = m;
+    m.on_dump = Some(Box::new(move |pid| {
+        if pid == 200 {
+            *seen2.lock().unwrap() = Some(images2.join("pre-1").exists());
+        }
+    }));
+    let (res, events) = run_update(&m, &cfg, "6.12-new");
+    // The update went on to the (fake, failing) jump.
+    assert!(m.called(&Call::Kexec), "{:?}", m.calls());
+    assert!(res.unwrap_err().to_string().contains("jump"));
+    assert!(m.called(&Call::DumpOnto(100, "pre-3".into())));
+    assert!(!m
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::DumpOnto(200, _))));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some(false),
+        "a failed pass was left behind"
+    );
+    let told = events.iter().any(|e| {
+        matches!(e, Progress::Target { target, state, detail: Some(d), .. }
+        if target == "200" && state == "pre-dump failed" && d.contains("dumping it in full"))
+    });
+    assert!(told, "{events:?}");
+}
+
+#[test]
+fn a_lazy_restore_is_recorded_once_every_page_is_in_and_only_then_drops_the_images() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 300]);
+    cfg.restore.lazy_restore = true;
+    saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
+    let new = new_boot();
+    restore(&new, &cfg).unwrap();
+    let calls = new.calls();
+    let pos = |c: &Call| calls.iter().position(|x| x == c).unwrap();
+    for name in ["100", "300"] {
+        assert!(new.called(&Call::RestoreLazy(name.into())), "{calls:?}");
+        // Every restore ran before the first wait: the daemons fill memory in in parallel.
+        assert!(pos(&Call::Restore("300".into())) < pos(&Call::FinishLazy(name.into())));
+        assert!(!cfg.server.criu_dir.join(name).exists(), "images removed");
+    }
+    let j = journal(&cfg);
+    assert_eq!(j.phase, Phase::Restored);
+    assert!(j.targets.iter().all(|t| t.state == TargetState::Restored));
+}
+
+#[test]
+fn without_userfaultfd_every_target_is_restored_in_full_and_the_server_says_why() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100]);
+    cfg.restore.lazy_restore = true;
+    saved_on_old_boot(&cfg, &[100], Phase::Committed);
+    let new = new_boot();
+    new.inject(Fault::NoLazyPages);
+    let mut events = Vec::new();
+    let mut sink = |p: Progress| events.push(p);
+    restore_saved(&new, &cfg, &update::Reporter::new(&mut sink)).unwrap();
+    assert!(new.called(&Call::Restore("100".into())));
+    assert!(!new
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::RestoreLazy(_) | Call::FinishLazy(_))));
+    assert!(events.iter().any(|e| matches!(e, Progress::Message { text }
+        if text.contains("UFFD is not supported") && text.contains("in full"))));
+}
+
+#[test]
+fn a_process_whose_memory_stayed_incomplete_is_killed_and_its_images_kept_for_a_retry() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 300]);
+    cfg.restore.lazy_restore = true;
+    saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
+    let new = new_boot();
+    new.inject(Fault::LazyIncomplete(300));
+    let err = restore(&new, &cfg).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RestoreFailed);
+    assert!(err.to_string().contains("copied 40 of 100 pages"), "{err}");
+    assert!(new.called(&Call::KillTree(300)));
+    assert!(!new.called(&Call::KillTree(100)));
+    assert!(cfg
+        .server
+        .criu_dir
+        .join("300")
+        .join("inventory.img")
+        .exists());
+    assert!(!cfg.server.criu_dir.join("100").exists());
+    let j = journal(&cfg);
+    assert_eq!(j.phase, Phase::RestoreFailed);
+    assert_eq!(j.targets[0].state, TargetState::Restored);
+    // The next start of the server restores it again, lazily, and completes.
+    let again = new_boot();
+    restore(&again, &cfg).unwrap();
+    assert!(again.called(&Call::RestoreLazy("300".into())));
+    assert!(!again.called(&Call::Restore("100".into())));
+    assert_eq!(journal(&cfg).phase, Phase::Restored);
 }

@@ -165,10 +165,10 @@ pub enum Refusal {
     },
     /// A listed pid inside a listed service's main tree (or the reverse).
     ServiceOverlap { unit: String, pid: i32 },
-    /// `restore_net: true` is not implemented yet.
-    RestoreNetUnsupported { file: PathBuf },
     /// Neither pids nor services: an update would switch kernels with nothing saved.
     NothingListed { file: PathBuf },
+    /// `pre_dump` and `enable_pin_memory` both set: pin memory takes the pages at the freeze.
+    PreDumpWithPinMemory { file: PathBuf },
     /// `criu_dir` is on a memory filesystem, emptied by the kernel switch.
     VolatileImageStore { dir: PathBuf, fs: &'static str },
     /// Less free space than the images need.
@@ -256,8 +256,8 @@ impl Refusal {
             Refusal::ServiceOverlap { unit, pid } => format!(
                 "pid {pid} is listed under `pids:` and is in the process tree of service {unit}, whose dump already includes it"
             ),
-            Refusal::RestoreNetUnsupported { file } => format!(
-                "restore_net: true in {} is not supported by this nvwa yet (the network configuration would not be carried over)",
+            Refusal::PreDumpWithPinMemory { file } => format!(
+                "pre_dump and enable_pin_memory are both true in {}: pin memory keeps the pages in place at the freeze, so there is nothing for pre-dump passes to copy ahead",
                 file.display()
             ),
             Refusal::NothingListed { file } => format!(
@@ -326,10 +326,10 @@ impl Refusal {
             Refusal::ServiceSandboxed { unit, .. } => format!(
                 "remove {unit} from `services:`, or turn those namespaces off with a drop-in (`systemctl edit {unit}`) if its confinement allows"
             ),
-            Refusal::RestoreNetUnsupported { .. } => "set it to false".to_string(),
             Refusal::NothingListed { file } => {
                 format!("list the processes to keep in {}", file.display())
             }
+            Refusal::PreDumpWithPinMemory { .. } => "set one of them to false".to_string(),
             Refusal::VolatileImageStore { .. } => {
                 format!("put criu_dir (in {SERVER_FILE}) on a disk or persistent memory")
             }
@@ -375,8 +375,8 @@ pub fn config_findings(cfg: &Config) -> Vec<Refusal> {
     let file = restore_file(cfg);
     let r = &cfg.restore;
     let mut out = Vec::new();
-    if r.restore_net {
-        out.push(Refusal::RestoreNetUnsupported { file: file.clone() });
+    if r.pre_dump && r.enable_pin_memory {
+        out.push(Refusal::PreDumpWithPinMemory { file: file.clone() });
     }
     if r.pids.is_empty() && r.services.is_empty() {
         out.push(Refusal::NothingListed { file });
@@ -978,15 +978,19 @@ mod tests {
     }
 
     #[test]
-    fn restore_net_is_refused_with_the_update_wording() {
+    fn pre_dump_with_pin_memory_is_refused_naming_both_keys() {
         let mut c = cfg(&[100]);
-        c.restore.restore_net = true;
-        let r = judge_config(&c).unwrap_err();
-        assert_eq!(
-            r.to_string(),
-            "restore_net: true in /etc/nvwa/nvwa-restore.yaml is not supported by this nvwa yet (the network configuration would not be carried over); set it to false"
+        c.restore.pre_dump = true;
+        assert_eq!(judge_config(&c), Ok(()));
+        c.restore.enable_pin_memory = true;
+        let r = judge_config(&c).unwrap_err().to_string();
+        assert!(
+            r.contains(
+                "pre_dump and enable_pin_memory are both true in /etc/nvwa/nvwa-restore.yaml"
+            ),
+            "{r}"
         );
-        assert_eq!(preservable_pids(&c, &procs(), ME), Err(r));
+        assert!(r.ends_with("set one of them to false"), "{r}");
     }
 
     #[test]
@@ -1052,9 +1056,10 @@ mod tests {
         assert_eq!(judge_config(&c), Ok(()));
         assert!(config_findings(&c).is_empty());
         c.restore.restore_net = true;
+        assert!(config_findings(&c).is_empty(), "restore_net is supported");
         c.restore.pids = vec![];
         let all = config_findings(&c);
-        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all.len(), 1, "{all:?}");
         assert_eq!(judge_config(&c), Err(all[0].clone()));
     }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::criu::{Criu, CriuError, RestoreOptions};
 use crate::journal::{now, Journal, Phase, Target, TargetKind, TargetState};
+use crate::lazy_pages::LazyError;
 use crate::machine::Machine;
 use crate::pidns::PidError;
 use crate::update::{criu_deadline, image_dir, undo, Reporter, UpdateError};
@@ -77,6 +78,9 @@ fn abandon(cfg: &Config, j: &mut Journal, boot: &str, r: &Reporter) -> Result<St
             _ => {}
         }
         t.state = TargetState::Failed("lost when the machine restarted before the commit".into());
+    }
+    if let Err(e) = crate::net::remove_state(&cfg.server.criu_dir) {
+        problems.push(format!("cannot remove the saved network state: {e}"));
     }
     let msg = format!(
         "the update to {} was abandoned: the machine restarted (phase {}) before the update committed, so its targets did not survive and their incomplete images were deleted, not restored{}",
@@ -143,6 +147,8 @@ fn restore_all(
     if let Err(e) = m.reserve_pids(&all_ids) {
         r.message(e.to_string());
     }
+    // Before any target: restored processes find the addresses, routes and firewall they had.
+    let net_problems = restore_network(m, cfg, r);
 
     let mut ready = Vec::new();
     for &i in &pending {
@@ -166,6 +172,18 @@ fn restore_all(
         }
     }
 
+    let lazy = cfg.restore.lazy_restore
+        && ready.iter().any(|&i| j.targets[i].kind == TargetKind::Pid)
+        && match m.lazy_pages_unsupported(&criu) {
+            None => true,
+            Some(why) => {
+                r.message(format!(
+                    "lazy_restore: criu cannot restore lazily here ({why}); restoring every target in full"
+                ));
+                false
+            }
+        };
+
     // In parallel first; collisions (EEXIST) are retried one at a time.
     let first: Vec<Result<(i32, u64), RestoreFailure>> = std::thread::scope(|s| {
         let handles: Vec<_> = ready
@@ -174,7 +192,7 @@ fn restore_all(
                 let t = &j.targets[i];
                 r.target(t, "restoring", None);
                 let criu = &criu;
-                s.spawn(move || restore_one(m, cfg, criu, t))
+                s.spawn(move || restore_one(m, cfg, criu, t, lazy))
             })
             .collect();
         handles
@@ -189,6 +207,7 @@ fn restore_all(
             .collect()
     });
     let mut services_restored = false;
+    let mut filling = Vec::new();
     for (&i, first) in ready.iter().zip(first) {
         let res = match first {
             // Only a pid target's own criu run can collide; a service's unit retries itself.
@@ -198,7 +217,7 @@ fn restore_all(
                     m,
                     &t.tree_ids,
                     Err(e),
-                    || m.restore(&criu, &image_dir(cfg, t), &pid_restore_options(cfg, t)),
+                    || m.restore(&criu, &image_dir(cfg, t), &lazy_options(cfg, t, lazy)),
                     || r.target(t, "retrying", Some("a saved pid was taken".into())),
                 )
                 .map_err(|e| e.to_string())
@@ -213,7 +232,10 @@ fn restore_all(
                 t.running_again_wall_ms = Some(now().0);
                 services_restored |= t.kind == TargetKind::Service;
                 r.target(t, "restored", Some(format!("pid {pid}, {ms} ms")));
-                if !cfg.restore.enable_debug_mode {
+                if lazy && t.kind == TargetKind::Pid {
+                    // Its lazy-pages daemon still reads the images.
+                    filling.push(i);
+                } else if !cfg.restore.enable_debug_mode {
                     let _ = std::fs::remove_dir_all(image_dir(cfg, t));
                 }
             }
@@ -224,6 +246,10 @@ fn restore_all(
         }
     }
 
+    for i in filling {
+        finish_lazy(m, cfg, &mut j.targets[i], r);
+    }
+
     let failed: Vec<String> = j
         .targets
         .iter()
@@ -232,7 +258,12 @@ fn restore_all(
             _ => None,
         })
         .collect();
-    if failed.is_empty() {
+    if failed.is_empty() && net_problems.is_empty() {
+        if !cfg.restore.enable_debug_mode {
+            if let Err(e) = crate::net::remove_state(&cfg.server.criu_dir) {
+                r.message(format!("cannot remove the saved network state: {e}"));
+            }
+        }
         j.advance(Phase::Restored, boot)?;
         j.save(&cfg.server.criu_dir)?;
         r.phase(Phase::Restored);
@@ -255,17 +286,61 @@ fn restore_all(
             j.to_kernel
         ));
     }
-    j.error = Some(format!(
-        "{} target(s) not restored, images kept for a retry (restart the nvwa server): {}",
-        failed.len(),
-        failed.join("; ")
-    ));
+    let mut parts = Vec::new();
+    if !failed.is_empty() {
+        parts.push(format!(
+            "{} target(s) not restored, images kept for a retry (restart the nvwa server): {}",
+            failed.len(),
+            failed.join("; ")
+        ));
+    }
+    if !net_problems.is_empty() {
+        parts.push(format!(
+            "{} network entr{} not restored (the saved state is kept; restarting the nvwa server retries it, and skips what is there): {}",
+            net_problems.len(),
+            if net_problems.len() == 1 { "y" } else { "ies" },
+            net_problems.join("; ")
+        ));
+    }
+    j.error = Some(parts.join("; "));
     j.advance(Phase::RestoreFailed, boot)?;
     j.save(&cfg.server.criu_dir)?;
     r.phase(Phase::RestoreFailed);
     Err(UpdateError::RestoreFailed(
         j.error.clone().unwrap_or_default(),
     ))
+}
+
+/// Restores the network saved by the update (`restore_net: true`), if it saved one. Returns what
+/// could not be restored. These problems do not hold the targets back: their memory is what
+/// would be lost, a missing route or address can be fixed on the running machine, and a target
+/// that cannot work without it (a socket bound to a missing address) fails its own restore with
+/// criu's reason. They make the update end `restore_failed`, so that `nvwa status` and its exit
+/// code say so, and a restart of the server retries the network.
+fn restore_network(m: &dyn Machine, cfg: &Config, r: &Reporter) -> Vec<String> {
+    if !crate::net::saved(&cfg.server.criu_dir) {
+        return Vec::new();
+    }
+    match crate::net::restore_saved(m, &cfg.server.criu_dir) {
+        Ok(done) => {
+            for what in &done.applied {
+                r.message(format!("network: restored {what}"));
+            }
+            r.message(done.summary());
+            done.problems
+                .iter()
+                .map(|p| {
+                    r.message(format!("network: {p}"));
+                    p.to_string()
+                })
+                .collect()
+        }
+        Err(e) => {
+            let why = format!("the saved network configuration was not restored: {e}");
+            r.message(why.clone());
+            vec![why]
+        }
+    }
 }
 
 /// Why one target's restore failed: criu's own error (a pid collision is retried), or the
@@ -278,15 +353,56 @@ enum RestoreFailure {
     Other(String),
 }
 
+/// Waits until the lazy-pages daemon of a restored pid target has filled its memory in. A
+/// target whose memory stayed incomplete is killed (it would run on zero-filled pages) and
+/// fails with its images kept, for a retry at the server's next start.
+fn finish_lazy(m: &dyn Machine, cfg: &Config, t: &mut Target, r: &Reporter) {
+    let dir = image_dir(cfg, t);
+    let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);
+    match m.finish_lazy_pages(&dir, deadline) {
+        Ok(done) => {
+            r.target(
+                t,
+                "memory complete",
+                Some(format!("{} pages copied in", done.copied)),
+            );
+            if !cfg.restore.enable_debug_mode {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        // Still serving is not failing: the process is whole as long as the daemon runs.
+        Err(e @ LazyError::StillServing { .. }) => {
+            r.message(format!("{} (pid {}): {e}", t.name, t.pid))
+        }
+        Err(e) => {
+            m.kill_tree(t.pid);
+            let why = format!(
+                "{e}; the restored process was killed, its images are kept for a retry (restart the nvwa server), or set lazy_restore: false"
+            );
+            r.target(t, "failed", Some(why.clone()));
+            t.state = TargetState::Failed(why);
+        }
+    }
+}
+
+/// A pid target's restore options on the new boot: lazy when `lazy`.
+fn lazy_options(cfg: &Config, t: &Target, lazy: bool) -> RestoreOptions {
+    RestoreOptions {
+        lazy,
+        ..pid_restore_options(cfg, t)
+    }
+}
+
 fn restore_one(
     m: &dyn Machine,
     cfg: &Config,
     criu: &Criu,
     t: &Target,
+    lazy: bool,
 ) -> Result<(i32, u64), RestoreFailure> {
     match t.kind {
         TargetKind::Pid => m
-            .restore(criu, &image_dir(cfg, t), &pid_restore_options(cfg, t))
+            .restore(criu, &image_dir(cfg, t), &lazy_options(cfg, t, lazy))
             .map_err(RestoreFailure::Criu),
         TargetKind::Service => {
             let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);

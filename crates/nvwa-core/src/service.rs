@@ -102,6 +102,10 @@ pub fn drop_ins(cfg: &Config, j: &Journal, boot: &str, nvwa_exe: &Path) -> Vec<(
     if !awaiting_restore(j, boot) {
         return Vec::new();
     }
+    // With the network saved (restore_net: true), the restore waits until the network manager
+    // has configured the links: systemd-networkd drops "foreign" routes and rules when it
+    // configures a link, so what nvwa puts back before that would be removed again.
+    let net = crate::net::saved(&cfg.server.criu_dir);
     j.targets
         .iter()
         .filter(|t| t.kind == TargetKind::Service && t.state != TargetState::Restored)
@@ -119,6 +123,15 @@ pub fn drop_ins(cfg: &Config, j: &Journal, boot: &str, nvwa_exe: &Path) -> Vec<(
                     timeout,
                     &j.to_kernel,
                     sandboxed,
+                )
+                .replacen(
+                    "After=nvwa-pre.service\n",
+                    if net {
+                        "After=nvwa-pre.service network-online.target\nWants=network-online.target\n"
+                    } else {
+                        "After=nvwa-pre.service\n"
+                    },
+                    1,
                 ),
             )
         })
@@ -222,6 +235,19 @@ pub fn restore_in_unit(
     if let Err(e) = m.reserve_pids(&t.tree_ids) {
         tracing::warn!("{e}");
     }
+    // The unit may start before the server: the network comes back before its process does
+    // (whoever comes second finds it there). What cannot be restored is the server's to record.
+    if crate::net::saved(dir) {
+        match crate::net::restore_saved(m, dir) {
+            Ok(done) => {
+                tracing::info!("{unit}: {}", done.summary());
+                for p in &done.problems {
+                    tracing::warn!("{unit}: network: {p}");
+                }
+            }
+            Err(e) => tracing::warn!("{unit}: the saved network was not restored: {e}"),
+        }
+    }
     m.wait_pids_free(&t.tree_ids, PID_WAIT)?;
     let images = image_dir(cfg, t);
     let saved = t.service.clone().unwrap_or_default();
@@ -280,6 +306,9 @@ fn restore_with(
         inherit: inherit_streams(unit, t)?,
         inherit_files: reopen_external_files(unit, saved)?,
         join_ns_of: holder,
+        // The unit's restore exits once the service runs: nothing would wait for a lazy-pages
+        // daemon, which would stay in the unit's cgroup. Services are restored in full.
+        lazy: false,
     };
     let criu = Criu::new(&cfg.server.criu_exe);
     let first = m.restore(&criu, images, &opts);

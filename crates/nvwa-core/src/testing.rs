@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use crate::boot::{BootError, KernelFiles};
 use crate::config::{Config, RestoreConfig, ServerConfig};
-use crate::criu::{Criu, CriuError, DumpOptions, RestoreOptions};
+use crate::criu::{Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
 use crate::journal::JournalError;
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
+use crate::net::{NetCmd, NetError, NetState};
 use crate::pidns::PidError;
 use crate::pinmem::PinMemError;
 use crate::policy::fake::FakeFs;
@@ -27,11 +28,20 @@ pub enum Call {
         quick: bool,
     },
     Unload,
+    /// A pre-dump pass of this pid, onto the pass named (relative to its directory).
+    PreDump(i32, Option<String>),
     Dump(i32),
+    /// The dump of this pid wrote only what changed since this pre-dump pass.
+    DumpOnto(i32, String),
     Resume(Vec<i32>),
     Durable(PathBuf),
     Kexec,
     Restore(String),
+    /// A restore of these images without their memory, a lazy-pages daemon filling it in.
+    RestoreLazy(String),
+    /// The lazy-pages daemon of these images was waited for.
+    FinishLazy(String),
+    KillTree(i32),
     Reserve(Option<i32>),
     Pin(PinOp),
     /// The unix sockets a dump was told to treat as external.
@@ -57,6 +67,14 @@ pub enum Call {
     PidFile(PathBuf, i32),
     /// An orderly kexec of these units and pid targets was handed to systemd.
     OrderlyKexec(Vec<String>, Vec<i32>),
+    /// This pid was dumped with criu's nftables network lock.
+    DumpLocked(i32),
+    /// The network lock saved in this image directory was released on the old kernel.
+    ReleaseNet(PathBuf),
+    /// The network configuration was read.
+    NetRead,
+    /// A network command was run.
+    Net(NetCmd),
 }
 
 /// A failure to inject.
@@ -66,6 +84,12 @@ pub enum Fault {
     Unload,
     /// criu fails on this pid after writing part of its images, leaving the tree running.
     Dump(i32),
+    /// criu's pre-dump fails on this pid (the tree runs on).
+    PreDump(i32),
+    /// criu reports no userfaultfd: lazy restores cannot work.
+    NoLazyPages,
+    /// The lazy-pages daemon of this pid's images ends before copying every page.
+    LazyIncomplete(i32),
     /// criu fails on this pid after it stopped the tree (it died mid-dump).
     DumpLeavesStopped(i32),
     /// The dump thread of this pid panics.
@@ -83,6 +107,14 @@ pub enum Fault {
     ServiceStartsAfresh(&'static str),
     DaemonReload,
     OrderlyKexec,
+    /// criu cannot lock the network with nftables.
+    NoNftablesLock,
+    /// `ip`/`nft` cannot be run to read the network.
+    NetRead,
+    /// Every network command fails.
+    NetApply,
+    /// nft cannot read back what it printed (`nft -c -f` fails).
+    NftCheck,
 }
 
 /// A service as the double's systemd runs it.
@@ -128,9 +160,15 @@ pub struct FakeMachine {
     pub services: Vec<FakeService>,
     /// The pid of `nvwa hold` in the restoring unit's cgroup.
     pub holder: Option<i32>,
+    /// Bytes each pre-dump pass writes, by pass (the last repeats): a dirty set that shrinks.
+    pub pre_dump_bytes: Vec<u64>,
     /// Runs at every dump (after the fault handling): lets a test act mid-update.
     #[allow(clippy::type_complexity)]
     pub on_dump: Option<Box<dyn Fn(i32) + Send + Sync>>,
+    /// The network as `ip`/`nft` would show it.
+    pub net: Mutex<NetState>,
+    /// The interfaces that exist.
+    pub links: Mutex<BTreeSet<String>>,
 }
 
 impl FakeMachine {
@@ -145,7 +183,10 @@ impl FakeMachine {
             calls: Mutex::default(),
             services: Vec::new(),
             holder: None,
+            pre_dump_bytes: vec![256 << 20, 16 << 20, 1 << 20],
             on_dump: None,
+            net: Mutex::default(),
+            links: Mutex::new(["lo", "eth0"].map(String::from).into()),
         }
     }
     /// A machine running `services` (and their main processes) besides `pids`.
@@ -243,8 +284,41 @@ impl Machine for FakeMachine {
     fn tree_ids(&self, pid: i32) -> Vec<i32> {
         vec![pid, pid + 1]
     }
+    fn pre_dump(
+        &self,
+        _: &Criu,
+        pid: i32,
+        dir: &Path,
+        prev: Option<&str>,
+        _: &DumpOptions,
+    ) -> Result<PreDumpPass, CriuError> {
+        self.log(Call::PreDump(pid, prev.map(String::from)));
+        std::fs::create_dir(dir).unwrap();
+        if self.faulty(Fault::PreDump(pid)) {
+            return Err(CriuError::Failed {
+                action: "pre-dump",
+                object: format!("pid {pid}"),
+                code: 1,
+                summary: "Error (criu/mem.c:1): soft-dirty tracking is off".into(),
+                log: dir.join(crate::criu::PRE_DUMP_LOG),
+            });
+        }
+        let pass: usize = dir
+            .to_string_lossy()
+            .rsplit("pre-")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let bytes = self.pre_dump_bytes[pass.min(self.pre_dump_bytes.len()) - 1];
+        std::fs::write(dir.join("pages-1.img"), "pages").unwrap();
+        Ok(PreDumpPass { bytes, ms: 5 })
+    }
     fn dump(&self, _: &Criu, pid: i32, dir: &Path, o: DumpOptions) -> Result<u64, CriuError> {
         self.log(Call::Dump(pid));
+        if let Some(prev) = &o.prev_images {
+            self.log(Call::DumpOnto(pid, prev.clone()));
+        }
         if !o.external_unix.is_empty() {
             self.log(Call::DumpExternal(pid, o.external_unix.clone()));
         }
@@ -282,8 +356,35 @@ impl Machine for FakeMachine {
             return Err(criu_failure(pid, dir));
         }
         std::fs::write(dir.join("inventory.img"), "img").unwrap();
+        if o.nftables_lock {
+            self.log(Call::DumpLocked(pid));
+            std::fs::write(
+                dir.join(crate::tcp::LOCK_FILE),
+                format!("table inet CRIU-{pid} {{\n}}\n"),
+            )
+            .unwrap();
+        }
         self.stopped.lock().unwrap().extend(self.tree_ids(pid));
         Ok(7)
+    }
+    fn nftables_lock_support(&self, _: &Criu) -> Result<(), String> {
+        if self.faulty(Fault::NoNftablesLock) {
+            return Err(
+                "Nftables based locking requires libnftables and set concatenations support".into(),
+            );
+        }
+        Ok(())
+    }
+    fn release_network_lock(
+        &self,
+        dir: &Path,
+        _: i32,
+        _: &[i32],
+    ) -> Result<usize, crate::tcp::TcpError> {
+        if dir.join(crate::tcp::LOCK_FILE).exists() {
+            self.log(Call::ReleaseNet(dir.to_path_buf()));
+        }
+        Ok(0)
     }
     fn resume(&self, ids: &[i32]) -> Result<(), nix::Error> {
         self.log(Call::Resume(ids.to_vec()));
@@ -319,6 +420,9 @@ impl Machine for FakeMachine {
         }
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         self.log(Call::Restore(name.clone()));
+        if o.lazy {
+            self.log(Call::RestoreLazy(name.clone()));
+        }
         let pid: i32 = name.parse().unwrap_or_else(|_| {
             self.services
                 .iter()
@@ -336,6 +440,34 @@ impl Machine for FakeMachine {
         }
         self.alive.lock().unwrap().insert(pid);
         Ok((pid, 5))
+    }
+    fn lazy_pages_unsupported(&self, _: &Criu) -> Option<String> {
+        self.faulty(Fault::NoLazyPages)
+            .then(|| "Error: UFFD is not supported".to_string())
+    }
+    fn finish_lazy_pages(
+        &self,
+        dir: &Path,
+        _: Duration,
+    ) -> Result<crate::lazy_pages::Transferred, crate::lazy_pages::LazyError> {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        self.log(Call::FinishLazy(name.clone()));
+        let done = crate::lazy_pages::Transferred {
+            copied: 100,
+            total: 100,
+        };
+        if self.faulty(Fault::LazyIncomplete(name.parse().unwrap_or(0))) {
+            return Err(crate::lazy_pages::LazyError::Incomplete {
+                done: crate::lazy_pages::Transferred { copied: 40, ..done },
+                error: None,
+                log: dir.join(crate::lazy_pages::LOG),
+            });
+        }
+        Ok(done)
+    }
+    fn kill_tree(&self, pid: i32) {
+        self.log(Call::KillTree(pid));
+        self.alive.lock().unwrap().remove(&pid);
     }
     fn reserve_pids(&self, ids: &[i32]) -> Result<(), PidError> {
         self.log(Call::Reserve(ids.iter().max().copied()));
@@ -458,6 +590,46 @@ impl Machine for FakeMachine {
                 command: "systemctl kexec".into(),
                 code: 1,
                 output: "Failed to start kexec.target: Transaction is destructive.".into(),
+            });
+        }
+        Ok(())
+    }
+    fn net_read(&self) -> Result<NetState, NetError> {
+        self.log(Call::NetRead);
+        if self.faulty(Fault::NetRead) {
+            return Err(NetError::Missing {
+                tool: "ip (iproute2, with -j)",
+                package: "iproute2",
+                why: "read and restore addresses, routes and rules",
+            });
+        }
+        Ok(self.net.lock().unwrap().clone())
+    }
+    fn net_links(&self) -> Result<BTreeSet<String>, NetError> {
+        Ok(self.links.lock().unwrap().clone())
+    }
+    fn net_apply(&self, cmd: &NetCmd, scratch: &Path) -> Result<(), NetError> {
+        self.log(Call::Net(cmd.clone()));
+        // The real machine writes scripts there.
+        if !scratch.is_dir() {
+            return Err(NetError::Io {
+                action: "write a script into",
+                path: scratch.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        let check = matches!(
+            cmd,
+            NetCmd::Nft {
+                check_only: true,
+                ..
+            }
+        );
+        if self.faulty(Fault::NetApply) || (check && self.faulty(Fault::NftCheck)) {
+            return Err(NetError::Failed {
+                command: cmd.describe(),
+                code: 2,
+                output: "Error: File exists".into(),
             });
         }
         Ok(())

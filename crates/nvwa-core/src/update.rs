@@ -21,6 +21,7 @@ use crate::journal::{Journal, JournalError, Phase, SavedService, Target, TargetK
 use crate::kexec::KexecError;
 use crate::machine::{Machine, PinOp};
 use crate::policy::{self, Refusal};
+use crate::pre_dump;
 use crate::protocol::{ErrorKind, Progress};
 use crate::trust::{self, TrustError, TrustedKind};
 
@@ -116,6 +117,8 @@ pub enum Abort {
     Jump(KexecError),
     #[error("systemd did not take over the orderly kexec (kexec_mode: orderly): {0}")]
     Handover(crate::systemd::SystemdError),
+    #[error("the network configuration could not be saved (restore_net: true): {0}")]
+    Network(crate::net::NetError),
 }
 
 /// Streams progress events from the pipeline (possibly from several dump threads).
@@ -168,16 +171,9 @@ pub(crate) fn plan_targets(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>,
     let mut targets: Vec<Target> = pids
         .into_iter()
         .map(|pid| Target {
-            name: pid.to_string(),
-            kind: TargetKind::Pid,
-            pid,
             tree_ids: m.tree_ids(pid),
             rss_bytes: procs.tree_rss_bytes(pid),
-            state: TargetState::Pending,
-            dump_ms: None,
-            restore_ms: None,
-            running_again_wall_ms: None,
-            service: None,
+            ..Target::pending(pid.to_string(), TargetKind::Pid, pid)
         })
         .collect();
     let services = plan_services(m, cfg)?;
@@ -227,15 +223,8 @@ fn plan_services(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateErr
             Vec::new()
         };
         out.push(Target {
-            name: unit,
-            kind: TargetKind::Service,
-            pid,
             tree_ids: m.tree_ids(pid),
             rss_bytes: m.procs().tree_rss_bytes(pid),
-            state: TargetState::Pending,
-            dump_ms: None,
-            restore_ms: None,
-            running_again_wall_ms: None,
             service: Some(SavedService {
                 identifier: info.identifier,
                 pid_file: info.pid_file,
@@ -243,6 +232,7 @@ fn plan_services(m: &dyn Machine, cfg: &Config) -> Result<Vec<Target>, UpdateErr
                 namespaces,
                 external_files,
             }),
+            ..Target::pending(unit, TargetKind::Service, pid)
         });
     }
     Ok(out)
@@ -359,6 +349,11 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
                 _ => {}
             }
         }
+        // A network state left by an older update must not be restored with this one's images.
+        crate::net::remove_state(&cfg.server.criu_dir).map_err(|e| UpdateError::RemoveImages {
+            path: cfg.server.criu_dir.join(crate::net::NET_DIR),
+            source: e,
+        })?;
         j.save(&cfg.server.criu_dir)?;
         r.phase(Phase::Planned);
         Ok(UpdateRun {
@@ -392,6 +387,19 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
         m.load_kernel(files, &cfg.server.kexec_exe, cfg.restore.enable_quick_kexec)
             .map_err(Abort::Kernel)?;
         self.advance(Phase::KernelLoaded)?;
+        self.prepare_images()?;
+        if cfg.restore.pre_dump {
+            // A stop asked for meanwhile cancels the passes and then the update, at the freeze.
+            self.pre_dump_targets();
+        }
+        if cfg.restore.restore_net {
+            // Before the freeze: a failure costs no downtime, and criu's network locks (made
+            // during the dumps) are not there to be mistaken for the operator's rules. It is
+            // committed with the images (same directory, same syncfs) and restored only then.
+            let saved = crate::net::save(m, &cfg.server.criu_dir).map_err(Abort::Network)?;
+            self.r
+                .message(format!("network configuration saved: {}", saved.summary()));
+        }
         if cfg.restore.enable_pin_memory {
             m.pin_memory(PinOp::Clear).map_err(Abort::PinMemory)?;
         }
@@ -428,17 +436,81 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
         }
     }
 
-    /// Dumps every target, recording each result; the first failure aborts the update.
-    fn dump_targets(&mut self) -> Result<(), Abort> {
-        let cfg = self.cfg;
-        let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
+    /// Creates every target's image directory.
+    fn prepare_images(&self) -> Result<(), Abort> {
         for t in &self.j.targets {
-            prepare_image_dir(&image_dir(cfg, t), &t.name).map_err(|e| Abort::Dump {
+            prepare_image_dir(&image_dir(self.cfg, t), &t.name).map_err(|e| Abort::Dump {
                 target: format!("{} (pid {})", t.name, t.pid),
                 why: e.to_string(),
             })?;
         }
-        let results = dump_all(self.m, cfg, &criu, &self.j.targets, self.r);
+        Ok(())
+    }
+
+    /// Pre-dumps every target in parallel while they run (see [`pre_dump`]), recording each
+    /// one's passes. A target whose passes fail is dumped in full: the passes only save time.
+    fn pre_dump_targets(&mut self) {
+        let (m, cfg, r) = (self.m, self.cfg, self.r);
+        let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
+        for t in &self.j.targets {
+            r.target(t, "pre-dumping", None);
+        }
+        let results: Vec<_> = std::thread::scope(|s| {
+            let runs: Vec<_> = self
+                .j
+                .targets
+                .iter()
+                .map(|t| {
+                    let criu = &criu;
+                    s.spawn(move || {
+                        let opts = dump_options(cfg, t);
+                        pre_dump::run(m, criu, t.pid, &image_dir(cfg, t), &opts)
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|h| h.join()).collect()
+        });
+        for (t, res) in self.j.targets.iter_mut().zip(results) {
+            match res {
+                Ok(Ok(passes)) => {
+                    r.target(t, "pre-dumped", Some(pre_dump::describe(&passes)));
+                    t.pre_dump = passes;
+                }
+                Ok(Err(e)) => {
+                    r.target(
+                        t,
+                        "pre-dump failed",
+                        Some(format!("{e}; dumping it in full")),
+                    );
+                    discard_pre_dumps(&image_dir(cfg, t));
+                }
+                Err(p) => {
+                    r.target(
+                        t,
+                        "pre-dump failed",
+                        Some(format!("{}; dumping it in full", panic_text(p))),
+                    );
+                    discard_pre_dumps(&image_dir(cfg, t));
+                }
+            }
+        }
+    }
+
+    /// Dumps every target, recording each result; the first failure aborts the update.
+    fn dump_targets(&mut self) -> Result<(), Abort> {
+        let cfg = self.cfg;
+        let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
+        // Probed once per update: with nftables, the lock outlives the kexec (see `tcp`).
+        let nftables_lock = match self.m.nftables_lock_support(&criu) {
+            Ok(()) => true,
+            Err(why) => {
+                self.r.message(format!(
+                    "criu cannot lock the network with nftables here ({why}): established TCP connections of the targets are locked with criu's default, iptables (the iptables program must be installed), on this kernel only; a segment a peer sends after the new kernel's network is up and before the restore gets a reset"
+                ));
+                false
+            }
+        };
+        let results = dump_all(self.m, cfg, &criu, &self.j.targets, self.r, nftables_lock);
         let mut first_failure = None;
         for (t, res) in self.j.targets.iter_mut().zip(results) {
             match res {
@@ -539,6 +611,20 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
             ids.push(t.pid);
             ids.sort_unstable();
             ids.dedup();
+            // A dumped tree's connections are still locked and in repair mode: a tree that
+            // ran with them so would hang its peers.
+            match m.release_network_lock(&dir, t.pid, &ids) {
+                Ok(0) => {}
+                Ok(n) => r.target(
+                    t,
+                    "unlocked",
+                    Some(format!("{n} TCP connection(s) out of repair mode")),
+                ),
+                Err(e) => problems.push(format!(
+                    "the TCP connections of {} (pid {}) may stay blocked: {e}",
+                    t.name, t.pid
+                )),
+            }
             match m.resume(&ids) {
                 Ok(()) => {
                     t.state = TargetState::Resumed;
@@ -589,6 +675,12 @@ pub(crate) fn undo(m: &dyn Machine, cfg: &Config, j: &mut Journal, r: &Reporter)
             }
             _ => {}
         }
+    }
+    if let Err(e) = crate::net::remove_state(&cfg.server.criu_dir) {
+        problems.push(format!(
+            "cannot remove {}: {e}",
+            cfg.server.criu_dir.join(crate::net::NET_DIR).display()
+        ));
     }
     problems
 }
@@ -647,8 +739,16 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a dump thread panicked".into())
 }
 
-fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u64, DumpFailure> {
-    let opts = DumpOptions {
+/// Removes the passes of a target whose pre-dump failed: the dump starts from scratch.
+fn discard_pre_dumps(images: &Path) {
+    for n in 1..=pre_dump::MAX_PASSES {
+        let _ = std::fs::remove_dir_all(pre_dump::pass_dir(images, n));
+    }
+}
+
+/// How criu dumps (and pre-dumps) target `t`.
+fn dump_options(cfg: &Config, t: &Target) -> DumpOptions {
+    DumpOptions {
         pin_memory: cfg.restore.enable_pin_memory,
         deadline: criu_deadline(cfg.server.dump_timeout_s, t.rss_bytes),
         // stdout and stderr usually share one stream: name each socket once.
@@ -668,6 +768,22 @@ fn dump_one(m: &dyn Machine, cfg: &Config, criu: &Criu, t: &Target) -> Result<u6
             .collect(),
         enter_ns_of: t.service.as_ref().filter(|s| s.sandboxed()).map(|_| t.pid),
         ignore_cgroups: t.service.as_ref().is_some_and(|s| !s.namespaces.is_empty()),
+        prev_images: pre_dump::dump_parent(t.pre_dump.len()),
+        // Set per update for the dump (`dump_one`); a pre-dump locks nothing.
+        nftables_lock: false,
+    }
+}
+
+fn dump_one(
+    m: &dyn Machine,
+    cfg: &Config,
+    criu: &Criu,
+    t: &Target,
+    nftables_lock: bool,
+) -> Result<u64, DumpFailure> {
+    let opts = DumpOptions {
+        nftables_lock,
+        ..dump_options(cfg, t)
     };
     let dir = image_dir(cfg, t);
     // A panic here must not skip the rollback of the others: it becomes this target's failure.
@@ -684,6 +800,7 @@ fn dump_all(
     criu: &Criu,
     targets: &[Target],
     r: &Reporter,
+    nftables_lock: bool,
 ) -> Vec<Result<u64, DumpFailure>> {
     // Pin memory is one shared area: the original dumps serially with it, and so do we.
     if cfg.restore.enable_pin_memory {
@@ -691,7 +808,7 @@ fn dump_all(
             .iter()
             .map(|t| {
                 r.target(t, "dumping", None);
-                let res = dump_one(m, cfg, criu, t);
+                let res = dump_one(m, cfg, criu, t, nftables_lock);
                 report_dump(r, t, &res);
                 res
             })
@@ -705,7 +822,7 @@ fn dump_all(
             r.target(t, "dumping", None);
             let tx = tx.clone();
             s.spawn(move || {
-                let _ = tx.send((i, dump_one(m, cfg, criu, t)));
+                let _ = tx.send((i, dump_one(m, cfg, criu, t, nftables_lock)));
             });
         }
         drop(tx);
@@ -785,7 +902,15 @@ pub fn init(m: &dyn Machine, cfg: &Config) -> Result<String, UpdateError> {
     doomed.sort();
     doomed.dedup();
     let mut removed = 0;
+    let mut unlocked = Vec::new();
     for p in doomed {
+        // Their saved connections are gone with the images: so goes their network lock, which
+        // the new boot put in place for a restore that will not happen.
+        match crate::tcp::delete_saved(&p) {
+            Ok(Some(table)) => unlocked.push(table),
+            Ok(None) => {}
+            Err(e) => unlocked.push(format!("(not {}: {e})", p.display())),
+        }
         match std::fs::remove_dir_all(&p) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -800,8 +925,13 @@ pub fn init(m: &dyn Machine, cfg: &Config) -> Result<String, UpdateError> {
     } else {
         ""
     };
+    let unlocked = if unlocked.is_empty() {
+        String::new()
+    } else {
+        format!(", deleted the network lock(s) {}", unlocked.join(", "))
+    };
     Ok(format!(
-        "removed {removed} image set(s) and the journal from {}{pinned}",
+        "removed {removed} image set(s) and the journal from {}{pinned}{unlocked}",
         dir.display()
     ))
 }

@@ -153,7 +153,7 @@ fn restore_config() -> impl Strategy<Value = (RestoreConfig, Vec<u8>, bool, bool
     (
         prop::collection::hash_set(1..=i32::MAX, 0..12),
         prop::collection::btree_set("svc-[a-z0-9_@-]{0,10}", 0..6),
-        any::<[bool; 4]>(),
+        any::<[bool; 6]>(),
         prop::collection::vec(0u8..3, 18),
         any::<bool>(),
         any::<bool>(),
@@ -166,6 +166,8 @@ fn restore_config() -> impl Strategy<Value = (RestoreConfig, Vec<u8>, bool, bool
                 enable_quick_kexec: flags[1],
                 enable_pin_memory: flags[2],
                 enable_debug_mode: flags[3],
+                pre_dump: flags[4],
+                lazy_restore: flags[5],
             };
             (cfg, styles, flow, misspelled)
         })
@@ -216,12 +218,14 @@ fn render_restore(c: &RestoreConfig, styles: &[u8], flow: bool, misspelled: bool
         "enable_debug_mode"
     };
     format!(
-        "{}{}restore_net: {}\nenable_quick_kexec: {}\nenable_pin_memory: {}\n{debug_key}: {}\n",
+        "{}{}restore_net: {}\nenable_quick_kexec: {}\nenable_pin_memory: {}\npre_dump: {}\nlazy_restore: {}\n{debug_key}: {}\n",
         list("pids", &pids),
         list("services", &services),
         c.restore_net,
         c.enable_quick_kexec,
         c.enable_pin_memory,
+        c.pre_dump,
+        c.lazy_restore,
         c.enable_debug_mode
     )
 }

@@ -6,14 +6,18 @@
 //! run:    nvwa-lab-workload run --log PATH [--threads N] [--buffer-mib M] [--tick-ms T]
 //!         [--io-uring]  (also hold an io_uring instance, which criu 3.17 cannot checkpoint)
 //!         [--stdout]    (also write each tick line to standard output, e.g. a journal stream)
+//!         [--dirty-pct P] (rewrite P % of the buffer's pages per second, in place and with the
+//!                        same contents: pages a checkpoint must write again, a verify still passes)
 //! verify: nvwa-lab-workload verify --pid PID --log PATH [--threads N] [--kernel-changed]
 //!         [--max-gap-ms G]  (no two ticks further apart than G ms of wall time: it never stopped)
 //! echo, connect, lock, try-lock: holders of sockets and file locks (see net_lock.rs)
+//! tcp-client: a client on the host whose connection must survive the switch (tcp_client.rs)
 //! as-user: nvwa-lab-workload as-user NAME CMD [ARGS...]
 //!         (run CMD as the user NAME of /etc/passwd: its uid and gid, no supplementary groups,
 //!         HOME/USER/LOGNAME set; no setuid bit anywhere, so only root can use it)
 
 mod net_lock;
+mod tcp_client;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -37,8 +41,9 @@ fn main() {
         Some("connect") => net_lock::connect(&args[1..]),
         Some("lock") => net_lock::lock(&args[1..]),
         Some("try-lock") => net_lock::try_lock(&args[1..]),
+        Some("tcp-client") => tcp_client::run(&args[1..]),
         _ => Err(
-            "usage: nvwa-lab-workload run|verify|echo|connect|lock|try-lock|as-user [options] (see the source header)".into(),
+            "usage: nvwa-lab-workload run|verify|echo|connect|lock|try-lock|tcp-client|as-user [options] (see the source header)".into(),
         ),
     };
     if let Err(e) = result {
@@ -87,9 +92,11 @@ fn run(args: &[String]) -> Result<(), String> {
     let mib = num(args, "--buffer-mib", 256)?;
     let to_stdout = args.iter().any(|a| a == "--stdout");
     let tick = Duration::from_millis(num(args, "--tick-ms", 200)?);
+    let dirty_pct = num(args, "--dirty-pct", 0)?;
 
     let words = (mib * 1024 * 1024 / 8) as usize;
-    let buffer: Vec<u64> = (0..words as u64).map(word).collect();
+    let mut buffer: Vec<u64> = (0..words as u64).map(word).collect();
+    let mut dirtier = Dirtier::new(words, dirty_pct, tick);
     let expected = digest(&buffer);
 
     // Not O_APPEND: the file offset is state that the restore must carry over.
@@ -138,6 +145,7 @@ fn run(args: &[String]) -> Result<(), String> {
             // A closed stream must not stop the counter: the log file is what verify reads.
             let _ = std::io::stdout().write_all(line.as_bytes());
         }
+        dirtier.tick(&mut buffer);
         if VERIFY_REQUESTED.swap(false, Ordering::SeqCst) {
             let got = digest(&buffer);
             let verdict = if got == expected { "ok" } else { "BAD" };
@@ -148,6 +156,50 @@ fn run(args: &[String]) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         }
         std::thread::sleep(tick);
+    }
+}
+
+const PAGE_WORDS: usize = 4096 / 8;
+
+/// Dirties a share of the buffer's pages per tick, walking it round: one word per page is
+/// written again with the value it holds, which marks the page dirty for the kernel (soft-dirty
+/// bits, userfaultfd) without changing the digest.
+struct Dirtier {
+    pages: usize,
+    /// Pages to dirty per tick, in thousandths (a fraction of a page carries to the next tick).
+    per_tick_milli: u64,
+    owed_milli: u64,
+    next: usize,
+}
+
+impl Dirtier {
+    fn new(words: usize, pct_per_s: u64, tick: Duration) -> Dirtier {
+        let pages = words.div_ceil(PAGE_WORDS);
+        Dirtier {
+            pages,
+            per_tick_milli: pages as u64 * pct_per_s * tick.as_millis() as u64 / 100,
+            owed_milli: 0,
+            next: 0,
+        }
+    }
+
+    /// Dirties this tick's pages; returns how many.
+    fn tick(&mut self, buffer: &mut [u64]) -> usize {
+        if self.pages == 0 {
+            return 0;
+        }
+        self.owed_milli += self.per_tick_milli;
+        let n = (self.owed_milli / 1000) as usize;
+        self.owed_milli %= 1000;
+        for _ in 0..n {
+            let i = self.next * PAGE_WORDS;
+            // Volatile: a store of the value already there must still happen.
+            unsafe {
+                std::ptr::write_volatile(&mut buffer[i], std::ptr::read_volatile(&buffer[i]))
+            };
+            self.next = (self.next + 1) % self.pages;
+        }
+        n
     }
 }
 
@@ -403,6 +455,24 @@ mod tests {
         assert_eq!(longest_gap(&ticks), Some((1500, 2)));
         assert_eq!(longest_gap(&[t(1, None), t(2, None)]), None);
         assert_eq!(longest_gap(&[t(1, Some(5))]), None);
+    }
+
+    #[test]
+    fn the_dirtier_writes_its_share_of_pages_per_second_without_changing_the_contents() {
+        let words = 1000 * PAGE_WORDS;
+        let mut buf: Vec<u64> = (0..words as u64).map(word).collect();
+        let before = digest(&buf);
+        // 1 % of 1000 pages per second at 100 ms ticks: 10 pages a second, one per tick.
+        let mut d = Dirtier::new(words, 1, Duration::from_millis(100));
+        let per_second: usize = (0..10).map(|_| d.tick(&mut buf)).sum();
+        assert_eq!(per_second, 10);
+        assert_eq!(digest(&buf), before);
+        let mut none = Dirtier::new(words, 0, Duration::from_millis(100));
+        assert_eq!(none.tick(&mut buf), 0);
+        // 1 % of 150 pages at 200 ms: 0.3 pages per tick, carried over.
+        let mut small = Dirtier::new(150 * PAGE_WORDS, 1, Duration::from_millis(200));
+        let total: usize = (0..10).map(|_| small.tick(&mut buf)).sum();
+        assert_eq!(total, 3);
     }
 
     #[test]

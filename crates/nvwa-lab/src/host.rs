@@ -23,6 +23,9 @@ pub struct HostEnv {
     pub cwd: PathBuf,
     /// (guest port, host port) of every forward: `LAB_PORT_<guest>=<host>`.
     pub ports: Vec<(u16, u16)>,
+    /// The lab's binaries built from this checkout (`nvwa-lab-workload`, e.g. its host-side
+    /// `tcp-client`), first on the steps' PATH.
+    pub bin_dir: Option<PathBuf>,
 }
 
 struct Started {
@@ -93,6 +96,12 @@ impl<'a> HostSteps<'a> {
             .current_dir(&self.env.cwd)
             .env("LAB_RUN_DIR", &self.env.run_dir)
             .envs(port_vars(&self.env.ports))
+            .envs(self.env.bin_dir.as_ref().map(|d| {
+                let path = std::env::var_os("PATH").unwrap_or_default();
+                let mut dirs = vec![d.clone()];
+                dirs.extend(std::env::split_paths(&path));
+                ("PATH", std::env::join_paths(dirs).unwrap_or(path))
+            }))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -173,6 +182,35 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// What `nvwa-lab-workload tcp-client` leaves in the run directory (scenarios pass these
+/// paths): its report, and the file whose appearance stops it.
+pub const CLIENT_RESULT: &str = "tcp-client.json";
+pub const CLIENT_STOP: &str = "tcp-client.stop";
+
+/// The client-visible figures of a run whose host steps ran the lab's TCP client: the blackout
+/// (last answer before the switch → first answer after it, on the host's clock) and the slowest
+/// answer afterwards, for the report's timeline.
+pub fn client_timeline(run_dir: &Path) -> Vec<crate::report::PhaseTime> {
+    let Ok(text) = std::fs::read_to_string(run_dir.join(CLIENT_RESULT)) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    [
+        ("client blackout", "blackout_ms"),
+        ("client: slowest answer after", "slowest_answer_after_ms"),
+    ]
+    .into_iter()
+    .filter_map(|(phase, key)| {
+        Some(crate::report::PhaseTime {
+            phase: phase.into(),
+            ms: v[key].as_u64()?,
+        })
+    })
+    .collect()
+}
+
 /// A free TCP port on 127.0.0.1 for a forward, chosen by the kernel. Another program may take it
 /// before QEMU binds it; QEMU then fails to start and says so.
 pub fn free_port() -> std::io::Result<u16> {
@@ -206,6 +244,7 @@ mod tests {
             run_dir: dir.to_path_buf(),
             cwd: dir.to_path_buf(),
             ports: vec![(7000, 40123)],
+            bin_dir: None,
         }
     }
 
@@ -267,6 +306,21 @@ mod tests {
         let failures = h.finish(Instant::now() + Duration::from_millis(300));
         assert_eq!(failures.len(), 1, "{failures:?}");
         assert!(failures[0].contains("killed"), "{}", failures[0]);
+    }
+
+    #[test]
+    fn the_clients_blackout_joins_the_timeline() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(client_timeline(dir.path()).is_empty());
+        std::fs::write(
+            dir.path().join(CLIENT_RESULT),
+            r#"{"requests":46,"answers":46,"blackout_ms":13285,"slowest_answer_after_ms":32,"error":null}"#,
+        )
+        .unwrap();
+        let t = client_timeline(dir.path());
+        assert_eq!(t[0].phase, "client blackout");
+        assert_eq!(t[0].ms, 13285);
+        assert_eq!(t[1].ms, 32);
     }
 
     #[test]

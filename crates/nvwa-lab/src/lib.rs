@@ -1,6 +1,7 @@
 //! The nvwa lab: rehearses real kernel live upgrades inside QEMU guests.
 
 pub mod apt;
+pub mod bench;
 pub mod cpio;
 pub mod elf;
 pub mod exec;

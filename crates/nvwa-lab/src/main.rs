@@ -49,6 +49,31 @@ enum Cmd {
         #[arg(long, short)]
         verbose: bool,
     },
+    /// Measure where an update's downtime goes, phase by phase, next to its floors (a bare
+    /// kexec of the same kernel and initramfs, criu alone restoring the same processes); prints
+    /// a table (or --json) and writes bench.json and bench.svg. Exits 1 if a run failed or a
+    /// phase was not measured.
+    Bench {
+        /// Cases to run (repeatable or comma-separated): 64m, 256m, 1g (one process of that
+        /// size), dirty (1 GiB rewriting 1 % of its pages per second), procs16 (16 targets of
+        /// 4 MiB); default all
+        #[arg(long = "case", value_name = "CASE", value_delimiter = ',')]
+        cases: Vec<String>,
+        /// Strategies to compare (repeatable or comma-separated): baseline (the original's
+        /// sequence: load, dump all, kexec, restore after boot), pre-dump (pre_dump: true:
+        /// memory copied in passes while the targets run); default all
+        #[arg(long = "strategy", value_name = "STRATEGY", value_delimiter = ',')]
+        strategies: Vec<String>,
+        /// Runs of each case with each strategy; the table shows median, min and max
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Print the report as JSON (every run and the summary) instead of the table
+        #[arg(long)]
+        json: bool,
+        /// Directory for bench.json and bench.svg (default: the lab cache's runs/bench)
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Upgrade the kernel under a running stateful workload and show that it survived
     Demo,
     /// Boot the lab guest with a shell on this terminal, for debugging
@@ -150,6 +175,13 @@ fn run() -> Result<()> {
             }
             run_scenarios(&scenarios, json, verbose)
         }
+        Cmd::Bench {
+            cases,
+            strategies,
+            repeat,
+            json,
+            out,
+        } => bench(&cases, &strategies, repeat, json, out),
         Cmd::Demo => demo(),
         Cmd::Shell { kernel, scenario } => {
             let s = builtin(&scenario)?;
@@ -227,6 +259,89 @@ fn print_live(l: &Stamped, s: &Scenario) {
         }
         _ => {}
     }
+}
+
+fn bench(
+    cases: &[String],
+    strategies: &[String],
+    repeat: u32,
+    json: bool,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    use nvwa_lab::bench::{self, Case, Strategy};
+    let cases = if cases.is_empty() {
+        bench::CASES.to_vec()
+    } else {
+        cases
+            .iter()
+            .map(|c| Case::parse(c))
+            .collect::<Result<_>>()?
+    };
+    let strategies = if strategies.is_empty() {
+        Strategy::ALL.to_vec()
+    } else {
+        strategies
+            .iter()
+            .map(|s| Strategy::parse(s))
+            .collect::<Result<_>>()?
+    };
+    let scenarios = cases
+        .iter()
+        .flat_map(|c| strategies.iter().map(|s| c.scenario(*s)))
+        .collect::<Result<Vec<_>>>()?;
+    let lab = Lab::open(&scenarios)?;
+    let opts = bench::Options {
+        cases,
+        strategies,
+        repeat,
+    };
+    let total = opts.cases.len() * opts.strategies.len() * repeat as usize;
+    let mut done = 0;
+    eprintln!("nvwa-lab: bench: {total} run(s)");
+    let report = bench::run(&lab, &opts, &mut |r| {
+        done += 1;
+        let get = |k: &str| {
+            r.ms.get(k)
+                .map_or("-".to_string(), |v| format!("{:.2} s", *v as f64 / 1000.0))
+        };
+        eprintln!(
+            "nvwa-lab: bench {done}/{total}: {} {} #{}: {} downtime {}, bare kexec {}, criu restore {}",
+            r.case,
+            r.strategy.name(),
+            r.repetition,
+            if r.passed { "ok" } else { "FAILED" },
+            get("downtime"),
+            get("bare_kexec"),
+            get("criu_restore")
+        );
+        for f in &r.failures {
+            eprintln!("  {f}");
+        }
+    })?;
+    let dir = out.unwrap_or_else(|| lab.runs.join("bench"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let json_path = dir.join("bench.json");
+    let svg_path = dir.join("bench.svg");
+    let text = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&json_path, &text)
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    std::fs::write(&svg_path, bench::render_svg(&report.summary, &report.note))
+        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    if json {
+        println!("{text}");
+    } else {
+        print!("{}", bench::render_table(&report.summary));
+        println!("{}", report.note);
+    }
+    eprintln!(
+        "nvwa-lab: bench: wrote {} and {}",
+        json_path.display(),
+        svg_path.display()
+    );
+    if !report.complete() {
+        bail!("the bench is incomplete: a run failed or a phase was not measured (see above)");
+    }
+    Ok(())
 }
 
 fn demo() -> Result<()> {

@@ -345,7 +345,8 @@ fn timeline(f: &Facts, s: &Scenario) -> Vec<PhaseTime> {
         ("boot (old kernel)", marks.get("boot_old").copied()),
         ("setup", span("boot_old", "setup")),
         ("load kernel", span("update", "kernel_loaded")),
-        ("freeze", span("kernel_loaded", "frozen")),
+        // The targets still run here: pre-dump passes (pre_dump: true), or nothing.
+        ("until frozen", span("kernel_loaded", "frozen")),
         ("dump", span("frozen", "dumped")),
         ("commit", span("dumped", "committed")),
         ("kexec + boot", span("committed", "boot_new")),

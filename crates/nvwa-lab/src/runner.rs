@@ -305,6 +305,9 @@ impl Lab {
                 self.server_pair(s)?.1.release().to_string(),
             ),
         };
+        if let Some(p) = s.pmem_mib {
+            spec.set_pmem(p);
+        }
         spec.forwards = s
             .forwards
             .iter()
@@ -314,12 +317,17 @@ impl Lab {
                     .context("cannot find a free host port for a forward")
             })
             .collect::<Result<_>>()?;
+        // A client of an earlier run of this scenario must neither speak for this one nor stop it.
+        for stale in [host::CLIENT_RESULT, host::CLIENT_STOP] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
         let mut steps = HostSteps::new(
             &s.host,
             HostEnv {
                 run_dir: dir.to_path_buf(),
                 cwd: s.path.parent().unwrap_or(Path::new(".")).to_path_buf(),
                 ports: spec.forwards.iter().map(|&(h, g)| (g, h)).collect(),
+                bin_dir: self.bins.workload.parent().map(Path::to_path_buf),
             },
         );
         let mut live = |l: &Stamped| {
@@ -355,6 +363,7 @@ impl Lab {
         let host_failures = steps.finish(deadline);
         result.passed &= host_failures.is_empty();
         result.failures.extend(host_failures);
+        result.timeline_ms.extend(host::client_timeline(dir));
         let events = dir.join("events.json");
         let all: Vec<_> = outcome
             .lines
@@ -385,6 +394,39 @@ impl Lab {
             }
         }
         Ok(result)
+    }
+
+    /// Boots the old kernel of the busybox scenario `s` once more, from the images its last
+    /// `run` left, with `flag` added to the command line (the bench's bare kexec: init.sh acts on
+    /// the flag). Its serial log is `serial-NAME.log` in the run's directory, NAME being the
+    /// flag's value.
+    pub fn boot_again(&self, s: &Scenario, flag: &str) -> Result<(Outcome, PathBuf)> {
+        let dir = self.runs.join(&s.name);
+        let _lock = RunLock::take(&self.runs.join(format!("{}.lock", s.name)), &s.name)?;
+        let initrd = dir.join(format!("initramfs-{}.img", self.ingredients.old.version));
+        if s.guest != Guest::Busybox || !initrd.exists() {
+            bail!(
+                "no busybox guest image of scenario {} in {}: run it first",
+                s.name,
+                dir.display()
+            );
+        }
+        let log = dir.join(format!(
+            "serial-{}.log",
+            flag.rsplit('=').next().unwrap_or(flag)
+        ));
+        let _ = std::fs::remove_file(&log);
+        let mut spec = VmSpec::new(
+            &self.ingredients.old.vmlinuz,
+            &initrd,
+            &log,
+            Duration::from_secs(s.timeout_s),
+        );
+        if let Some(p) = s.pmem_mib {
+            spec.set_pmem(p);
+        }
+        spec.append.push_str(&format!(" {flag}"));
+        Ok((vm::run(&spec, Instant::now(), &mut |_| {})?, log))
     }
 
     /// Boots a guest with a console on this terminal.

@@ -29,6 +29,10 @@ pub struct Scenario {
     /// Debian packages whose files are added to the guest.
     #[serde(default)]
     pub packages: Vec<String>,
+    /// Persistent memory for the images in MiB (busybox guest; default and minimum 768): more
+    /// moves it above 4 GiB and gives the guest 3 GiB of RAM besides it.
+    #[serde(default)]
+    pub pmem_mib: Option<u32>,
     /// TCP ports of the guest reachable from the host on 127.0.0.1, each through a free host
     /// port the runner picks (host steps find it in `LAB_PORT_<guest port>`).
     #[serde(default)]
@@ -88,6 +92,7 @@ const TOP_LEVEL: &[&str] = &[
     "timeout_s",
     "power_cut",
     "packages",
+    "pmem_mib",
     "forwards",
     "ssh",
     "update_from_host",
@@ -274,6 +279,7 @@ impl Scenario {
             Guest::Server => {
                 let unsupported = [
                     (!self.packages.is_empty(), "packages"),
+                    (self.pmem_mib.is_some(), "pmem_mib"),
                     (self.power_cut, "power_cut"),
                     (!self.before_restore.trim().is_empty(), "before_restore"),
                 ];

@@ -49,6 +49,8 @@ pub const PACKAGES: &[&str] = &[
     "criu",
     "kexec-tools",
     "iproute2",
+    // nft, for the firewall that restore_net carries over.
+    "nftables",
     "initramfs-tools",
     "zstd",
     "e2fsprogs",

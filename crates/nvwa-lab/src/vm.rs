@@ -18,6 +18,8 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// at the top (a region that crosses it is "misaligned" for nd_pmem). It must not overlap the
 /// initramfs, which QEMU loads just below 2 GiB (the bzImage's initrd_addr_max).
 pub const MEMMAP: &str = "memmap=768M!2G";
+/// The persistent memory of [`MEMMAP`], in MiB.
+pub const DEFAULT_PMEM_MIB: u32 = 768;
 
 /// How TCG runs the guest's vCPUs.
 ///
@@ -73,6 +75,19 @@ impl VmSpec {
             forwards: Vec::new(),
             drives: Vec::new(),
         }
+    }
+
+    /// Gives the guest `pmem_mib` of persistent memory (more than [`MEMMAP`]'s, for images
+    /// larger than 768 MiB): the region goes above 4 GiB, where QEMU puts the RAM beyond the
+    /// first 3 GiB (the gap below 4 GiB is for devices), and the guest keeps 3 GiB of RAM.
+    pub fn set_pmem(&mut self, pmem_mib: u32) {
+        if pmem_mib <= DEFAULT_PMEM_MIB {
+            return;
+        }
+        self.memory_mib = 3072 + pmem_mib;
+        self.append = self
+            .append
+            .replace(MEMMAP, &format!("memmap={pmem_mib}M!4G"));
     }
 
     fn args(&self) -> Vec<String> {
@@ -310,6 +325,23 @@ mod tests {
         assert!(args.contains("-smp 2"), "{args}");
         assert!(args.contains(MEMMAP), "{args}");
         assert!(!args.contains("memory-backend"), "{args}");
+    }
+
+    #[test]
+    fn a_larger_persistent_memory_goes_above_4_gib() {
+        let mut spec = VmSpec::new(
+            Path::new("k"),
+            Path::new("i"),
+            Path::new("l"),
+            Duration::from_secs(1),
+        );
+        spec.set_pmem(DEFAULT_PMEM_MIB);
+        assert_eq!(spec.memory_mib, 3072);
+        assert!(spec.append.contains(MEMMAP), "{}", spec.append);
+        spec.set_pmem(1536);
+        assert_eq!(spec.memory_mib, 3072 + 1536);
+        assert!(spec.append.contains("memmap=1536M!4G"), "{}", spec.append);
+        assert!(!spec.append.contains(MEMMAP), "{}", spec.append);
     }
 
     #[test]

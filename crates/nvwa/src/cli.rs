@@ -90,11 +90,14 @@ pub enum Command {
         json: bool,
     },
 
-    /// Early-boot step (nvwa-pre.service): keep the pids of saved processes free
+    /// Early-boot step (nvwa-pre.service): keep the pids of saved processes free, lock their TCP connections
     ///
     /// An update passes `nvwa.last_pid=N` to the new kernel; this moves the pid counter past N
     /// before services start, so none of them lands on a pid that a restore needs. Nothing to do
-    /// when the initramfs hook already did (it runs earlier, before udev and systemd).
+    /// when the initramfs hook already did (it runs earlier, before udev and systemd). While a
+    /// committed update awaits its restore, it also puts back the network lock saved with each
+    /// target's images, before the network comes up, so that the new kernel does not answer the
+    /// saved connections' peers with resets.
     Pre,
 
     /// Forget a previous update: remove saved images, the journal and pinned memory

@@ -103,6 +103,19 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 Some(n) => println!("pids up to {n} are kept for restores"),
                 None => println!("no pid reservation on the kernel command line"),
             }
+            // The network lock of the saved TCP connections, before the network comes up
+            // (nvwa-pre.service runs before network-pre.target).
+            let mut locked = true;
+            if let Ok(cfg) = load_config(cli.config_dir.as_deref()) {
+                let boot = nvwa_core::journal::boot_id()?;
+                match nvwa_core::tcp::install_for_restore(&cfg.server.criu_dir, &boot) {
+                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                    Err(e) => {
+                        eprintln!("nvwa: error: {e}");
+                        locked = false;
+                    }
+                }
+            }
             // openEuler's pin memory: let the restore read the pinned pages (nvwa-pin's job).
             let pinmem = std::path::Path::new(nvwa_core::pinmem::DEV_ROOT)
                 .join(nvwa_core::pinmem::PINMEM_DEVICE);
@@ -110,7 +123,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 nvwa_core::pinmem::PinMem::open(&pinmem)?.init_pagemap_read()?;
                 println!("pin memory: pagemap read enabled");
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if locked {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Init => {
             init_logging(cli, "warn");

@@ -94,7 +94,7 @@ const FILES: &[(&str, &str)] = &[
     ("/var/nvwa/running/PID/", "The images of one target, private to root; removed after a successful restore or a rollback."),
     ("/run/nvwa/nvwa.socket", "The server's socket (directory 0700, socket 0600)."),
     ("/boot/vmlinuz-VERSION", "The kernel of `nvwa update VERSION`, with /boot/initrd.img-VERSION or /boot/initramfs-VERSION.img (or /usr/lib/modules/VERSION/vmlinuz)."),
-    ("nvwa.service, nvwa-pre.service", "The systemd units: the server, and the early step that keeps saved pids free on the new boot."),
+    ("nvwa.service, nvwa-pre.service", "The systemd units: the server, and the early step that keeps saved pids free and puts the saved TCP connections' network lock back on the new boot, before network-pre.target."),
     ("/usr/lib/systemd/system-generators/nvwa-generator", "The systemd generator that hands saved services to nvwa restore on the new boot (see SERVICES)."),
     ("/run/nvwa-restore/UNIT.pid", "Where nvwa restore leaves a restored service's main pid for systemd."),
 ];
@@ -128,6 +128,17 @@ const SERVICES: &[&str] = &[
     "Because the generator runs before other filesystems are mounted, criu_dir must be on the root filesystem when services are listed.",
 ];
 
+/// The NETWORK STATE section: what the switch carries over for the targets, and what restore_net
+/// carries over for the machine.
+const NETWORK: &[&str] = &[
+    "Established TCP connections of the targets are carried over: the peer sees a pause, never a reset. nvwa dumps with criu's nftables lock (--network-lock nftables, when criu check --feature network_lock_nftables passes), saves the table criu made (inet CRIU-...) with the images as nvwa-net-lock.nft, and nvwa pre puts it back on the new boot before the network comes up; criu's restore deletes it. A rollback deletes it and takes the sockets out of repair mode; nvwa init deletes the locks of the images it discards; an update that never committed puts nothing back. Without the nftables lock, criu locks with iptables on the old kernel only, and a peer that sends before the restore gets a reset.",
+    "Connections that did not negotiate window scaling are restored with net.ipv4.tcp_window_scaling at 0 (criu would restore them advertising a window of a few bytes), put back as soon as that target's restore ends; such a restore runs alone among the restores of established connections.",
+    "Listening sockets, unix sockets to outside peers and file locks are carried over. Connections of other processes are not; the machine's addresses, routes, rules and firewall only with restore_net: true.",
+    "With restore_net: true, the update saves the network configuration into CRIU_DIR/net/ once the kernel is loaded and before anything is frozen, and commits it with the images. On the new boot it is restored before any target (by the server, or by a listed service's unit if that starts first): addresses (on the interface of the same name), routes of every table, policy rules, every nftables table (replacing its namesake of the new boot in one nft -f transaction; nft -c checks on the old boot that each table can be read back) and iptables-legacy tables. Left out: what the kernel, DHCP or router advertisements make by themselves, criu's CRIU-* lock tables, the interfaces themselves, neighbours, multipath routes. nvwa check lists what will be saved.",
+    "What the new boot already has is skipped. A conflict (the address on another interface, another route for the same destination, table and metric) or a missing interface keeps the new boot's entry and is named with what to do; the targets are restored anyway, the update ends restore_failed, and the saved state is kept until a restart of the server restores what is still missing.",
+    "systemd-networkd removes foreign addresses, routes and policy rules from the links it manages when it configures them (at its start; ManageForeignRoutes=, ManageForeignRoutingPolicyRules= in networkd.conf): nvwa.service restores after network-online.target, so what it restores lasts until networkd next starts or reconfigures the link, as the original configuration would have. Configuration that must outlive that belongs in .network files.",
+];
+
 /// The JUMP section: what kexec_mode chooses.
 const JUMP: &[&str] = &[
     "With kexec_mode: immediate (the default), nvwa jumps into the new kernel as soon as the images are committed: sync(2), then reboot(2) with LINUX_REBOOT_CMD_KEXEC. Nothing runs between the freeze and the jump, so the downtime is freeze, dump, kexec, boot and restore. Services that are not listed are not stopped: they end with the old kernel as in a power cut, after every filesystem was synced, and start afresh on the new boot.",
@@ -144,6 +155,7 @@ pub fn man(out: &mut dyn Write) -> std::io::Result<()> {
     commands(out)?;
     configuration(out)?;
     prose(out, "SERVICES", SERVICES)?;
+    prose(out, "NETWORK STATE", NETWORK)?;
     prose(out, "THE JUMP", JUMP)?;
     section(out, "FILES")?;
     for (f, what) in FILES {

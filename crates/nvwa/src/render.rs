@@ -89,6 +89,14 @@ pub fn status(j: &Journal) -> String {
             ["NAME", "KIND", "PID", "STATE", "DUMP", "RESTORE"],
             &rows,
         );
+        for t in j.targets.iter().filter(|t| !t.pre_dump.is_empty()) {
+            let _ = writeln!(
+                out,
+                "  {} pre-dump: {}",
+                t.name,
+                nvwa_core::pre_dump::describe(&t.pre_dump)
+            );
+        }
     }
 
     let _ = writeln!(out, "\ntimeline:");
@@ -266,16 +274,11 @@ mod tests {
             to_kernel: "6.6.0".into(),
             phase: Phase::Restored,
             targets: vec![Target {
-                name: "redis".into(),
-                kind: TargetKind::Service,
-                pid: 4321,
-                tree_ids: vec![],
-                rss_bytes: 0,
                 state: TargetState::Restored,
                 dump_ms: Some(310),
                 restore_ms: Some(205),
                 running_again_wall_ms: Some(10_000 + 4_500),
-                service: None,
+                ..Target::pending("redis", TargetKind::Service, 4321)
             }],
             timeline: vec![
                 stamp(Phase::Planned, 10_000),

@@ -318,16 +318,11 @@ fn journal() -> Journal {
         "6.1.0",
         "6.6.0",
         vec![Target {
-            name: "777".into(),
-            kind: TargetKind::Pid,
-            pid: 777,
             tree_ids: vec![777],
             rss_bytes: 4096,
             state: TargetState::Resumed,
             dump_ms: Some(120),
-            restore_ms: None,
-            running_again_wall_ms: None,
-            service: None,
+            ..Target::pending("777", TargetKind::Pid, 777)
         }],
         BOOT,
     );

@@ -40,7 +40,30 @@ finish() {
     poweroff -f
 }
 
-ev "{\"event\":\"init\",\"kernel\":\"$K\"}"
+# The uptime lets the host place this kernel's clock zero on its own clock: the kexec handoff
+# ends there, and the boot to /init is the uptime (see nvwa-lab's bench).
+ev "{\"event\":\"init\",\"kernel\":\"$K\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"
+# The boot of the bench's bare kexec (below): reaching /init is all it measures.
+if grep -q 'nvwa_lab.boot=floor' /proc/cmdline; then
+    ev "{\"event\":\"boot\",\"stage\":\"floor\",\"kernel\":\"$K\"}"
+    # Where the kernel spent its boot, for comparison with the update's (the serial log).
+    dmesg | out dmesg-floor
+    finish 0
+fi
+
+# The bench's bare kexec (crates/nvwa-lab/src/bench.rs): a fresh boot of the old kernel jumps at
+# once into the update's kernel and initramfs, with nothing to save.
+if grep -q 'nvwa_lab.boot=bare' /proc/cmdline; then
+    . /lab/scenario.sh
+    if kexec -s -l "/boot/vmlinuz-$LAB_NEW_KERNEL" --initrd="/boot/initramfs-$LAB_NEW_KERNEL.img" \
+        --reuse-cmdline --append=nvwa_lab.boot=floor >/tmp/kexec.out 2>&1; then
+        sync
+        ev '{"event":"bench","step":"kexec"}'
+        kexec -e >>/tmp/kexec.out 2>&1
+    fi
+    out bench </tmp/kexec.out
+    finish 1
+fi
 
 # Kernel modules criu and the persistent memory need, in dependency order.
 while IFS= read -r m; do
@@ -48,10 +71,6 @@ while IFS= read -r m; do
         { echo "insmod $m: $(cat /tmp/insmod.err)" | out modules; }
 done < "/lib/modules/$K/nvwa-lab/load-order"
 ip link set lo up
-# QEMU's user-mode network: the host reaches the guest through the scenario's port forwards.
-if [ -e /sys/class/net/eth0 ]; then
-    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
-fi
 
 i=0
 while [ ! -b /dev/pmem0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -84,6 +103,13 @@ if ! grep -q ' /var/nvwa ' /proc/mounts; then
     finish 1
 fi
 grep ' /var/nvwa ' /proc/mounts | out init
+# nvwa-pre.service's other job, now that the images are mounted and before the network is up:
+# put back the lock of the saved TCP connections (the pids were reserved above already).
+nvwa pre 2>&1 | grep -v -e '^pids up to' -e '^no pid reservation' | out pre
+# QEMU's user-mode network: the host reaches the guest through the scenario's port forwards.
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+fi
 export LAB_STATE=/var/nvwa/lab
 mkdir -p "$LAB_STATE" /var/nvwa/log
 # The unprivileged user's home (lab_as_user); the initramfs makes everything root's.
@@ -124,6 +150,8 @@ fi
 failed=0
 
 settle_and_check() {
+    # The scenario's nvwa-restore.yaml, as a disk would have kept it.
+    [ ! -e "$LAB_STATE/nvwa-restore.yaml" ] || cp "$LAB_STATE/nvwa-restore.yaml" /etc/nvwa/
     ( set -e; . "$LAB_STATE/vars"; lab_before_restore ) >/tmp/before.out 2>&1
     rc=$?
     out before_restore </tmp/before.out
@@ -134,6 +162,8 @@ settle_and_check() {
     echo "NVWA-LAB {\"event\":\"journal\",\"journal\":$(nvwa status --json | tr -d '\n')}"
     run_checks
     cat "/var/nvwa/log/server-$K.log" | out server
+    # The bench compares where this boot spent its time with its bare kexec (the serial log).
+    if [ -f /lab/bench ]; then dmesg | out dmesg-new; fi
     finish $failed
 }
 

@@ -1,0 +1,200 @@
+//! Lazy restore (`lazy_restore: true`): a pid target runs again as soon as criu has rebuilt
+//! everything but its memory; its pages come in from the images on demand, through
+//! userfaultfd, served by a `criu lazy-pages` daemon that also copies the rest in the
+//! background and exits once every page is in. The restore's share of the downtime then no
+//! longer grows with memory.
+//!
+//! The price: until the daemon is done, the process's memory lives partly in the images. If the
+//! daemon died early, the kernel would give the process zero-filled pages where its own were
+//! still missing. So the restore is complete only when the daemon has exited having copied
+//! every page; if it did not, nvwa kills the restored tree (wrong memory is worse than a
+//! failed restore) and keeps the images for a retry.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The daemon's log and pid file, in the target's image directory.
+pub const LOG: &str = "lazy-pages.log";
+pub const PIDFILE: &str = "lazy-pages.pid";
+
+/// Pages the daemon copied into the restored processes, of those they had in the images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    pub copied: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    #[error("criu lazy-pages for {dir} has no pid file: {source}; was the target restored with lazy_restore?")]
+    NoDaemon {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot wait for criu lazy-pages (pid {pid}): {source}")]
+    Wait { pid: i32, source: std::io::Error },
+    #[error("criu lazy-pages (pid {pid}) is still copying pages from {dir} after {} s; it is left running, with the images it reads (log: {log})", .after.as_secs())]
+    StillServing {
+        pid: i32,
+        dir: PathBuf,
+        after: Duration,
+        log: PathBuf,
+    },
+    #[error("criu lazy-pages ended having copied {} of {} pages{}; the process's memory is incomplete (log: {log})", .done.copied, .done.total, .error.as_ref().map(|e| format!(", after: {e}")).unwrap_or_default())]
+    Incomplete {
+        done: Transferred,
+        error: Option<String>,
+        log: PathBuf,
+    },
+}
+
+/// Waits until the daemon serving `dir` has exited (at most `deadline`), then judges from its
+/// log whether every page reached its process.
+pub fn finish(dir: &Path, deadline: Duration) -> Result<Transferred, LazyError> {
+    let pid: i32 = std::fs::read_to_string(dir.join(PIDFILE))
+        .and_then(|s| {
+            s.trim()
+                .parse()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+        .map_err(|source| LazyError::NoDaemon {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    let log = dir.join(LOG);
+    if !wait_exit(pid, deadline).map_err(|source| LazyError::Wait { pid, source })? {
+        return Err(LazyError::StillServing {
+            pid,
+            dir: dir.to_path_buf(),
+            after: deadline,
+            log,
+        });
+    }
+    judge(&std::fs::read_to_string(&log).unwrap_or_default(), log)
+}
+
+/// Whether the log of a finished daemon shows every page copied and no error.
+pub fn judge(text: &str, log: PathBuf) -> Result<Transferred, LazyError> {
+    let done = transferred(text);
+    let error = text
+        .lines()
+        .find(|l| l.contains("Error ("))
+        .map(|l| l.trim().to_string());
+    if error.is_some() || done.copied != done.total {
+        return Err(LazyError::Incomplete { done, error, log });
+    }
+    Ok(done)
+}
+
+/// The daemon's "UFFD transferred pages: (copied/total)" lines, one per process, summed.
+fn transferred(text: &str) -> Transferred {
+    const MARK: &str = "UFFD transferred pages: (";
+    let mut sum = Transferred {
+        copied: 0,
+        total: 0,
+    };
+    for line in text.lines() {
+        let Some(rest) = line.split(MARK).nth(1) else {
+            continue;
+        };
+        let Some((copied, total)) = rest.trim_end().trim_end_matches(')').split_once('/') else {
+            continue;
+        };
+        if let (Ok(c), Ok(t)) = (copied.parse::<u64>(), total.parse::<u64>()) {
+            sum.copied += c;
+            sum.total += t;
+        }
+    }
+    sum
+}
+
+/// Waits for `pid` (not our child: the daemon detached) to exit, through a pidfd; false when
+/// it still runs at the deadline. A pid already gone has exited.
+fn wait_exit(pid: i32, deadline: Duration) -> std::io::Result<bool> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ESRCH) {
+            Ok(true)
+        } else {
+            Err(e)
+        };
+    }
+    // SAFETY: fd was just returned by pidfd_open and is owned here alone.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let end = Instant::now() + deadline;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            n if n > 0 => return Ok(true),
+            0 => return Ok(false),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DONE: &str = "\
+(00.000120) lazy-pages: 1010-1010: UFFD transferred pages: (65536/65536)
+(00.000130) lazy-pages: 1011-1011: UFFD transferred pages: (12/12)
+";
+
+    #[test]
+    fn every_page_copied_and_no_error_is_complete() {
+        let t = judge(DONE, "l".into()).unwrap();
+        assert_eq!(
+            t,
+            Transferred {
+                copied: 65548,
+                total: 65548
+            }
+        );
+    }
+
+    #[test]
+    fn missing_pages_or_an_error_are_incomplete_and_say_so() {
+        let short = DONE.replace("(12/12)", "(3/12)");
+        let e = judge(&short, "/i/lazy-pages.log".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("copied 65539 of 65548 pages"), "{e}");
+        assert!(e.contains("/i/lazy-pages.log"), "{e}");
+        let failed = format!("{DONE}(00.2) Error (criu/uffd.c:1): uffd: 1010: Can't read event\n");
+        let e = judge(&failed, "l".into()).unwrap_err().to_string();
+        assert!(e.contains("Can't read event"), "{e}");
+    }
+
+    #[test]
+    fn a_daemon_that_is_gone_has_finished_and_a_live_one_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        std::fs::write(dir.path().join(PIDFILE), child.id().to_string()).unwrap();
+        std::fs::write(dir.path().join(LOG), DONE).unwrap();
+        let e = finish(dir.path(), Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(e, LazyError::StillServing { .. }), "{e}");
+        child.kill().unwrap();
+        // Exited but not yet reaped: the pidfd reports it as gone.
+        let t = finish(dir.path(), Duration::from_secs(10)).unwrap();
+        assert_eq!(t.total, 65548);
+        child.wait().unwrap();
+    }
+}
