@@ -152,12 +152,15 @@ impl Lab {
         extra.sort();
         extra.dedup();
         let ingredients = prepare::prepare(&prepare::cache_dir(), &extra)?;
+        let bins = build_binaries()?;
         let server = if scenarios.iter().any(|s| s.guest == Guest::Server) {
-            Some(server_guest::prepare(&prepare::cache_dir(), false)?)
+            let deb = server_guest::package_from_env()?;
+            server_guest::check_package_binary(&deb, &bins.nvwa)?;
+            let base = server_guest::prepare(&prepare::cache_dir(), false)?;
+            Some(server_guest::with_package(&base, &deb)?)
         } else {
             None
         };
-        let bins = build_binaries()?;
         let runs = ingredients.cache.join("runs");
         std::fs::create_dir_all(&runs)?;
         Ok(Lab {

@@ -37,6 +37,17 @@ pub struct Scenario {
     /// port the runner picks (host steps find it in `LAB_PORT_<guest port>`).
     #[serde(default)]
     pub forwards: Vec<u16>,
+    /// Server guest: root may log in over SSH with a key pair made for this run (private key:
+    /// `$LAB_RUN_DIR/ssh_key` on the host); sshd itself is started by the scenario.
+    #[serde(default)]
+    pub ssh: bool,
+    /// Server guest: the update comes from the host, from the `[[host]]` steps with this `when`
+    /// (Ansible over SSH…): after the setup the guest calls `lab_host WHEN` and waits for the
+    /// kernel switch instead of running `nvwa update`; the checks run on the new kernel once the
+    /// host steps say they are done (`touch /run/nvwa-lab-host-done` in the guest), or on the old
+    /// one if they say so without a switch.
+    #[serde(default)]
+    pub update_from_host: Option<String>,
     #[serde(default)]
     pub files: Vec<GuestFile>,
     /// `nvwa-restore.yaml`, with `$VARS` of the setup script expanded.
@@ -83,6 +94,8 @@ const TOP_LEVEL: &[&str] = &[
     "packages",
     "pmem_mib",
     "forwards",
+    "ssh",
+    "update_from_host",
     "config",
     "setup",
     "before_restore",
@@ -274,7 +287,19 @@ impl Scenario {
                     bail!("`{key}` is not available on the server guest (guest = \"server\"); nvwa.service restores at boot by itself there");
                 }
             }
-            Guest::Busybox => {}
+            Guest::Busybox => {
+                if self.ssh || self.update_from_host.is_some() {
+                    bail!("`ssh` and `update_from_host` are server guest keys: add guest = \"server\"");
+                }
+            }
+        }
+        if let Some(when) = &self.update_from_host {
+            if !self.update.is_empty() {
+                bail!("update_from_host = {when:?}: the host runs the update, so the scenario has no [[update]]");
+            }
+            if !self.host.iter().any(|h| &h.when == when) {
+                bail!("update_from_host = {when:?}: no [[host]] step has when = {when:?}");
+            }
         }
         if let Some(i) = self.update.iter().position(|u| u.expect == Expect::Success) {
             if i + 1 != self.update.len() {
@@ -354,9 +379,11 @@ impl Scenario {
     }
 
     pub fn expects_kernel_switch(&self) -> bool {
-        self.update
-            .last()
-            .is_some_and(|u| u.expect == Expect::Success)
+        self.update_from_host.is_some()
+            || self
+                .update
+                .last()
+                .is_some_and(|u| u.expect == Expect::Success)
     }
 
     /// Whether the scenario ends on a second boot (new kernel or cold boot), where the nvwa
@@ -383,9 +410,10 @@ impl Scenario {
             quote(new_kernel)
         ));
         s.push_str(&format!(
-            "LAB_CHECKS={}\nLAB_UPDATES={}\n",
+            "LAB_CHECKS={}\nLAB_UPDATES={}\nLAB_UPDATE_FROM_HOST={}\n",
             self.check.len(),
-            self.update.len()
+            self.update.len(),
+            quote(self.update_from_host.as_deref().unwrap_or_default())
         ));
         s.push_str(&function("lab_setup", &self.setup));
         s.push_str(&function("lab_before_restore", &self.before_restore));
@@ -553,6 +581,34 @@ run = "kill -0 $A"
         let twice = format!("{ok}\n[[host]]\nname = \"client\"\nwhen = \"go\"\nrun = \"true\"");
         let e = Scenario::parse(&twice, Path::new("a.toml")).unwrap_err();
         assert!(format!("{e:#}").contains("two host steps"), "{e:#}");
+    }
+
+    #[test]
+    fn an_update_from_the_host_switches_kernels_without_an_update_table() {
+        let ok = "description = \"x\"\nguest = \"server\"\nssh = true\nforwards = [22]\nupdate_from_host = \"rollout\"\n[[host]]\nname = \"ansible\"\nwhen = \"rollout\"\nrun = \"true\"";
+        let s = Scenario::parse(ok, Path::new("a.toml")).unwrap();
+        assert!(s.ssh);
+        assert!(s.expects_kernel_switch() && s.expects_next_boot());
+        assert!(s
+            .guest_script("1", "2")
+            .contains("LAB_UPDATE_FROM_HOST='rollout'\n"));
+        let parse_err = |text: &str| {
+            format!(
+                "{:#}",
+                Scenario::parse(text, Path::new("a.toml")).unwrap_err()
+            )
+        };
+        let e = parse_err(&ok.replace("when = \"rollout\"", "when = \"other\""));
+        assert!(e.contains("no [[host]] step has when = \"rollout\""), "{e}");
+        let e = parse_err(&format!("{ok}\n[[update]]\nexpect = \"success\""));
+        assert!(e.contains("has no [[update]]"), "{e}");
+        let e = parse_err(&ok.replace("guest = \"server\"\n", ""));
+        assert!(e.contains("server guest keys"), "{e}");
+        // Without the key, the guest runs its own updates.
+        let plain = Scenario::parse("description = \"x\"", Path::new("a.toml")).unwrap();
+        assert!(plain
+            .guest_script("1", "2")
+            .contains("LAB_UPDATE_FROM_HOST=''\n"));
     }
 
     #[test]

@@ -1,20 +1,23 @@
 //! The server guest: Debian 13 (trixie) built with mmdebstrap from Debian's packages, systemd as
 //! PID 1, its kernels installed as packages (so `/boot/vmlinuz-V` and `/boot/initrd.img-V` are
-//! made by initramfs-tools), nvwa installed as an operator installs it (`/usr/bin/nvwa`, the
-//! units of `dist/` enabled, `/etc/nvwa`, images in `/var/lib/nvwa` on the disk).
+//! made by initramfs-tools), nvwa installed as an operator installs it: from the Debian package
+//! that `scripts/package` builds (`dpkg -i`, its maintainer scripts and initramfs trigger
+//! included), `/etc/nvwa/nvwa-server.yaml` edited to keep images in `/var/lib/nvwa` on the disk.
 //!
-//! Cache layout (under `<cache>/server/`):
+//! Cache layout (under `<cache>/server/`), in two layers, so that a new build of nvwa redoes only
+//! the second (about a minute, offline) and never mmdebstrap:
 //! - `apt/`        the lab's own apt configuration for trixie (see `apt`)
-//! - `rootfs/`     mmdebstrap's output, plus the project's units and configuration
-//! - `boot/`       each kernel's `vmlinuz-V` and `initrd.img-V`, copied out of the root file
-//!   system for QEMU's `-kernel`/`-initrd` (the guest's own copies stay in its `/boot`)
-//! - `disk.raw`    the root file system, ext4 made with `mke2fs -d` (no loop mount); never
-//!   written by a run: each run boots a copy-on-write overlay of it
+//! - `rootfs/`     mmdebstrap's output, plus the lab's own units; no nvwa
 //! - `manifest.json` what was built from what
+//! - `pkg/`        the guest with nvwa's package installed, keyed by the package's and the base's
+//!   contents (`pkg/key`):
+//!   - `disk.raw`  its root file system, ext4 made with `mke2fs -d` (no loop mount); never written
+//!     by a run: each run boots a copy-on-write overlay of it
+//!   - `boot/`     each kernel's `vmlinuz-V` and `initrd.img-V`, copied out of it for QEMU's
+//!     `-kernel`/`-initrd` (the guest's own copies stay in its `/boot`)
 //!
-//! nvwa itself (and the lab's workload and scripts) reach the guest at run time on a small second
-//! disk mounted at `/lab`; `lab-install.service` copies the binaries into `/usr/bin` before
-//! nvwa's units start, so that a code change does not rebuild the guest.
+//! The lab's workload, scripts and the scenario reach the guest at run time on a small second disk
+//! mounted at `/lab`; `lab-install.service` copies them into place.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,19 +34,12 @@ use crate::scenario::{KernelPair, Scenario};
 /// mmdebstrap's hook that sets the machine up (see the script).
 pub const CUSTOMIZE: &str = include_str!("guest/server/customize.sh");
 pub const INSTALL: &str = include_str!("guest/server/install.sh");
+/// Installs nvwa's package into the guest's root file system (chrooted, on the host).
+pub const INSTALL_DEB: &str = include_str!("guest/server/install-deb.sh");
 pub const RUNNER: &str = include_str!("guest/server/server.sh");
 pub const LAB_INSTALL_UNIT: &str = include_str!("guest/server/lab-install.service");
 pub const LAB_UNIT: &str = include_str!("guest/server/lab.service");
 pub const LIB: &str = include_str!("guest/lib.sh");
-/// nvwa's units, as the project ships them.
-pub const NVWA_UNIT: &str = include_str!("../../../dist/nvwa.service");
-pub const NVWA_PRE_UNIT: &str = include_str!("../../../dist/nvwa-pre.service");
-/// nvwa's systemd generator, installed by lab-install.service as the package installs it.
-pub const NVWA_GENERATOR: &str = include_str!("../../../dist/nvwa-generator");
-/// nvwa's initramfs-tools script, as the package installs it: the kernels' initrds must carry it.
-pub const INITRAMFS_HOOK: &str =
-    include_str!("../../../dist/initramfs-tools/scripts/init-top/nvwa");
-const INITRAMFS_HOOK_PATH: &str = "usr/share/initramfs-tools/scripts/init-top/nvwa";
 
 /// What the guest is built from, besides its kernels.
 pub const PACKAGES: &[&str] = &[
@@ -61,9 +57,13 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     // A sandboxed service from Debian, unmodified (disabled at build: see customize.sh).
     "redis-server",
+    // For Ansible, which drives the guest from the host over SSH (disabled at build).
+    "openssh-server",
+    "python3",
 ];
 
-/// The server guest's nvwa configuration: images on the root disk.
+/// The server guest's nvwa configuration, written over the package's conffile as an operator edits
+/// it: images on the root disk.
 pub const SERVER_YAML: &str = "\
 criu_dir: /var/lib/nvwa
 criu_exe: /usr/sbin/criu
@@ -80,6 +80,7 @@ const SMALL_DEADLINE: Duration = Duration::from_secs(120);
 /// Room on the root disk for images and logs, above what the installed system takes.
 const FREE_BYTES: u64 = 1536 << 20;
 
+/// The part of the base layer's manifest that describes what is on its disk, in `pkg/key`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Manifest {
     format: u32,
@@ -89,24 +90,27 @@ struct Manifest {
     /// The project's files written into the root file system (path, contents).
     files: Vec<(String, String)>,
     kernels: KernelSet,
+    /// Bytes of the root file system.
     disk_bytes: u64,
 }
 
-/// A built server guest.
+/// A built server guest: the base layer alone (`disk` is then its root file system's directory)
+/// or with nvwa's package installed (`disk` is the ext4 image a run boots from).
 #[derive(Debug, Clone)]
 pub struct ServerGuest {
     pub dir: PathBuf,
     pub disk: PathBuf,
+    /// Where `boot_files` are.
+    pub boot: PathBuf,
     pub kernels: KernelSet,
 }
 
 impl ServerGuest {
     /// QEMU's `-kernel` and `-initrd` for `k`: initramfs-tools' own initrd, from the guest.
     pub fn boot_files(&self, k: &Kernel) -> (PathBuf, PathBuf) {
-        let boot = self.dir.join("boot");
         (
-            boot.join(format!("vmlinuz-{}", k.release())),
-            boot.join(format!("initrd.img-{}", k.release())),
+            self.boot.join(format!("vmlinuz-{}", k.release())),
+            self.boot.join(format!("initrd.img-{}", k.release())),
         )
     }
 
@@ -121,31 +125,17 @@ impl ServerGuest {
     }
 }
 
-/// The project's files in the guest's root file system (path, contents, mode), and the
-/// `[Install] WantedBy=` links that `systemctl enable` would make.
+/// The lab's files in the guest's root file system (path, contents, mode), and the
+/// `[Install] WantedBy=` links that `systemctl enable` would make. nvwa's own come from its
+/// package (`install_package`).
 fn project_files() -> Vec<(&'static str, String, u32)> {
     vec![
-        (
-            "usr/lib/systemd/system/nvwa.service",
-            NVWA_UNIT.into(),
-            0o644,
-        ),
-        (
-            "usr/lib/systemd/system/nvwa-pre.service",
-            NVWA_PRE_UNIT.into(),
-            0o644,
-        ),
         (
             "usr/lib/systemd/system/lab-install.service",
             LAB_INSTALL_UNIT.into(),
             0o644,
         ),
         ("usr/lib/systemd/system/lab.service", LAB_UNIT.into(), 0o644),
-        // Also put in place before the kernel packages are configured (see `mmdebstrap`); listed
-        // here so that the manifest, hence the cache, follows its contents.
-        (INITRAMFS_HOOK_PATH, INITRAMFS_HOOK.into(), 0o755),
-        ("etc/nvwa/nvwa-server.yaml", SERVER_YAML.into(), 0o644),
-        ("etc/nvwa/nvwa-restore.yaml", "pids: []\n".into(), 0o644),
     ]
 }
 
@@ -184,19 +174,21 @@ fn file_list() -> Vec<(String, String)> {
         .collect()
 }
 
-/// The cached guest when its inputs are unchanged (no network needed), else builds it.
+/// The cached base layer when its inputs are unchanged (no network needed), else builds it.
 /// `refresh` re-reads the archive (apt-get update): new kernels there rebuild the guest.
 pub fn prepare(cache: &Path, refresh: bool) -> Result<ServerGuest> {
     let dir = cache.join("server");
     let previous = load_manifest(&dir);
+    let rootfs = dir.join("rootfs");
     let guest = |m: &Manifest| ServerGuest {
         dir: dir.clone(),
-        disk: dir.join("disk.raw"),
+        disk: rootfs.clone(),
+        boot: rootfs.join("boot"),
         kernels: m.kernels.clone(),
     };
     if let Some(m) = &previous {
         let g = guest(m);
-        let present = g.disk.is_file()
+        let present = g.disk.is_dir()
             && [&m.kernels.previous, &m.kernels.current, &m.kernels.newest]
                 .iter()
                 .all(|k| {
@@ -234,7 +226,7 @@ pub fn prepare(cache: &Path, refresh: bool) -> Result<ServerGuest> {
     if let Some(m) = &previous {
         if m.packages == packages
             && static_inputs_match(m)
-            && dir.join("disk.raw").is_file()
+            && rootfs.is_dir()
             && m.kernels == kernels
         {
             eprintln!("nvwa-lab: server guest is up to date");
@@ -248,7 +240,6 @@ pub fn prepare(cache: &Path, refresh: bool) -> Result<ServerGuest> {
         kernels.current.release(),
         kernels.newest.release()
     );
-    let rootfs = dir.join("rootfs");
     // What an interrupted build left behind.
     for e in std::fs::read_dir(&dir)?.flatten() {
         if e.file_name().to_string_lossy().starts_with(".rootfs-") {
@@ -259,25 +250,26 @@ pub fn prepare(cache: &Path, refresh: bool) -> Result<ServerGuest> {
     mmdebstrap(&lab_apt, &packages, &dir, &tmp)?;
     let _ = std::fs::remove_dir_all(&rootfs);
     std::fs::rename(&tmp, &rootfs)?;
-    let boot = dir.join("boot");
-    let _ = std::fs::remove_dir_all(&boot);
-    std::fs::create_dir_all(&boot)?;
+    // Layouts of older labs: a disk and boot files without the package.
+    for old in ["disk.raw", "boot", "init-top-nvwa"] {
+        let p = dir.join(old);
+        let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
+    }
     for k in [&kernels.previous, &kernels.current, &kernels.newest] {
         for f in [
             format!("vmlinuz-{}", k.release()),
             format!("initrd.img-{}", k.release()),
         ] {
-            std::fs::copy(rootfs.join("boot").join(&f), boot.join(&f)).with_context(|| {
-                format!(
+            if !rootfs.join("boot").join(&f).is_file() {
+                bail!(
                     "the guest has no /boot/{f}: did initramfs-tools run for {}?",
                     k.package
-                )
-            })?;
+                );
+            }
         }
     }
     install_project_files(&rootfs)?;
-    let disk = dir.join("disk.raw");
-    let disk_bytes = make_ext4(&rootfs, &disk, "nvwa-root", FREE_BYTES)?;
+    let disk_bytes = tree_bytes(&rootfs)?;
     let m = Manifest {
         format: MANIFEST_FORMAT,
         packages,
@@ -292,10 +284,202 @@ pub fn prepare(cache: &Path, refresh: bool) -> Result<ServerGuest> {
     eprintln!(
         "nvwa-lab: server guest built in {:.0} s: {} ({} MiB)",
         started.elapsed().as_secs_f64(),
-        disk.display(),
+        rootfs.display(),
         disk_bytes >> 20
     );
     Ok(guest(&m))
+}
+
+/// The Debian package the server guest installs nvwa from: `NVWA_LAB_DEB`, which
+/// `scripts/nvwa-lab` sets after building it with `scripts/package deb`.
+pub fn package_from_env() -> Result<PathBuf> {
+    let deb = std::env::var_os("NVWA_LAB_DEB")
+        .map(PathBuf::from)
+        .context(
+            "the server guest installs nvwa from its Debian package, and NVWA_LAB_DEB names none: \
+         run the lab through scripts/nvwa-lab, which builds it (scripts/package deb)",
+        )?;
+    if !deb.is_file() {
+        bail!(
+            "NVWA_LAB_DEB={}: no such package; build it with scripts/package deb",
+            deb.display()
+        );
+    }
+    Ok(deb)
+}
+
+/// Fails unless the package carries the `nvwa` of this build: a package left from an older build
+/// would test other code than the checkout's. cargo-deb strips the binary, so the two are compared
+/// by their GNU build id (a hash of what was linked), which stripping keeps.
+pub fn check_package_binary(deb: &Path, nvwa: &Path) -> Result<()> {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "dpkg-deb --fsys-tarfile \"$1\" | tar -xOf - ./usr/bin/nvwa",
+            "sh",
+        ])
+        .arg(deb)
+        .output()
+        .context("cannot run dpkg-deb (apt-get install dpkg)")?;
+    if !out.status.success() {
+        bail!(
+            "cannot read usr/bin/nvwa from {}: {}",
+            deb.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let built = std::fs::read(nvwa).with_context(|| format!("cannot read {}", nvwa.display()))?;
+    let id = |data: &[u8], what: &Path| -> Result<Vec<u8>> {
+        use object::Object;
+        let f = object::File::parse(data)
+            .with_context(|| format!("{} is not an ELF file", what.display()))?;
+        f.build_id()?
+            .map(<[u8]>::to_vec)
+            .with_context(|| format!("{} has no GNU build id", what.display()))
+    };
+    if id(&out.stdout, deb)? != id(&built, nvwa)? {
+        bail!(
+            "{} does not carry {}: the package is older than the build; rebuild it with scripts/package deb",
+            deb.display(),
+            nvwa.display()
+        );
+    }
+    Ok(())
+}
+
+/// What the package layer is built from: the package, the script that installs it, the lab's
+/// configuration and the base layer it goes onto.
+fn package_key(base: &Manifest, deb: &Path) -> Result<String> {
+    let sum = exec::run(Command::new("sha256sum").arg(deb), SMALL_DEADLINE)?;
+    let sum = sum.stdout.split_whitespace().next().unwrap_or_default();
+    Ok(serde_json::to_string_pretty(&serde_json::json!({
+        "package_sha256": sum,
+        "install_deb": INSTALL_DEB,
+        "server_yaml": SERVER_YAML,
+        "base": base,
+    }))?)
+}
+
+/// The guest with nvwa's package installed (`pkg/`), built from the base layer when the package
+/// or the base changed: the root file system is copied, the package installed in it by
+/// `install-deb.sh` (chrooted, with /proc, /sys and /dev in a mount namespace of its own, so
+/// nothing stays mounted), the lab's configuration written, and the disk and boot files made.
+pub fn with_package(base: &ServerGuest, deb: &Path) -> Result<ServerGuest> {
+    let m = load_manifest(&base.dir).context("the server guest's base layer has no manifest")?;
+    let key = package_key(&m, deb)?;
+    // Two labs sharing the cache (two checkouts) must not build the layer over each other: the
+    // second waits, then finds it built (or builds its own package's).
+    let lock_path = base.dir.join("pkg.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    use std::os::fd::AsRawFd;
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!(
+            "cannot lock {}: {}",
+            lock_path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let pkg = base.dir.join("pkg");
+    let g = ServerGuest {
+        dir: base.dir.clone(),
+        disk: pkg.join("disk.raw"),
+        boot: pkg.join("boot"),
+        kernels: base.kernels.clone(),
+    };
+    let present = g.disk.is_file()
+        && [&g.kernels.previous, &g.kernels.current, &g.kernels.newest]
+            .iter()
+            .all(|k| {
+                let (v, i) = g.boot_files(k);
+                v.is_file() && i.is_file()
+            });
+    if present && std::fs::read_to_string(pkg.join("key")).ok().as_deref() == Some(&key) {
+        return Ok(g);
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("installing nvwa's package into the server guest needs root (chroot, and mke2fs -d keeps the files' owners only as root): run scripts/nvwa-lab as root");
+    }
+    let started = Instant::now();
+    eprintln!(
+        "nvwa-lab: installing {} into the server guest…",
+        deb.display()
+    );
+    let _ = std::fs::remove_dir_all(&pkg);
+    std::fs::create_dir_all(&pkg)?;
+    let root = pkg.join("rootfs");
+    exec::run(
+        Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(&base.disk)
+            .arg(&root),
+        DISK_DEADLINE,
+    )
+    .context("copying the server guest's root file system")?;
+    std::fs::copy(deb, root.join("tmp/nvwa.deb"))?;
+    std::fs::write(root.join("tmp/install-deb.sh"), INSTALL_DEB)?;
+    let out = exec::run(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(
+                "set -e; r=$1; mount -t proc proc \"$r/proc\"; mount -t sysfs sysfs \"$r/sys\"; \
+                 mount --rbind /dev \"$r/dev\"; exec chroot \"$r\" sh /tmp/install-deb.sh /tmp/nvwa.deb",
+            )
+            .arg("sh")
+            .arg(&root),
+        DISK_DEADLINE,
+    );
+    let log = pkg.join("install.log");
+    match out {
+        Ok(o) => std::fs::write(&log, format!("{}{}", o.stdout, o.stderr))?,
+        Err(e) => {
+            let _ = std::fs::write(&log, format!("{e:#}"));
+            return Err(e).with_context(|| {
+                format!(
+                    "installing {} into the server guest (log: {})",
+                    deb.display(),
+                    log.display()
+                )
+            });
+        }
+    }
+    for f in ["tmp/nvwa.deb", "tmp/install-deb.sh"] {
+        std::fs::remove_file(root.join(f))?;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(root.join("etc/nvwa/nvwa-server.yaml"), SERVER_YAML)?;
+        // criu_dir: root's alone, as nvwa demands.
+        std::fs::create_dir_all(root.join("var/lib/nvwa"))?;
+        std::fs::set_permissions(
+            root.join("var/lib/nvwa"),
+            std::fs::Permissions::from_mode(0o700),
+        )?;
+    }
+    std::fs::create_dir_all(&g.boot)?;
+    for k in [&g.kernels.previous, &g.kernels.current, &g.kernels.newest] {
+        for f in [
+            format!("vmlinuz-{}", k.release()),
+            format!("initrd.img-{}", k.release()),
+        ] {
+            std::fs::copy(root.join("boot").join(&f), g.boot.join(&f))
+                .with_context(|| format!("the guest has no /boot/{f}"))?;
+        }
+    }
+    let bytes = make_ext4(&root, &g.disk, "nvwa-root", FREE_BYTES)?;
+    std::fs::remove_dir_all(&root)?;
+    std::fs::write(pkg.join("key"), &key)?;
+    eprintln!(
+        "nvwa-lab: nvwa's package installed into the server guest in {:.0} s: {} ({} MiB)",
+        started.elapsed().as_secs_f64(),
+        g.disk.display(),
+        bytes >> 20
+    );
+    Ok(g)
 }
 
 fn require_tools() -> Result<()> {
@@ -320,13 +504,6 @@ fn require_tools() -> Result<()> {
 fn mmdebstrap(lab_apt: &LabApt, packages: &[String], dir: &Path, into: &Path) -> Result<()> {
     let hook = dir.join("customize.sh");
     std::fs::write(&hook, CUSTOMIZE)?;
-    // nvwa's init-top script goes in after the essential packages, before the kernel packages,
-    // whose configuration runs initramfs-tools: every initrd is made with it, as on a server
-    // where the nvwa package came first. (`update-initramfs -u -k all` afterwards would cost
-    // about 25 s for the three kernels; customize.sh checks every initrd has the script.)
-    let initramfs_hook = dir.join("init-top-nvwa");
-    std::fs::write(&initramfs_hook, INITRAMFS_HOOK)?;
-    let hook_dir = Path::new(INITRAMFS_HOOK_PATH).parent().expect("nested");
     let mut cmd = Command::new("mmdebstrap");
     cmd.args([
         "--mode=root",
@@ -339,11 +516,6 @@ fn mmdebstrap(lab_apt: &LabApt, packages: &[String], dir: &Path, into: &Path) ->
         "--dpkgopt=path-exclude=/usr/share/locale/*",
     ])
     .arg(format!("--include={}", packages.join(",")))
-    .arg(format!(
-        "--essential-hook=mkdir -p \"$1/{}\" && install -m 0755 {} \"$1/{INITRAMFS_HOOK_PATH}\"",
-        hook_dir.display(),
-        initramfs_hook.display(),
-    ))
     .arg(format!("--customize-hook=sh {} \"$1\"", hook.display()))
     .arg(apt::RELEASE)
     .arg(into)
@@ -370,11 +542,6 @@ fn install_project_files(rootfs: &Path) -> Result<()> {
                 std::os::unix::fs::symlink(format!("/usr/lib/systemd/system/{unit}"), &link)?;
             }
         }
-    }
-    // criu_dir and log_dir: root's alone, as nvwa demands.
-    for d in ["var/lib/nvwa", "var/log/nvwa"] {
-        std::fs::create_dir_all(rootfs.join(d))?;
-        std::fs::set_permissions(rootfs.join(d), std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
 }
@@ -433,21 +600,18 @@ pub fn overlay(base: &Path, overlay: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The lab disk of one run, mounted read-only at `/lab` in the guest: this checkout's nvwa and
-/// workload, the lab's scripts, the scenario and its files.
+/// The lab disk of one run, mounted read-only at `/lab` in the guest: this checkout's workload,
+/// the lab's scripts, the scenario and its files.
 pub fn lab_disk(dir: &Path, bins: &Binaries, s: &Scenario, scenario_sh: &str) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let stage = dir.join("lab");
     let _ = std::fs::remove_dir_all(&stage);
     std::fs::create_dir_all(stage.join("bin"))?;
     std::fs::set_permissions(&stage, std::fs::Permissions::from_mode(0o755))?;
-    for (from, name) in [(&bins.nvwa, "nvwa"), (&bins.workload, "nvwa-lab-workload")] {
-        std::fs::copy(from, stage.join("bin").join(name))
-            .with_context(|| format!("cannot copy {}", from.display()))?;
-    }
+    std::fs::copy(&bins.workload, stage.join("bin/nvwa-lab-workload"))
+        .with_context(|| format!("cannot copy {}", bins.workload.display()))?;
     for (name, text, mode) in [
         ("install.sh", INSTALL, 0o755),
-        ("nvwa-generator", NVWA_GENERATOR, 0o755),
         ("server.sh", RUNNER, 0o755),
         ("lib.sh", LIB, 0o644),
         ("scenario.sh", scenario_sh, 0o644),
@@ -471,20 +635,56 @@ pub fn lab_disk(dir: &Path, bins: &Binaries, s: &Scenario, scenario_sh: &str) ->
         }
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode))?;
     }
+    if s.ssh {
+        authorize_run_key(dir, &stage.join("files"))?;
+    }
     let image = dir.join("lab.img");
     make_ext4(&stage, &image, "nvwa-lab", 8 << 20)?;
     Ok(image)
+}
+
+/// A key pair for this run only (`ssh = true`): the private key stays in the run directory
+/// (`ssh_key`, for the host steps), the public one becomes root's authorized key in the guest.
+/// Never in the cache or the checkout, and gone with the next run of the scenario.
+fn authorize_run_key(run_dir: &Path, files: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let key = run_dir.join("ssh_key");
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(key.with_extension("pub"));
+    exec::run(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "nvwa-lab run key", "-f"])
+            .arg(&key),
+        SMALL_DEADLINE,
+    )
+    .context("making the run's SSH key (ssh-keygen is in openssh-client: apt-get install openssh-client)")?;
+    let ssh = files.join("root/.ssh");
+    std::fs::create_dir_all(&ssh)?;
+    std::fs::set_permissions(files.join("root"), std::fs::Permissions::from_mode(0o700))?;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))?;
+    let authorized = ssh.join("authorized_keys");
+    std::fs::copy(key.with_extension("pub"), &authorized)?;
+    std::fs::set_permissions(&authorized, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// nvwa's units and initramfs script, as the package installs them.
+    const NVWA_UNIT: &str = include_str!("../../../dist/nvwa.service");
+    const NVWA_PRE_UNIT: &str = include_str!("../../../dist/nvwa-pre.service");
+    const NVWA_GENERATOR: &str = include_str!("../../../dist/nvwa-generator");
+    const INITRAMFS_HOOK: &str =
+        include_str!("../../../dist/initramfs-tools/scripts/init-top/nvwa");
+
     #[test]
     fn the_guest_scripts_are_valid_sh() {
         crate::guest::tests::assert_valid_sh(&[
             ("customize.sh", CUSTOMIZE),
             ("install.sh", INSTALL),
+            ("install-deb.sh", INSTALL_DEB),
             ("nvwa-generator", NVWA_GENERATOR),
             ("server.sh", RUNNER),
             ("lib.sh", LIB),
@@ -705,33 +905,21 @@ mod tests {
         install_project_files(t.path()).unwrap();
         let link = t
             .path()
-            .join("etc/systemd/system/multi-user.target.wants/nvwa.service");
+            .join("etc/systemd/system/multi-user.target.wants/lab.service");
         assert_eq!(
             std::fs::read_link(link).unwrap(),
-            Path::new("/usr/lib/systemd/system/nvwa.service")
+            Path::new("/usr/lib/systemd/system/lab.service")
         );
         assert!(t
             .path()
-            .join("etc/systemd/system/sysinit.target.wants/nvwa-pre.service")
+            .join("etc/systemd/system/sysinit.target.wants/lab-install.service")
             .is_symlink());
-        let yaml = std::fs::read_to_string(t.path().join("etc/nvwa/nvwa-server.yaml")).unwrap();
-        assert!(yaml.contains("criu_dir: /var/lib/nvwa\n"));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(t.path().join("var/lib/nvwa"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o700);
-        // The initramfs script is a project file: its contents are in the cache key.
-        let hook = t.path().join(INITRAMFS_HOOK_PATH);
-        assert_eq!(std::fs::read_to_string(&hook).unwrap(), INITRAMFS_HOOK);
-        let mode = std::fs::metadata(&hook).unwrap().permissions().mode();
-        assert_eq!(
-            mode & 0o777,
-            0o755,
-            "initramfs-tools runs only executable scripts"
-        );
-        assert!(file_list().iter().any(|(p, _)| p == INITRAMFS_HOOK_PATH));
+        // nvwa's own files come from its package, never from the lab.
+        assert!(!t
+            .path()
+            .join("usr/lib/systemd/system/nvwa.service")
+            .exists());
+        assert!(!t.path().join("etc/nvwa").exists());
     }
 
     fn kernel(release: &str) -> Kernel {
@@ -750,12 +938,11 @@ mod tests {
             current: kernel("6.12.2"),
             newest: kernel("7.0.1"),
         };
-        std::fs::create_dir_all(dir.join("boot")).unwrap();
+        std::fs::create_dir_all(dir.join("rootfs/boot")).unwrap();
         for k in ["6.12.1", "6.12.2", "7.0.1"] {
-            std::fs::write(dir.join(format!("boot/vmlinuz-{k}")), b"k").unwrap();
-            std::fs::write(dir.join(format!("boot/initrd.img-{k}")), b"i").unwrap();
+            std::fs::write(dir.join(format!("rootfs/boot/vmlinuz-{k}")), b"k").unwrap();
+            std::fs::write(dir.join(format!("rootfs/boot/initrd.img-{k}")), b"i").unwrap();
         }
-        std::fs::write(dir.join("disk.raw"), b"disk").unwrap();
         let m = Manifest {
             format: MANIFEST_FORMAT,
             packages: PACKAGES.iter().map(|p| p.to_string()).collect(),
@@ -774,7 +961,73 @@ mod tests {
         let kernels = cached_guest(t.path(), CUSTOMIZE);
         let g = prepare(t.path(), false).unwrap();
         assert_eq!(g.kernels, kernels);
-        assert_eq!(g.disk, t.path().join("server/disk.raw"));
+        assert_eq!(g.disk, t.path().join("server/rootfs"));
+    }
+
+    #[test]
+    fn a_cached_package_layer_is_used_while_its_key_holds() {
+        let t = tempfile::tempdir().unwrap();
+        cached_guest(t.path(), CUSTOMIZE);
+        let base = prepare(t.path(), false).unwrap();
+        let deb = t.path().join("nvwa.deb");
+        std::fs::write(&deb, b"a package").unwrap();
+        let pkg = t.path().join("server/pkg");
+        std::fs::create_dir_all(pkg.join("boot")).unwrap();
+        for k in ["6.12.1", "6.12.2", "7.0.1"] {
+            std::fs::write(pkg.join(format!("boot/vmlinuz-{k}")), b"k").unwrap();
+            std::fs::write(pkg.join(format!("boot/initrd.img-{k}")), b"i").unwrap();
+        }
+        std::fs::write(pkg.join("disk.raw"), b"disk").unwrap();
+        let m = load_manifest(&base.dir).unwrap();
+        std::fs::write(pkg.join("key"), package_key(&m, &deb).unwrap()).unwrap();
+        let g = with_package(&base, &deb).unwrap();
+        assert_eq!(g.disk, pkg.join("disk.raw"));
+        assert_eq!(
+            g.boot_files(&g.kernels.newest).1,
+            pkg.join("boot/initrd.img-7.0.1")
+        );
+        // Another package, or the same one on another base, is another key.
+        let key = package_key(&m, &deb).unwrap();
+        std::fs::write(&deb, b"another package").unwrap();
+        assert_ne!(package_key(&m, &deb).unwrap(), key);
+        let mut m2 = m.clone();
+        m2.disk_bytes += 1;
+        std::fs::write(&deb, b"a package").unwrap();
+        assert_ne!(package_key(&m2, &deb).unwrap(), key);
+    }
+
+    #[test]
+    fn a_package_without_the_build_s_binary_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::write(
+            root.join("DEBIAN/control"),
+            "Package: nvwa\nVersion: 1\nArchitecture: all\nMaintainer: x <x@example.org>\nDescription: x\n",
+        )
+        .unwrap();
+        // Two real binaries (with build ids, as Debian's linker writes them); the package's
+        // copy is stripped, as cargo-deb strips it.
+        let (first, second) = (Path::new("/usr/bin/true"), Path::new("/usr/bin/false"));
+        let st = Command::new("strip")
+            .arg("-o")
+            .arg(root.join("usr/bin/nvwa"))
+            .arg(first)
+            .status()
+            .unwrap();
+        assert!(st.success(), "strip (binutils)");
+        let deb = t.path().join("nvwa.deb");
+        let out = Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-b"])
+            .arg(&root)
+            .arg(&deb)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        check_package_binary(&deb, first).unwrap();
+        let e = check_package_binary(&deb, second).unwrap_err().to_string();
+        assert!(e.contains("rebuild it with scripts/package deb"), "{e}");
     }
 
     #[test]
@@ -798,16 +1051,22 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
         let bins = Binaries::in_dir(t.path());
-        std::fs::write(&bins.nvwa, b"nvwa").unwrap();
         std::fs::write(&bins.workload, b"workload").unwrap();
-        let text = "description = \"x\"\nguest = \"server\"\n[[files]]\nguest = \"/etc/app.conf\"\ncontent = \"a = 1\"\nmode = 0o600\n";
+        let text = "description = \"x\"\nguest = \"server\"\nssh = true\n[[files]]\nguest = \"/etc/app.conf\"\ncontent = \"a = 1\"\nmode = 0o600\n";
         let s = Scenario::parse(text, &t.path().join("s.toml")).unwrap();
         let run = t.path().join("run");
         std::fs::create_dir_all(&run).unwrap();
         let image = lab_disk(&run, &bins, &s, "LAB_CHECKS=0\n").unwrap();
         assert!(std::fs::metadata(&image).unwrap().len() >= 8 << 20);
         let stage = run.join("lab");
-        assert_eq!(std::fs::read(stage.join("bin/nvwa")).unwrap(), b"nvwa");
+        assert_eq!(
+            std::fs::read(stage.join("bin/nvwa-lab-workload")).unwrap(),
+            b"workload"
+        );
+        assert!(
+            !stage.join("bin/nvwa").exists(),
+            "nvwa comes from its package"
+        );
         assert_eq!(
             std::fs::read_to_string(stage.join("scenario.sh")).unwrap(),
             "LAB_CHECKS=0\n"
@@ -822,6 +1081,20 @@ mod tests {
         assert_eq!(mode("server.sh"), 0o755);
         assert_eq!(mode("install.sh"), 0o755);
         assert_eq!(mode("files/etc/app.conf"), 0o600);
+        // ssh = true: root's authorized key is the public half of the run's key.
+        assert_eq!(mode("files/root/.ssh"), 0o700);
+        assert_eq!(
+            std::fs::read(stage.join("files/root/.ssh/authorized_keys")).unwrap(),
+            std::fs::read(run.join("ssh_key.pub")).unwrap()
+        );
+        assert_eq!(
+            std::fs::metadata(run.join("ssh_key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o077,
+            0
+        );
         // mke2fs labelled it for the guest's fstab (LABEL=nvwa-lab).
         let raw = std::fs::read(&image).unwrap();
         // ext4 superblock at 1024, volume name at offset 0x78 in it
@@ -853,7 +1126,8 @@ mod tests {
         let k = kernel;
         let g = ServerGuest {
             dir: PathBuf::from("/c/server"),
-            disk: PathBuf::from("/c/server/disk.raw"),
+            disk: PathBuf::from("/c/server/pkg/disk.raw"),
+            boot: PathBuf::from("/c/server/pkg/boot"),
             kernels: KernelSet {
                 previous: k("6.12.1"),
                 current: k("6.12.2"),
@@ -875,7 +1149,7 @@ mod tests {
         );
         assert_eq!(
             g.boot_files(&g.kernels.newest).1,
-            PathBuf::from("/c/server/boot/initrd.img-7.0.1")
+            PathBuf::from("/c/server/pkg/boot/initrd.img-7.0.1")
         );
     }
 }

@@ -43,6 +43,12 @@ wait_server() {
 
 lab_restart_server() { systemctl restart nvwa.service && wait_server; }
 
+# wait_host_done: until the host steps of update_from_host say they are done (they create the file
+# over SSH); the scenario's deadline bounds the wait.
+wait_host_done() {
+    until [ -e /run/nvwa-lab-host-done ]; do sleep 1; done
+}
+
 # server_log: what nvwa.service logged on this boot.
 server_log() { journalctl -b 0 -u nvwa.service --no-pager -o short-monotonic 2>&1 | out server; }
 
@@ -52,6 +58,14 @@ if [ ! -f "$LAB_STATE/update-started" ]; then
     ev "{\"event\":\"boot\",\"stage\":\"old\",\"kernel\":\"$K\"}"
     wait_server || finish 1
     run_setup || finish 1
+    if [ -n "$LAB_UPDATE_FROM_HOST" ]; then
+        # The host runs the update (update_from_host): from now on the next boot is the new one.
+        touch "$LAB_STATE/update-started"
+        sync
+        lab_host "$LAB_UPDATE_FROM_HOST"
+        wait_host_done
+        echo "the host steps are done, and this is still the old kernel" | out update
+    fi
     run_updates
     # kexec_mode: orderly: the update returned and systemd is stopping the machine to jump;
     # powering off here would cut that short. systemd stops this script with the rest.
@@ -68,6 +82,7 @@ else
     phase=$(lab_wait_restore)
     ev "{\"event\":\"restored\",\"phase\":\"$phase\"}"
     echo "NVWA-LAB {\"event\":\"journal\",\"journal\":$(nvwa status --json | tr -d '\n')}"
+    [ -z "$LAB_UPDATE_FROM_HOST" ] || wait_host_done
     run_checks
     server_log
     finish $failed
