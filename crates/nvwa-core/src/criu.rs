@@ -160,15 +160,7 @@ impl Criu {
     /// Checkpoints the tree rooted at `pid` into `dir` and leaves it stopped, so that a later
     /// failure elsewhere can still resume it. Returns the time spent, in milliseconds.
     pub fn dump(&self, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
-        // Images are full memory dumps: nobody but root may read them.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| CriuError::ImageDir {
-                dir: dir.to_path_buf(),
-                source,
-            })?;
+        create_image_dir(dir, true)?;
         let pid_s = pid.to_string();
         let mut args: Vec<String> = ["dump", "-t", &pid_s, "--leave-stopped"]
             .map(String::from)
@@ -203,10 +195,7 @@ impl Criu {
             deadline_key: "dump_timeout",
             cancellable: true,
         };
-        match opts.enter_ns_of {
-            None => self.run(run, dir, &args),
-            Some(ns_pid) => self.run_in_ns_of(ns_pid, run, dir, &args),
-        }
+        self.run_for(&opts, run, dir, &args)
     }
 
     /// One pre-dump pass of the tree rooted at `pid` into `dir`: its memory (only what changed
@@ -219,13 +208,8 @@ impl Criu {
         prev: Option<&str>,
         opts: &DumpOptions,
     ) -> Result<PreDumpPass, CriuError> {
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| CriuError::ImageDir {
-                dir: dir.to_path_buf(),
-                source,
-            })?;
+        // A pass's own directory: one left behind would mix two passes' pages.
+        create_image_dir(dir, false)?;
         let pid_s = pid.to_string();
         let mut args: Vec<String> = ["pre-dump", "-t", &pid_s, "--track-mem"]
             .map(String::from)
@@ -244,10 +228,7 @@ impl Criu {
             deadline_key: "dump_timeout",
             cancellable: true,
         };
-        let ms = match opts.enter_ns_of {
-            None => self.run(run, dir, &args),
-            Some(ns_pid) => self.run_in_ns_of(ns_pid, run, dir, &args),
-        }?;
+        let ms = self.run_for(opts, run, dir, &args)?;
         Ok(PreDumpPass {
             bytes: page_bytes(dir),
             ms,
@@ -358,6 +339,20 @@ impl Criu {
             })
     }
 
+    /// A dump-side run: inside the target's namespaces when `opts` says so.
+    fn run_for(
+        &self,
+        opts: &DumpOptions,
+        run: Run,
+        dir: &Path,
+        args: &[String],
+    ) -> Result<u64, CriuError> {
+        match opts.enter_ns_of {
+            None => self.run(run, dir, args),
+            Some(ns_pid) => self.run_in_ns_of(ns_pid, run, dir, args),
+        }
+    }
+
     fn run(&self, run: Run, dir: &Path, args: &[String]) -> Result<u64, CriuError> {
         let mut cmd = Command::new(&self.exe);
         cmd.args(args).arg("-D").arg(dir);
@@ -461,6 +456,19 @@ impl Criu {
             log,
         })
     }
+}
+
+/// Creates an image directory (and, when `recursive`, its parents). Images are full memory
+/// dumps: nobody but root may read them.
+fn create_image_dir(dir: &Path, recursive: bool) -> Result<(), CriuError> {
+    std::fs::DirBuilder::new()
+        .recursive(recursive)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| CriuError::ImageDir {
+            dir: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// Bytes of memory pages in an image directory (its pages-*.img files).
