@@ -447,25 +447,38 @@ impl WindowScaling {
             }
         };
         let unscaled = streams.iter().filter(|(_, scaled)| !scaled).count();
-        places.put_back_leftover();
         let mut g = WindowScaling {
             _lock: None,
             restore_to: None,
             places,
             unscaled,
         };
+        // A saved value is a leftover only when nobody holds the lock: while a parallel
+        // restore holds the sysctl at 0, the saved value is its, and putting it back would
+        // restore that restore's connections with tiny windows. So it is put back only under
+        // the lock; a restore without connections takes it only if it is free at once.
         if streams.is_empty() {
+            if open_restore_lock(&g.places.lock, LockMode::ExclusiveIfFree).is_ok() {
+                g.places.put_back_leftover();
+            }
             return g;
         }
-        match open_restore_lock(&g.places.lock, unscaled > 0) {
-            Ok(f) => g._lock = Some(f),
+        let mode = if unscaled > 0 {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        };
+        match open_restore_lock(&g.places.lock, mode) {
+            Ok(f) => {
+                g._lock = Some(f);
+                // The holder of the sysctl may have been killed while we waited.
+                g.places.put_back_leftover();
+            }
             Err(e) => tracing::warn!(
                 "restoring {} without serialising restores: {e}",
                 dir.display()
             ),
         }
-        // Again under the lock: the holder of the sysctl may have been killed while we waited.
-        g.places.put_back_leftover();
         if unscaled > 0 {
             let sysctl = g.places.sysctl.clone();
             match std::fs::read_to_string(&sysctl) {
@@ -504,7 +517,17 @@ impl Drop for WindowScaling {
     }
 }
 
-fn open_restore_lock(path: &Path, exclusive: bool) -> std::io::Result<std::fs::File> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockMode {
+    /// A restore of connections without window scaling: alone.
+    Exclusive,
+    /// A restore of scaled connections: with others like it.
+    Shared,
+    /// Only if nobody holds it now (fails with EWOULDBLOCK otherwise).
+    ExclusiveIfFree,
+}
+
+fn open_restore_lock(path: &Path, mode: LockMode) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(d) = path.parent() {
         std::fs::DirBuilder::new()
@@ -519,10 +542,10 @@ fn open_restore_lock(path: &Path, exclusive: bool) -> std::io::Result<std::fs::F
         .write(true)
         .mode(0o600)
         .open(path)?;
-    let op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
+    let op = match mode {
+        LockMode::Exclusive => libc::LOCK_EX,
+        LockMode::Shared => libc::LOCK_SH,
+        LockMode::ExclusiveIfFree => libc::LOCK_EX | libc::LOCK_NB,
     };
     // SAFETY: flock(2) on a descriptor we hold; the lock goes with it.
     if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
@@ -633,11 +656,10 @@ mod tests {
             img.extend_from_slice(&msg);
             img
         };
-        // No established connections: nothing is touched, no lock is taken.
+        // No established connections: the sysctl is not touched.
         let none = t.path().join("none");
         std::fs::create_dir(&none).unwrap();
         drop(WindowScaling::at(&none, places.clone()));
-        assert!(!places.lock.exists());
         assert_eq!(read(&places.sysctl), "1\n");
 
         // Scaled ones only: the lock is shared, the sysctl untouched.
@@ -660,6 +682,15 @@ mod tests {
         drop(g);
         assert_eq!(read(&places.sysctl), "1");
         assert!(!places.saved.exists());
+
+        // A parallel restore without connections, while one holds the sysctl at 0: the saved
+        // value is that restore's, not a leftover, and stays.
+        let g = WindowScaling::at(&unscaled, places.clone());
+        drop(WindowScaling::at(&none, places.clone()));
+        assert_eq!(read(&places.sysctl), "0");
+        assert_eq!(read(&places.saved), "1");
+        drop(g);
+        assert_eq!(read(&places.sysctl), "1");
 
         // A restore killed while it held the sysctl at 0: the next one puts the value back.
         std::fs::write(&places.sysctl, "0").unwrap();
