@@ -471,24 +471,20 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
             runs.into_iter().map(|h| h.join()).collect()
         });
         for (t, res) in self.j.targets.iter_mut().zip(results) {
-            match res {
-                Ok(Ok(passes)) => {
+            // A panicking pass is a failed pass like any other: the passes only save time.
+            match res
+                .map_err(panic_text)
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                Ok(passes) => {
                     r.target(t, "pre-dumped", Some(pre_dump::describe(&passes)));
                     t.pre_dump = passes;
                 }
-                Ok(Err(e)) => {
+                Err(why) => {
                     r.target(
                         t,
                         "pre-dump failed",
-                        Some(format!("{e}; dumping it in full")),
-                    );
-                    discard_pre_dumps(&image_dir(cfg, t));
-                }
-                Err(p) => {
-                    r.target(
-                        t,
-                        "pre-dump failed",
-                        Some(format!("{}; dumping it in full", panic_text(p))),
+                        Some(format!("{why}; dumping it in full")),
                     );
                     discard_pre_dumps(&image_dir(cfg, t));
                 }
