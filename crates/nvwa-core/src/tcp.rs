@@ -394,7 +394,7 @@ fn for_each_tcp_socket(ids: &[i32], mut f: impl FnMut(i32)) {
 /// The sysctl is the machine's: a connection that anything else opens in that window is not
 /// scaled either (its window is at most 64 KiB for its lifetime).
 pub struct WindowScaling {
-    _lock: Option<std::fs::File>,
+    _lock: Option<RestoreLock>,
     restore_to: Option<String>,
     places: Places,
     /// The connections saved without window scaling.
@@ -418,10 +418,16 @@ impl Places {
         }
     }
 
-    /// A restore that was killed while it held the sysctl at 0 left its old value behind.
-    fn put_back_leftover(&self) {
+    /// A restore that was killed while it held the sysctl at 0 left its old value behind. Only
+    /// a holder of the lock may tell a leftover from the value of a restore running now.
+    fn put_back_leftover(&self, _held: &RestoreLock) {
         if let Ok(v) = std::fs::read_to_string(&self.saved) {
             if std::fs::write(&self.sysctl, v.trim()).is_ok() {
+                tracing::warn!(
+                    "{} put back to {} (left at 0 by a restore that did not finish)",
+                    self.sysctl.display(),
+                    v.trim()
+                );
                 let _ = std::fs::remove_file(&self.saved);
             }
         }
@@ -456,10 +462,12 @@ impl WindowScaling {
         // A saved value is a leftover only when nobody holds the lock: while a parallel
         // restore holds the sysctl at 0, the saved value is its, and putting it back would
         // restore that restore's connections with tiny windows. So it is put back only under
-        // the lock; a restore without connections takes it only if it is free at once.
+        // the lock; a restore without connections takes it only if it is free at once. (The
+        // lock must be bound to a name: a temporary in an `if` condition is dropped before the
+        // block runs, which let this put the value back unlocked, under another restore.)
         if streams.is_empty() {
-            if open_restore_lock(&g.places.lock, LockMode::ExclusiveIfFree).is_ok() {
-                g.places.put_back_leftover();
+            if let Ok(held) = open_restore_lock(&g.places.lock, LockMode::ExclusiveIfFree) {
+                g.places.put_back_leftover(&held);
             }
             return g;
         }
@@ -469,10 +477,10 @@ impl WindowScaling {
             LockMode::Shared
         };
         match open_restore_lock(&g.places.lock, mode) {
-            Ok(f) => {
-                g._lock = Some(f);
+            Ok(held) => {
                 // The holder of the sysctl may have been killed while we waited.
-                g.places.put_back_leftover();
+                g.places.put_back_leftover(&held);
+                g._lock = Some(held);
             }
             Err(e) => tracing::warn!(
                 "restoring {} without serialising restores: {e}",
@@ -485,7 +493,15 @@ impl WindowScaling {
                 Ok(v) if v.trim() != "0" => {
                     let saved = std::fs::write(&g.places.saved, v.trim());
                     match saved.and_then(|()| std::fs::write(&sysctl, "0")) {
-                        Ok(()) => g.restore_to = Some(v.trim().to_string()),
+                        Ok(()) => {
+                            tracing::info!(
+                                "{}: {unscaled} TCP connection(s) saved without window scaling: restoring them with {}=0 (was {})",
+                                dir.display(),
+                                sysctl.display(),
+                                v.trim()
+                            );
+                            g.restore_to = Some(v.trim().to_string());
+                        }
                         Err(e) => tracing::warn!(
                             "cannot set {} to 0 for the restore of {}: {e}; its {unscaled} connection(s) without window scaling will advertise tiny windows",
                             sysctl.display(),
@@ -493,7 +509,11 @@ impl WindowScaling {
                         ),
                     }
                 }
-                Ok(_) => {}
+                Ok(_) => tracing::info!(
+                    "{}: {unscaled} TCP connection(s) saved without window scaling; {} is 0 already",
+                    dir.display(),
+                    sysctl.display()
+                ),
                 Err(e) => tracing::warn!("cannot read {}: {e}", sysctl.display()),
             }
         }
@@ -506,6 +526,7 @@ impl Drop for WindowScaling {
         if let Some(v) = self.restore_to.take() {
             match std::fs::write(&self.places.sysctl, &v) {
                 Ok(()) => {
+                    tracing::info!("{} put back to {v}", self.places.sysctl.display());
                     let _ = std::fs::remove_file(&self.places.saved);
                 }
                 Err(e) => tracing::error!(
@@ -527,7 +548,12 @@ enum LockMode {
     ExclusiveIfFree,
 }
 
-fn open_restore_lock(path: &Path, mode: LockMode) -> std::io::Result<std::fs::File> {
+/// The restore lock, held while this lives (flock on its own open file description).
+struct RestoreLock {
+    _file: std::fs::File,
+}
+
+fn open_restore_lock(path: &Path, mode: LockMode) -> std::io::Result<RestoreLock> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(d) = path.parent() {
         std::fs::DirBuilder::new()
@@ -551,7 +577,7 @@ fn open_restore_lock(path: &Path, mode: LockMode) -> std::io::Result<std::fs::Fi
     if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(f)
+    Ok(RestoreLock { _file: f })
 }
 
 #[cfg(test)]
