@@ -694,6 +694,36 @@ expect = "power_cut"
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "it's $HOME");
     }
 
+    /// `! cmd` asserts nothing in the middle of a `set -e` script: an inverted status is exempt
+    /// from errexit, so only the script's last command may be one (it gives the exit status).
+    #[test]
+    fn no_shipped_script_inverts_a_command_it_does_not_judge() {
+        let mut found = Vec::new();
+        for s in list(&builtin_dir()).unwrap() {
+            let scripts = [&s.setup, &s.before_restore]
+                .into_iter()
+                .chain(s.check.iter().chain(&s.host_check).map(|c| &c.run));
+            for script in scripts {
+                let lines: Vec<&str> = script
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .collect();
+                let body = lines.split_last().map_or(&[][..], |(_, b)| b);
+                found.extend(
+                    body.iter()
+                        .filter(|l| l.starts_with("! ") && !l.contains("||"))
+                        .map(|l| format!("{}: {l}", s.name)),
+                );
+            }
+        }
+        assert!(
+            found.is_empty(),
+            "use `if cmd; then exit 1; fi` (or `! cmd || exit 1`) instead:\n{}",
+            found.join("\n")
+        );
+    }
+
     #[test]
     fn the_shipped_scenarios_parse() {
         let all = list(&builtin_dir()).unwrap();
