@@ -317,6 +317,9 @@ impl Lab {
                     .context("cannot find a free host port for a forward")
             })
             .collect::<Result<_>>()?;
+        if std::env::var_os("NVWA_LAB_PCAP").is_some() {
+            spec.pcap = Some(dir.join("guest-net.pcap"));
+        }
         // A client of an earlier run of this scenario must neither speak for this one nor stop it.
         for stale in [host::CLIENT_RESULT, host::CLIENT_STOP] {
             let _ = std::fs::remove_file(dir.join(stale));

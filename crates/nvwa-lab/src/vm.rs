@@ -58,6 +58,8 @@ pub struct VmSpec {
     pub forwards: Vec<(u16, u16)>,
     /// QEMU `-drive` specifications, in order (the first virtio one is /dev/vda).
     pub drives: Vec<String>,
+    /// Where QEMU records the guest's network traffic (pcap), if anywhere.
+    pub pcap: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -74,6 +76,7 @@ impl VmSpec {
             timeout,
             forwards: Vec::new(),
             drives: Vec::new(),
+            pcap: None,
         }
     }
 
@@ -115,6 +118,15 @@ impl VmSpec {
             ));
             args.push("-machine".into());
             args.push("memory-backend=ram".into());
+        }
+        if let Some(pcap) = &self.pcap {
+            // QEMU's filter-dump sees every frame between the guest's NIC and its user network,
+            // across the kexec (QEMU keeps running).
+            args.push("-object".into());
+            args.push(format!(
+                "filter-dump,id=pcap0,netdev=n0,file={}",
+                pcap.display().to_string().replace(',', ",,")
+            ));
         }
         for d in &self.drives {
             args.push("-drive".into());
