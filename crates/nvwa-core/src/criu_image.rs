@@ -249,6 +249,37 @@ pub fn tcp_streams(dir: &Path) -> Result<Vec<(String, bool)>, ImageError> {
     Ok(out)
 }
 
+/// `FileEntry.type` of an inet socket (`fd_types.INETSK`).
+const FD_TYPE_INETSK: u64 = 4;
+
+/// How many inet sockets (TCP or UDP, listening, bound or connected, IPv4 or IPv6) the images
+/// in `dir` hold: `files.img`, one `FileEntry` per open file of the tree.
+pub fn inet_sockets(dir: &Path) -> Result<usize, ImageError> {
+    let path = dir.join("files.img");
+    let img = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(ImageError::Io { path, source }),
+    };
+    let mut at = 8;
+    let mut n = 0;
+    while at < img.len() {
+        let entry = first_entry(&img[at..], 0).ok_or(ImageError::Malformed {
+            path: path.clone(),
+            why: "truncated file entry",
+        })?;
+        let fields = decode(entry.1).ok_or(ImageError::Malformed {
+            path: path.clone(),
+            why: "undecodable file entry",
+        })?;
+        if varint_field(&fields, 1) == Some(FD_TYPE_INETSK) {
+            n += 1;
+        }
+        at += 4 + entry.1.len();
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +289,31 @@ mod tests {
         out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
         out.extend_from_slice(msg);
         out
+    }
+
+    #[test]
+    fn inet_sockets_are_counted_among_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            inet_sockets(dir.path()).unwrap(),
+            0,
+            "no files.img: no sockets"
+        );
+        let entry = |ty: u64| encode(&[(1, Value::Varint(ty)), (2, Value::Varint(9))]);
+        let mut img = image(&[1, 2], &entry(1));
+        for ty in [FD_TYPE_INETSK, 5, FD_TYPE_INETSK] {
+            let e = entry(ty);
+            img.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            img.extend_from_slice(&e);
+        }
+        std::fs::write(dir.path().join("files.img"), &img).unwrap();
+        assert_eq!(inet_sockets(dir.path()).unwrap(), 2);
+        img.truncate(img.len() - 1);
+        std::fs::write(dir.path().join("files.img"), &img).unwrap();
+        assert!(
+            inet_sockets(dir.path()).is_err(),
+            "a truncated image is no answer"
+        );
     }
 
     #[test]

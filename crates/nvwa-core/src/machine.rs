@@ -109,6 +109,9 @@ pub trait Machine: Send + Sync {
     fn start_service(&self, unit: &str, deadline: Duration) -> Result<UnitInfo, SystemdError>;
     /// Re-runs systemd's generators (nvwa's drop-ins disappear once restores are recorded).
     fn daemon_reload(&self) -> Result<(), SystemdError>;
+    /// Under systemd, waits at most `deadline` for `network-online.target`; elsewhere (an
+    /// init that configures the network before it starts nvwa) returns at once.
+    fn wait_network_online(&self, deadline: Duration) -> Result<(), SystemdError>;
     /// `kexec_mode: orderly`: makes sure that systemd's shutdown cannot let a saved process run
     /// again, then asks systemd to stop the machine and jump into the loaded kernel. The listed
     /// `units` get a runtime drop-in that stops them with SIGKILL and without ExecStop=; the
@@ -310,6 +313,13 @@ impl Machine for RealMachine {
     }
     fn daemon_reload(&self) -> Result<(), SystemdError> {
         systemd::daemon_reload()
+    }
+    fn wait_network_online(&self, deadline: Duration) -> Result<(), SystemdError> {
+        if systemd::booted() {
+            systemd::wait_network_online(deadline)
+        } else {
+            Ok(())
+        }
     }
     fn orderly_kexec(&self, units: &[String], pids: &[i32]) -> Result<(), SystemdError> {
         let held = systemd::hold(units)?;

@@ -342,6 +342,35 @@ fn the_new_boot_restores_every_target_and_computes_the_downtime() {
 }
 
 #[test]
+fn targets_without_inet_sockets_do_not_wait_for_the_network_and_the_others_do() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 300]);
+    saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
+    let new = new_boot();
+    restore(&new, &cfg).unwrap();
+    assert!(!new.called(&Call::WaitNetworkOnline), "{:?}", new.calls());
+
+    // 300 holds a TCP socket (files.img: magics, then one FileEntry of type INETSK).
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 300]);
+    saved_on_old_boot(&cfg, &[100, 300], Phase::Committed);
+    let mut img = vec![0u8; 8];
+    img.extend_from_slice(&2u32.to_le_bytes());
+    img.extend_from_slice(&[0x08, 0x04]);
+    std::fs::write(cfg.server.criu_dir.join("300/files.img"), img).unwrap();
+    let new = new_boot();
+    restore(&new, &cfg).unwrap();
+    let calls = new.calls();
+    let at = |c: &Call| calls.iter().position(|x| x == c).unwrap();
+    assert!(
+        at(&Call::WaitNetworkOnline) < at(&Call::Restore("300".into())),
+        "the target with a socket waits for the network: {calls:?}"
+    );
+    let j = journal(&cfg);
+    assert!(j.targets.iter().all(|t| t.state == TargetState::Restored));
+}
+
+#[test]
 fn images_of_an_update_that_never_committed_are_never_restored() {
     // Finding 2: after a power cut before the commit, a second server start restored them.
     for last in [Phase::Frozen, Phase::Dumped] {

@@ -23,6 +23,10 @@ use crate::update::{criu_deadline, image_dir, undo, Reporter, UpdateError};
 pub const PID_WAIT: Duration = Duration::from_secs(10);
 /// Restores that collide on a pid (EEXIST) are retried this many times, one at a time.
 const COLLISION_RETRIES: usize = 3;
+/// How long targets that need the network wait for `network-online.target` (systemd-networkd's
+/// wait-online gives up after 2 minutes); they are restored then anyway, and fail on their own
+/// if their address is missing.
+const NETWORK_WAIT: Duration = Duration::from_secs(150);
 
 pub fn restore_saved(m: &dyn Machine, cfg: &Config, r: &Reporter) -> Result<String, UpdateError> {
     let dir = &cfg.server.criu_dir;
@@ -147,8 +151,7 @@ fn restore_all(
     if let Err(e) = m.reserve_pids(&all_ids) {
         r.message(e.to_string());
     }
-    // Before any target: restored processes find the addresses, routes and firewall they had.
-    let net_problems = restore_network(m, cfg, r);
+    let net_saved = crate::net::saved(&cfg.server.criu_dir);
 
     let mut ready = Vec::new();
     for &i in &pending {
@@ -171,6 +174,11 @@ fn restore_all(
             Err(e) => t.state = TargetState::Failed(e.to_string()),
         }
     }
+    // Early restore: what needs no network runs again at once, while the boot brings the network
+    // up; the rest waits for it (nvwa.service is not ordered after network-online.target).
+    let (late, early): (Vec<usize>, Vec<usize>) = ready
+        .iter()
+        .partition(|&&i| needs_network(cfg, &j.targets[i], net_saved));
 
     let lazy = cfg.restore.lazy_restore
         && ready.iter().any(|&i| j.targets[i].kind == TargetKind::Pid)
@@ -184,31 +192,51 @@ fn restore_all(
             }
         };
 
-    // In parallel first; collisions (EEXIST) are retried one at a time.
-    let first: Vec<Result<(i32, u64), RestoreFailure>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ready
-            .iter()
-            .map(|&i| {
-                let t = &j.targets[i];
-                r.target(t, "restoring", None);
-                let criu = &criu;
-                s.spawn(move || restore_one(m, cfg, criu, t, lazy))
-            })
-            .collect();
-        handles
+    // In parallel first; collisions (EEXIST) are retried one at a time. Each target is stamped
+    // running again when its own restore ends, not when the last one does.
+    let (first, net_problems) = std::thread::scope(|s| {
+        let spawn = |i: usize| {
+            let t = &j.targets[i];
+            r.target(t, "restoring", None);
+            let criu = &criu;
+            s.spawn(move || restore_one(m, cfg, criu, t, lazy).map(|ok| (ok, now().0)))
+        };
+        let mut handles: Vec<(usize, _)> = early.iter().map(|&i| (i, spawn(i))).collect();
+        let mut net_problems = Vec::new();
+        if !late.is_empty() || net_saved {
+            if !late.is_empty() {
+                r.message(format!(
+                    "{} target(s) restored once the network is up (restore_net, or inet sockets in their images)",
+                    late.len()
+                ));
+            }
+            if let Err(e) = m.wait_network_online(NETWORK_WAIT) {
+                r.message(format!(
+                    "network-online.target was not reached ({e}); restoring the targets that need the network anyway"
+                ));
+            }
+            // Before any target that needs it: restored processes find the addresses, routes and
+            // firewall they had.
+            net_problems = restore_network(m, cfg, r);
+            handles.extend(late.iter().map(|&i| (i, spawn(i))));
+        }
+        let mut first: Vec<(usize, Restored)> = handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
+            .map(|(i, h)| {
+                let res = h.join().unwrap_or_else(|_| {
                     Err(RestoreFailure::Other(
                         "internal error: the restore thread panicked".into(),
                     ))
-                })
+                });
+                (i, res)
             })
-            .collect()
+            .collect();
+        first.sort_by_key(|(i, _)| ready.iter().position(|r| r == i));
+        (first, net_problems)
     });
     let mut services_restored = false;
     let mut filling = Vec::new();
-    for (&i, first) in ready.iter().zip(first) {
+    for (i, first) in first {
         let res = match first {
             // Only a pid target's own criu run can collide; a service's unit retries itself.
             Err(RestoreFailure::Criu(e)) => {
@@ -220,16 +248,17 @@ fn restore_all(
                     || m.restore(&criu, &image_dir(cfg, t), &lazy_options(cfg, t, lazy)),
                     || r.target(t, "retrying", Some("a saved pid was taken".into())),
                 )
+                .map(|ok| (ok, now().0))
                 .map_err(|e| e.to_string())
             }
             other => other.map_err(|e| e.to_string()),
         };
         let t = &mut j.targets[i];
         match res {
-            Ok((pid, ms)) => {
+            Ok(((pid, ms), running_again)) => {
                 t.state = TargetState::Restored;
                 t.restore_ms = Some(ms);
-                t.running_again_wall_ms = Some(now().0);
+                t.running_again_wall_ms = Some(running_again);
                 services_restored |= t.kind == TargetKind::Service;
                 r.target(t, "restored", Some(format!("pid {pid}, {ms} ms")));
                 if lazy && t.kind == TargetKind::Pid {
@@ -311,6 +340,17 @@ fn restore_all(
     ))
 }
 
+/// Whether `t` must wait for the network before its restore: with the network saved
+/// (`restore_net`), every target does (its processes had that network, and may use it at once);
+/// otherwise a pid target with an inet socket in its images (a connection, a listener, a bound
+/// UDP socket: its address must be configured). A service follows its unit's own ordering.
+/// Images that cannot be read are assumed to need it.
+fn needs_network(cfg: &Config, t: &Target, net_saved: bool) -> bool {
+    net_saved
+        || (t.kind == TargetKind::Pid
+            && crate::criu_image::inet_sockets(&image_dir(cfg, t)).map_or(true, |n| n > 0))
+}
+
 /// Restores the network saved by the update (`restore_net: true`), if it saved one. Returns what
 /// could not be restored. These problems do not hold the targets back: their memory is what
 /// would be lost, a missing route or address can be fixed on the running machine, and a target
@@ -342,6 +382,9 @@ fn restore_network(m: &dyn Machine, cfg: &Config, r: &Reporter) -> Vec<String> {
         }
     }
 }
+
+/// One target's first restore: `((pid, restore ms), wall ms when it was running again)`.
+type Restored = Result<((i32, u64), u64), RestoreFailure>;
 
 /// Why one target's restore failed: criu's own error (a pid collision is retried), or the
 /// unit's start for a service.

@@ -218,6 +218,18 @@ pub fn start(unit: &str, deadline: Duration) -> Result<(), SystemdError> {
     systemctl(&["start", unit], deadline).map(drop)
 }
 
+/// Whether systemd manages this boot (sd_booted(3)).
+pub fn booted() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// Waits, at most `deadline`, until `network-online.target` is reached (starting it if nothing
+/// asked for it): the network manager has configured the links. `nvwa.service` is not ordered
+/// after it, so that targets needing no network are restored before it; the others wait here.
+pub fn wait_network_online(deadline: Duration) -> Result<(), SystemdError> {
+    systemctl(&["start", "network-online.target"], deadline).map(drop)
+}
+
 /// Makes systemd re-run its generators and re-read unit files.
 pub fn daemon_reload() -> Result<(), SystemdError> {
     systemctl(&["daemon-reload"], QUERY_DEADLINE).map(drop)

@@ -64,6 +64,7 @@ pub enum Call {
     KillHolder(i32),
     StartService(String),
     DaemonReload,
+    WaitNetworkOnline,
     PidFile(PathBuf, i32),
     /// An orderly kexec of these units and pid targets was handed to systemd.
     OrderlyKexec(Vec<String>, Vec<i32>),
@@ -560,6 +561,10 @@ impl Machine for FakeMachine {
         };
         self.alive.lock().unwrap().insert(main);
         Ok(self.unit_info(s, main))
+    }
+    fn wait_network_online(&self, _deadline: Duration) -> Result<(), SystemdError> {
+        self.log(Call::WaitNetworkOnline);
+        Ok(())
     }
     fn daemon_reload(&self) -> Result<(), SystemdError> {
         self.log(Call::DaemonReload);

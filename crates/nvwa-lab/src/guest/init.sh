@@ -65,12 +65,17 @@ if grep -q 'nvwa_lab.boot=bare' /proc/cmdline; then
     finish 1
 fi
 
+# Where the boot goes between /init and the server (the serial log; the bench's "nvwa start"):
+# each step's end on this kernel's clock.
+step() { ev "{\"event\":\"init-step\",\"step\":\"$1\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"; }
+
 # Kernel modules criu and the persistent memory need, in dependency order.
 while IFS= read -r m; do
     insmod "$m" 2>/tmp/insmod.err || grep -q 'File exists' /tmp/insmod.err ||
         { echo "insmod $m: $(cat /tmp/insmod.err)" | out modules; }
 done < "/lib/modules/$K/nvwa-lab/load-order"
 ip link set lo up
+step modules
 
 i=0
 while [ ! -b /dev/pmem0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -79,6 +84,7 @@ if [ ! -b /dev/pmem0 ]; then
     { cat /proc/cmdline; grep -i persistent /proc/iomem; dmesg | grep -iE 'pmem|nvdimm|e820|memmap' | tail -20; } 2>&1 | out init
     finish 1
 fi
+step pmem
 mkdir -p /var/nvwa
 COLD_BOOT=0
 grep -q 'nvwa_lab.boot=cold' /proc/cmdline && COLD_BOOT=1
@@ -103,9 +109,11 @@ if ! grep -q ' /var/nvwa ' /proc/mounts; then
     finish 1
 fi
 grep ' /var/nvwa ' /proc/mounts | out init
+step mount
 # nvwa-pre.service's other job, now that the images are mounted and before the network is up:
 # put back the lock of the saved TCP connections (the pids were reserved above already).
 nvwa pre 2>&1 | grep -v -e '^pids up to' -e '^no pid reservation' | out pre
+step pre
 # QEMU's user-mode network: the host reaches the guest through the scenario's port forwards.
 if [ -e /sys/class/net/eth0 ]; then
     ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
