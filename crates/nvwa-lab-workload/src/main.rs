@@ -12,14 +12,14 @@
 //!         [--max-gap-ms G]  (no two ticks further apart than G ms of wall time: it never stopped)
 //! echo, connect, lock, try-lock: holders of sockets and file locks (see net_lock.rs)
 //! tcp-client: a client on the host whose connection must survive the switch (tcp_client.rs)
-//! tcp-info: the window scaling of a process's established TCP connections (tcp_info.rs)
+//! tcp-window: the receive windows this machine advertises from a port, on the wire (tcp_window.rs)
 //! as-user: nvwa-lab-workload as-user NAME CMD [ARGS...]
 //!         (run CMD as the user NAME of /etc/passwd: its uid and gid, no supplementary groups,
 //!         HOME/USER/LOGNAME set; no setuid bit anywhere, so only root can use it)
 
 mod net_lock;
 mod tcp_client;
-mod tcp_info;
+mod tcp_window;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -44,9 +44,9 @@ fn main() {
         Some("lock") => net_lock::lock(&args[1..]),
         Some("try-lock") => net_lock::try_lock(&args[1..]),
         Some("tcp-client") => tcp_client::run(&args[1..]),
-        Some("tcp-info") => tcp_info::run(&args[1..]),
+        Some("tcp-window") => tcp_window::run(&args[1..]),
         _ => Err(
-            "usage: nvwa-lab-workload run|verify|echo|connect|lock|try-lock|tcp-client|tcp-info|as-user [options] (see the source header)".into(),
+            "usage: nvwa-lab-workload run|verify|echo|connect|lock|try-lock|tcp-client|tcp-window|as-user [options] (see the source header)".into(),
         ),
     };
     if let Err(e) = result {
