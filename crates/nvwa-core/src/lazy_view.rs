@@ -603,6 +603,27 @@ mod tests {
         plan(&[t, m, b]).unwrap()
     }
 
+    /// The 256 MiB process of the lab's `pids` scenario (criu 3.17.1, two pre-dump passes), its
+    /// pagemaps as criu wrote them, printed by the new boot before the restore.
+    #[test]
+    fn a_real_chain_leaves_the_pre_dumped_buffer_to_the_daemon() {
+        let dump = include_bytes!("testdata/pagemap-dump.img");
+        let pre2 = include_bytes!("testdata/pagemap-pre-2.img");
+        let pre1 = include_bytes!("testdata/pagemap-pre-1.img");
+        let [t, m, b] = [&dump[..], &pre2[..], &pre1[..]].map(|i| parse(i).unwrap());
+        for (img, p) in [(&dump[..], &t), (&pre2[..], &m), (&pre1[..], &b)] {
+            assert_eq!(render(p), img, "criu's own bytes come back");
+        }
+        assert!(t.entries.iter().any(|e| e.flags == PE_PARENT));
+        let plan = plan(&[&t.entries, &m.entries, &b.entries]).unwrap();
+        let pages = |es: &[Entry]| es.iter().map(|e| e.nr_pages).sum::<u64>();
+        assert_eq!(pages(&plan.restore), pages(&t.entries));
+        assert_eq!(plan.lazy + plan.eager, pages(&t.entries));
+        assert!(plan.lazy >= 65536, "the 256 MiB buffer: {plan:?}");
+        assert!(plan.eager < 64, "{} pages read before it runs", plan.eager);
+        assert_eq!(pages(&plan.daemon), pages(&b.entries));
+    }
+
     #[test]
     fn a_hole_the_parent_lacks_is_an_error() {
         let b = vec![e(0, 2, LAZY)];
