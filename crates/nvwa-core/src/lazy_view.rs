@@ -607,9 +607,9 @@ mod tests {
     /// pagemaps as criu wrote them, printed by the new boot before the restore.
     #[test]
     fn a_real_chain_leaves_the_pre_dumped_buffer_to_the_daemon() {
-        let dump = include_bytes!("testdata/pagemap-dump.img");
-        let pre2 = include_bytes!("testdata/pagemap-pre-2.img");
-        let pre1 = include_bytes!("testdata/pagemap-pre-1.img");
+        let dump = include_bytes!("testdata/pagemap-dump.bin");
+        let pre2 = include_bytes!("testdata/pagemap-pre-2.bin");
+        let pre1 = include_bytes!("testdata/pagemap-pre-1.bin");
         let [t, m, b] = [&dump[..], &pre2[..], &pre1[..]].map(|i| parse(i).unwrap());
         for (img, p) in [(&dump[..], &t), (&pre2[..], &m), (&pre1[..], &b)] {
             assert_eq!(render(p), img, "criu's own bytes come back");
