@@ -23,8 +23,10 @@
 //!   directory (`-W`), where restore and nvwa look for them.
 //!
 //! Only pages the first pass itself flagged lazy (criu found their mapping fit for
-//! userfaultfd: private, anonymous, not locked) become lazy; the judge in [`crate::lazy_pages`]
-//! still requires every one of them copied.
+//! userfaultfd: private, anonymous, not locked) and whose mapping in the dump (`mm-<pid>.img`)
+//! still is fit become lazy: a mapping locked after the first pass would not be registered with
+//! userfaultfd, and the process would read zeros there. The judge in [`crate::lazy_pages`]
+//! still requires every lazy page copied.
 
 use std::path::{Path, PathBuf};
 
@@ -143,6 +145,60 @@ pub fn render(p: &Pagemap) -> Vec<u8> {
     out
 }
 
+/// The address ranges of an `mm-<pid>.img` whose mappings criu's restore registers with
+/// userfaultfd (vma_entry_can_be_lazy, criu/include/vma.h): private anonymous, not locked, not
+/// huge pages, not the vdso, vvar or vsyscall. A page outside them must not be left lazy: no
+/// fault would reach the daemon, the process would read zeros.
+pub fn lazy_vmas(mm: &[u8]) -> Result<Vec<(u64, u64)>, &'static str> {
+    const MAP_PRIVATE: u64 = 0x2;
+    const MAP_ANONYMOUS: u64 = 0x20;
+    const MAP_LOCKED: u64 = 0x2000;
+    const MAP_HUGETLB: u64 = 0x40000;
+    const SPECIAL: u64 = (1 << 2) | (1 << 3) | (1 << 12);
+    let len = mm
+        .get(8..12)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
+        .ok_or("no mm entry")?;
+    let msg = mm.get(12..12 + len).ok_or("truncated mm entry")?;
+    let mut out = Vec::new();
+    for (n, v) in decode(msg).ok_or("undecodable mm entry")? {
+        let (14, Value::Bytes(vma)) = (n, v) else {
+            continue;
+        };
+        let f = decode(&vma).ok_or("undecodable vma entry")?;
+        let get = |n| varint(&f, n).ok_or("a vma entry without start, end, flags or status");
+        let (start, end, flags, status) = (get(1)?, get(2)?, get(6)?, get(7)?);
+        if flags & (MAP_PRIVATE | MAP_ANONYMOUS) == MAP_PRIVATE | MAP_ANONYMOUS
+            && flags & (MAP_LOCKED | MAP_HUGETLB) == 0
+            && status & SPECIAL == 0
+        {
+            out.push((start, end));
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// `[start, end)` cut where `ranges` (sorted, apart) begin and end: (from, to, inside).
+fn cut(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64, bool)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    let mut j = ranges.partition_point(|r| r.1 <= at);
+    while at < end {
+        let (to, inside) = match ranges.get(j) {
+            Some(&(s, e)) if s <= at => (e.min(end), true),
+            Some(&(s, _)) => (s.min(end), false),
+            None => (end, false),
+        };
+        out.push((at, to, inside));
+        at = to;
+        if inside {
+            j += 1;
+        }
+    }
+    out
+}
+
 /// The two pagemaps of one process and what they leave to the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -193,8 +249,8 @@ fn resolve(
 }
 
 /// `levels[0]` is the dump's pagemap, each next one the parent of the one before; the last is
-/// the first pass (no parent).
-pub fn plan(levels: &[&[Entry]]) -> Result<Plan, &'static str> {
+/// the first pass (no parent). `vmas`: where pages may be left lazy ([`lazy_vmas`]).
+pub fn plan(levels: &[&[Entry]], vmas: &[(u64, u64)]) -> Result<Plan, &'static str> {
     let bottom = levels.len().checked_sub(1).ok_or("no pagemap")?;
     let mut restore = Vec::new();
     let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -214,45 +270,39 @@ pub fn plan(levels: &[&[Entry]]) -> Result<Plan, &'static str> {
         let mut pieces = Vec::new();
         resolve(levels, 0, e.vaddr, e.end(), &mut pieces)?;
         for (p, level) in pieces {
-            let fit = level == bottom && p.flags & (PE_PRESENT | PE_LAZY) == PE_PRESENT | PE_LAZY;
-            restore.push(Entry {
-                flags: (e.flags & !PE_LAZY) | if fit { PE_LAZY } else { 0 },
-                ..p
-            });
-            if fit {
-                lazy += p.nr_pages;
-                match ranges.last_mut() {
-                    Some(r) if r.1 == p.vaddr => r.1 = p.end(),
-                    _ => ranges.push((p.vaddr, p.end())),
+            let held = level == bottom && p.flags & (PE_PRESENT | PE_LAZY) == PE_PRESENT | PE_LAZY;
+            for (from, to, inside) in cut(vmas, p.vaddr, p.end()) {
+                let fit = held && inside;
+                let nr_pages = (to - from) / PAGE;
+                restore.push(Entry {
+                    vaddr: from,
+                    nr_pages,
+                    flags: (e.flags & !PE_LAZY) | if fit { PE_LAZY } else { 0 },
+                });
+                if fit {
+                    lazy += nr_pages;
+                    match ranges.last_mut() {
+                        Some(r) if r.1 == from => r.1 = to,
+                        _ => ranges.push((from, to)),
+                    }
+                } else {
+                    eager += nr_pages;
                 }
-            } else {
-                eager += p.nr_pages;
             }
         }
     }
     let mut daemon = Vec::new();
-    let mut j = 0;
     for b in levels[bottom] {
-        let mut at = b.vaddr;
-        while at < b.end() {
-            while ranges.get(j).is_some_and(|r| r.1 <= at) {
-                j += 1;
-            }
-            let (to, in_range) = match ranges.get(j) {
-                Some(&(s, e)) if s <= at => (e.min(b.end()), true),
-                Some(&(s, _)) => (s.min(b.end()), false),
-                None => (b.end(), false),
-            };
+        for (from, to, in_range) in cut(&ranges, b.vaddr, b.end()) {
             daemon.push(Entry {
-                vaddr: at,
-                nr_pages: (to - at) / PAGE,
+                vaddr: from,
+                nr_pages: (to - from) / PAGE,
                 flags: if in_range {
                     b.flags | PE_LAZY
                 } else {
                     b.flags & !PE_LAZY
                 },
             });
-            at = to;
         }
     }
     let served: u64 = daemon
@@ -370,8 +420,12 @@ pub fn prepare(dir: &Path) -> Result<Option<Prepared>, ImageError> {
             work.push((pid, None, own, pages));
             continue;
         }
+        let mm = dir.join(format!("mm-{pid}.img"));
+        let vmas = std::fs::read(&mm)
+            .map_err(io(&mm))
+            .and_then(|b| lazy_vmas(&b).map_err(|why| ImageError::Malformed { path: mm, why }))?;
         let entries: Vec<&[Entry]> = levels.iter().map(|p| p.entries.as_slice()).collect();
-        let plan = plan(&entries).map_err(|why| ImageError::Malformed {
+        let plan = plan(&entries, &vmas).map_err(|why| ImageError::Malformed {
             path: path.clone(),
             why,
         })?;
@@ -446,6 +500,7 @@ mod tests {
     }
 
     const LAZY: u32 = PE_PRESENT | PE_LAZY;
+    const ALL: &[(u64, u64)] = &[(0, u64::MAX)];
 
     #[test]
     fn an_image_as_criu_writes_it_is_read() {
@@ -535,7 +590,7 @@ mod tests {
             let b = run(&|i| Some(if bottom[i] { LAZY } else { PE_PRESENT }));
             let m = run(&|i| Some(if middle[i] == 0 { LAZY } else { PE_PARENT }));
             let t = run(&|i| if top[i] == 2 { None } else if top[i] == 0 { Some(LAZY) } else { Some(PE_PARENT) });
-            let plan = plan(&[&t, &m, &b]).unwrap();
+            let plan = plan(&[&t, &m, &b], ALL).unwrap();
             let restored: u64 = plan.restore.iter().map(|e| e.nr_pages).sum();
             prop_assert_eq!(restored, t.len() as u64);
             prop_assert_eq!(plan.lazy + plan.eager, t.len() as u64);
@@ -569,7 +624,7 @@ mod tests {
             e(6, 3, PE_PARENT),
             e(20, 2, LAZY),
         ];
-        let plan = plan(&[&t, &m, &b]).unwrap();
+        let plan = plan(&[&t, &m, &b], ALL).unwrap();
         assert_eq!(
             plan.restore,
             [
@@ -600,7 +655,7 @@ mod tests {
     }
 
     fn plan_again(t: &[Entry], m: &[Entry], b: &[Entry]) -> Plan {
-        plan(&[t, m, b]).unwrap()
+        plan(&[t, m, b], ALL).unwrap()
     }
 
     /// The 256 MiB process of the lab's `pids` scenario (criu 3.17.1, two pre-dump passes), its
@@ -615,7 +670,7 @@ mod tests {
             assert_eq!(render(p), img, "criu's own bytes come back");
         }
         assert!(t.entries.iter().any(|e| e.flags == PE_PARENT));
-        let plan = plan(&[&t.entries, &m.entries, &b.entries]).unwrap();
+        let plan = plan(&[&t.entries, &m.entries, &b.entries], ALL).unwrap();
         let pages = |es: &[Entry]| es.iter().map(|e| e.nr_pages).sum::<u64>();
         assert_eq!(pages(&plan.restore), pages(&t.entries));
         assert_eq!(plan.lazy + plan.eager, pages(&t.entries));
@@ -624,16 +679,76 @@ mod tests {
         assert_eq!(pages(&plan.daemon), pages(&b.entries));
     }
 
+    /// An mm image with these (start, end, flags, status) mappings.
+    fn mm_image(vmas: &[(u64, u64, u64, u64)]) -> Vec<u8> {
+        let mut fields = vec![(1, Value::Varint(0x400000))];
+        for &(start, end, flags, status) in vmas {
+            let vma = encode(&[
+                (1, Value::Varint(start)),
+                (2, Value::Varint(end)),
+                (3, Value::Varint(0)),
+                (5, Value::Varint(3)),
+                (6, Value::Varint(flags)),
+                (7, Value::Varint(status)),
+            ]);
+            fields.push((14, Value::Bytes(vma)));
+        }
+        let msg = encode(&fields);
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+        out.extend_from_slice(&msg);
+        out
+    }
+
+    #[test]
+    fn only_mappings_userfaultfd_can_serve_are_left_lazy() {
+        let a = |page| e(page, 0, 0).vaddr;
+        // Private anonymous (0x22) at 0..4 and 8..12; locked (0x2022) at 4..6; a file's private
+        // mapping (0x2) at 6..8; the vdso (status bit 3) at 12..13.
+        let mm = mm_image(&[
+            (a(8), a(12), 0x22, 1),
+            (a(0), a(4), 0x22, 1),
+            (a(4), a(6), 0x2022, 1),
+            (a(6), a(8), 0x2, 1),
+            (a(12), a(13), 0x22, 1 | 8),
+        ]);
+        let vmas = lazy_vmas(&mm).unwrap();
+        assert_eq!(vmas, [(a(0), a(4)), (a(8), a(12))]);
+        let b = vec![e(0, 13, LAZY)];
+        let t = vec![e(0, 13, PE_PARENT)];
+        let plan = plan(&[&t, &b], &vmas).unwrap();
+        assert_eq!(
+            plan.restore,
+            [
+                e(0, 4, PE_PARENT | PE_LAZY),
+                e(4, 4, PE_PARENT),
+                e(8, 4, PE_PARENT | PE_LAZY),
+                e(12, 1, PE_PARENT),
+            ]
+        );
+        assert_eq!(
+            plan.daemon,
+            [
+                e(0, 4, LAZY),
+                e(4, 4, PE_PRESENT),
+                e(8, 4, LAZY),
+                e(12, 1, PE_PRESENT),
+            ]
+        );
+        assert_eq!((plan.lazy, plan.eager), (8, 5));
+        assert!(lazy_vmas(&MAGIC).is_err());
+    }
+
     #[test]
     fn a_hole_the_parent_lacks_is_an_error() {
         let b = vec![e(0, 2, LAZY)];
         let t = vec![e(0, 4, PE_PARENT)];
         assert_eq!(
-            plan(&[&t, &b]),
+            plan(&[&t, &b], ALL),
             Err("a page in parent is missing from the parent's pagemap")
         );
         assert_eq!(
-            plan(&[&t]),
+            plan(&[&t], ALL),
             Err("a page is in parent, but there is no parent pagemap")
         );
     }
@@ -664,7 +779,8 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("pages-2.img"), vec![3u8; P as usize]).unwrap();
-        std::fs::write(dir.join("mm-7.img"), b"mm").unwrap();
+        let mm = mm_image(&[(e(0, 4, 0).vaddr, e(4, 0, 0).vaddr, 0x22, 1)]);
+        std::fs::write(dir.join("mm-7.img"), &mm).unwrap();
         std::fs::write(dir.join("restore.log"), b"log").unwrap();
 
         let done = prepare(dir).unwrap().unwrap();
@@ -689,7 +805,7 @@ mod tests {
             vec![3u8; P as usize]
         );
         assert_eq!(read(dir.join("pagemap-9.img")).entries, [e(0, 1, LAZY)]);
-        assert_eq!(std::fs::read(view.join("mm-7.img")).unwrap(), b"mm");
+        assert_eq!(std::fs::read(view.join("mm-7.img")).unwrap(), mm);
         assert!(!view.join("parent").exists() && !view.join("restore.log").exists());
         // Again (a retry): the same.
         assert_eq!(prepare(dir).unwrap().unwrap(), done);
