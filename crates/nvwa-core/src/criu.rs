@@ -67,6 +67,11 @@ pub enum CriuError {
         pid: i32,
         source: crate::tcp::TcpError,
     },
+    #[error("cannot prepare the pre-dumped images in {dir} for a lazy restore: {source}; set lazy_restore: false to restore them in full")]
+    LazyView {
+        dir: PathBuf,
+        source: crate::criu_image::ImageError,
+    },
     #[error("criu {action} of {object} failed (exit {code}): {summary}; full log: {log}")]
     Failed {
         action: &'static str,
@@ -271,7 +276,13 @@ impl Criu {
         }
         let daemon = if opts.lazy {
             args.push("--lazy-pages".into());
-            Some(self.start_lazy_pages(dir, opts.deadline)?)
+            // Pre-dumped images: the daemon reads a view of them (see crate::lazy_view).
+            let view = crate::lazy_view::prepare(dir).map_err(|source| CriuError::LazyView {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+            let images = view.as_ref().map_or(dir, |v| v.view.as_path());
+            Some(self.start_lazy_pages(dir, images, opts.deadline)?)
         } else {
             None
         };
@@ -312,9 +323,15 @@ impl Criu {
             .to_string())
     }
 
-    /// Starts the `criu lazy-pages` daemon for the images in `dir`; returns its pid once it
-    /// listens for the restore (criu's parent process exits only then).
-    fn start_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<i32, CriuError> {
+    /// Starts the `criu lazy-pages` daemon for the restore of `dir`, reading its pages from
+    /// `images` (`dir` itself or its lazy view), its socket, log and pid file in `dir`; returns
+    /// its pid once it listens for the restore (criu's parent process exits only then).
+    fn start_lazy_pages(
+        &self,
+        dir: &Path,
+        images: &Path,
+        deadline: Duration,
+    ) -> Result<i32, CriuError> {
         use crate::lazy_pages::{LOG, PIDFILE};
         let _ = std::fs::remove_file(dir.join(PIDFILE));
         let run = Run {
@@ -325,8 +342,13 @@ impl Criu {
             deadline_key: "restore_timeout",
             cancellable: false,
         };
-        let args = ["lazy-pages", "-d", "--pidfile", PIDFILE].map(String::from);
-        self.run(run, dir, &args)?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["lazy-pages", "-d", "--pidfile", PIDFILE])
+            .arg("-D")
+            .arg(images)
+            .arg("-W")
+            .arg(dir);
+        self.finish(cmd, run, dir)?;
         std::fs::read_to_string(dir.join(PIDFILE))
             .ok()
             .and_then(|s| s.trim().parse().ok())

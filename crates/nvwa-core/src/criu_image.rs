@@ -29,7 +29,7 @@ pub enum ImageError {
 
 /// One protobuf field: number and value (varints decoded; other wire types kept as bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Value {
+pub(crate) enum Value {
     Varint(u64),
     Fixed64([u8; 8]),
     Bytes(Vec<u8>),
@@ -61,7 +61,7 @@ fn write_varint(mut v: u64, out: &mut Vec<u8>) {
     }
 }
 
-fn decode(b: &[u8]) -> Option<Vec<(u64, Value)>> {
+pub(crate) fn decode(b: &[u8]) -> Option<Vec<(u64, Value)>> {
     let mut pos = 0;
     let mut out = Vec::new();
     while pos < b.len() {
@@ -91,7 +91,7 @@ fn decode(b: &[u8]) -> Option<Vec<(u64, Value)>> {
     Some(out)
 }
 
-fn encode(fields: &[(u64, Value)]) -> Vec<u8> {
+pub(crate) fn encode(fields: &[(u64, Value)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (n, v) in fields {
         let wire = match v {

@@ -16,6 +16,7 @@ pub mod exec;
 pub mod journal;
 pub mod kexec;
 pub mod lazy_pages;
+pub mod lazy_view;
 pub mod machine;
 pub mod metrics;
 pub mod net;

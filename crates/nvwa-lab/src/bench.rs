@@ -34,16 +34,24 @@ pub enum Strategy {
     /// `lazy_restore: true`: the targets run again before their memory is back; a criu
     /// lazy-pages daemon fills it in from the images.
     Lazy,
+    /// Both: a small freeze and a restore that leaves the pre-dumped pages to the daemon too.
+    PreDumpLazy,
 }
 
 impl Strategy {
-    pub const ALL: &'static [Strategy] = &[Strategy::Baseline, Strategy::PreDump, Strategy::Lazy];
+    pub const ALL: &'static [Strategy] = &[
+        Strategy::Baseline,
+        Strategy::PreDump,
+        Strategy::Lazy,
+        Strategy::PreDumpLazy,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Strategy::Baseline => "baseline",
             Strategy::PreDump => "pre-dump",
             Strategy::Lazy => "lazy",
+            Strategy::PreDumpLazy => "pre-dump+lazy",
         }
     }
 
@@ -70,6 +78,7 @@ impl Strategy {
             Strategy::Baseline => "",
             Strategy::PreDump => "pre_dump: true\n",
             Strategy::Lazy => "lazy_restore: true\n",
+            Strategy::PreDumpLazy => "pre_dump: true\nlazy_restore: true\n",
         }
     }
 }
@@ -1052,6 +1061,10 @@ mod tests {
         assert!(Case::parse("2g").is_err());
         assert_eq!(Strategy::parse("baseline").unwrap(), Strategy::Baseline);
         assert_eq!(Strategy::parse("pre-dump").unwrap(), Strategy::PreDump);
+        assert_eq!(
+            Strategy::parse("pre-dump+lazy").unwrap(),
+            Strategy::PreDumpLazy
+        );
         let s = Case::parse("1g")
             .unwrap()
             .scenario(Strategy::PreDump)

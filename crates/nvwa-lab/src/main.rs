@@ -61,7 +61,8 @@ enum Cmd {
         cases: Vec<String>,
         /// Strategies to compare (repeatable or comma-separated): baseline (the original's
         /// sequence: load, dump all, kexec, restore after boot), pre-dump (pre_dump: true:
-        /// memory copied in passes while the targets run); default all
+        /// memory copied in passes while the targets run), lazy (lazy_restore: true: memory
+        /// filled in after the targets run), pre-dump+lazy (both); default all
         #[arg(long = "strategy", value_name = "STRATEGY", value_delimiter = ',')]
         strategies: Vec<String>,
         /// Runs of each case with each strategy; the table shows median, min and max
