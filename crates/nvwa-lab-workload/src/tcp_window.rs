@@ -60,7 +60,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
     };
     let place = iface.as_deref().unwrap_or("any interface");
-    let proto = (libc::ETH_P_IP as u16).to_be();
+    // Every protocol: a tap for IPv4 alone sees only received frames (the kernel hands the
+    // frames it sends to taps of all protocols only); advertised_window keeps the IPv4 ones.
+    let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: socket(2) returns a new descriptor or -1.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
     if fd < 0 {
