@@ -2,9 +2,10 @@
 //!
 //! Each run is a busybox-guest scenario made here: the workloads of a case start on the old
 //! kernel, `nvwa update` moves them to the new one, and there, once they are verified, criu alone
-//! dumps and restores the same processes (the restore floor). Then the lab boots the same old
-//! kernel and images once more, and the guest at once kexecs (kexec-tools, `kexec_file_load`
-//! as nvwa uses) into the update's kernel and initramfs with nothing to save (the kexec floor).
+//! dumps and restores the same processes (the restore floor). After a case's first strategy,
+//! the lab boots the same old kernel and images once more, and the guest at once kexecs
+//! (kexec-tools, `kexec_file_load` as nvwa uses) into the update's kernel and initramfs with
+//! nothing to save (the kexec floor, the same for every strategy of the case).
 //!
 //! Every figure is on the host's clock. Serial lines are stamped by the host as they arrive
 //! ([`crate::vm::Stamped`]); a guest line that carries the guest's uptime places that kernel's
@@ -801,15 +802,24 @@ pub fn run(lab: &Lab, o: &Options, progress: &mut dyn FnMut(&Run)) -> Result<Rep
     let mut runs = Vec::new();
     for rep in 1..=o.repeat {
         for case in &o.cases {
+            // The bare kexec depends on the case's machine (memory, kernels, initramfs), not on
+            // the strategy: one per case and repetition serves every strategy's row.
+            let mut bare_kexec = None;
             for &strategy in &o.strategies {
                 let s = case.scenario(strategy)?;
                 let r = lab
                     .run(&s, &mut |_| {})
                     .with_context(|| format!("bench run {}", s.name))?;
                 let lines = read_serial_log(&r.serial_log)?;
-                let (bare, bare_log) = lab
-                    .boot_again(&s, "nvwa_lab.boot=bare")
-                    .with_context(|| format!("the bare kexec of bench run {}", s.name))?;
+                if bare_kexec.is_none() {
+                    bare_kexec = Some(
+                        lab.boot_again(&s, "nvwa_lab.boot=bare")
+                            .with_context(|| format!("the bare kexec of bench run {}", s.name))?,
+                    );
+                }
+                let Some((bare, bare_log)) = &bare_kexec else {
+                    unreachable!("measured just above")
+                };
                 let ms = measure(&lines, &bare.lines);
                 let mut failures = r.failures.clone();
                 if bare.timed_out {
