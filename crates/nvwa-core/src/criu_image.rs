@@ -115,13 +115,31 @@ pub(crate) fn encode(fields: &[(u64, Value)]) -> Vec<u8> {
 }
 
 /// The first entry of an image whose header is `magics` u32s: `(offset, message)`.
-fn first_entry(img: &[u8], magics: usize) -> Option<(usize, &[u8])> {
+pub(crate) fn first_entry(img: &[u8], magics: usize) -> Option<(usize, &[u8])> {
     let at = magics * 4;
     let len = u32::from_le_bytes(img.get(at..at + 4)?.try_into().ok()?) as usize;
     Some((at, img.get(at + 4..(at + 4).checked_add(len)?)?))
 }
 
-fn varint_field(fields: &[(u64, Value)], n: u64) -> Option<u64> {
+/// Every entry of an image whose header is `magics` u32s, in order; `None` if one is cut short.
+pub(crate) fn entries(img: &[u8], magics: usize) -> Option<Vec<&[u8]>> {
+    let mut at = magics * 4;
+    let mut out = Vec::new();
+    while at < img.len() {
+        let (_, msg) = first_entry(&img[at..], 0)?;
+        out.push(msg);
+        at += 4 + msg.len();
+    }
+    Some(out)
+}
+
+/// Appends one entry (its size, then the message) to an image being written.
+pub(crate) fn put_entry(out: &mut Vec<u8>, msg: &[u8]) {
+    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    out.extend_from_slice(msg);
+}
+
+pub(crate) fn varint_field(fields: &[(u64, Value)], n: u64) -> Option<u64> {
     fields.iter().find_map(|(f, v)| match v {
         Value::Varint(x) if *f == n => Some(*x),
         _ => None,
@@ -149,8 +167,7 @@ fn with_root_user_ns(inventory: &[u8], user_ns: u64) -> Result<(Vec<u8>, u64), &
     let old = old.ok_or("no root_ids.user_ns_id")?;
     let msg = encode(&fields);
     let mut out = inventory[..at].to_vec();
-    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-    out.extend_from_slice(&msg);
+    put_entry(&mut out, &msg);
     out.extend_from_slice(rest);
     Ok((out, old))
 }
@@ -261,21 +278,19 @@ pub fn inet_sockets(dir: &Path) -> Result<usize, ImageError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(source) => return Err(ImageError::Io { path, source }),
     };
-    let mut at = 8;
+    let msgs = entries(&img, 2).ok_or(ImageError::Malformed {
+        path: path.clone(),
+        why: "truncated file entry",
+    })?;
     let mut n = 0;
-    while at < img.len() {
-        let entry = first_entry(&img[at..], 0).ok_or(ImageError::Malformed {
-            path: path.clone(),
-            why: "truncated file entry",
-        })?;
-        let fields = decode(entry.1).ok_or(ImageError::Malformed {
+    for msg in msgs {
+        let fields = decode(msg).ok_or(ImageError::Malformed {
             path: path.clone(),
             why: "undecodable file entry",
         })?;
         if varint_field(&fields, 1) == Some(FD_TYPE_INETSK) {
             n += 1;
         }
-        at += 4 + entry.1.len();
     }
     Ok(n)
 }
@@ -286,8 +301,7 @@ mod tests {
 
     fn image(magics: &[u32], msg: &[u8]) -> Vec<u8> {
         let mut out: Vec<u8> = magics.iter().flat_map(|m| m.to_le_bytes()).collect();
-        out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-        out.extend_from_slice(msg);
+        put_entry(&mut out, msg);
         out
     }
 
@@ -303,8 +317,7 @@ mod tests {
         let mut img = image(&[1, 2], &entry(1));
         for ty in [FD_TYPE_INETSK, 5, FD_TYPE_INETSK] {
             let e = entry(ty);
-            img.extend_from_slice(&(e.len() as u32).to_le_bytes());
-            img.extend_from_slice(&e);
+            put_entry(&mut img, &e);
         }
         std::fs::write(dir.path().join("files.img"), &img).unwrap();
         assert_eq!(inet_sockets(dir.path()).unwrap(), 2);

@@ -30,7 +30,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::criu_image::{decode, encode, ImageError, Value};
+use crate::criu_image::{
+    decode, encode, entries, first_entry, put_entry, varint_field as varint, ImageError, Value,
+};
 
 /// The daemon's directory, inside the dump's.
 pub const VIEW: &str = "lazy-view";
@@ -66,13 +68,6 @@ pub struct Pagemap {
     pub entries: Vec<Entry>,
 }
 
-fn varint(fields: &[(u64, Value)], n: u64) -> Option<u64> {
-    fields.iter().find_map(|(f, v)| match v {
-        Value::Varint(x) if *f == n => Some(*x),
-        _ => None,
-    })
-}
-
 /// Reads a pagemap image; entries must be page-aligned, sorted and apart, as criu writes them
 /// and as its readers (seek_pagemap) need them.
 pub fn parse(img: &[u8]) -> Result<Pagemap, &'static str> {
@@ -80,18 +75,12 @@ pub fn parse(img: &[u8]) -> Result<Pagemap, &'static str> {
         .get(..8)
         .and_then(|m| m.try_into().ok())
         .ok_or("shorter than its magic")?;
-    let mut pos = 8;
-    let mut msgs = Vec::new();
-    while pos < img.len() {
-        let len = img
-            .get(pos..pos + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
-            .ok_or("truncated entry size")?;
-        let msg = img.get(pos + 4..pos + 4 + len).ok_or("truncated entry")?;
-        msgs.push(decode(msg).ok_or("undecodable entry")?);
-        pos += 4 + len;
-    }
-    let mut msgs = msgs.into_iter();
+    let mut msgs = entries(img, 2)
+        .ok_or("truncated entry")?
+        .into_iter()
+        .map(|m| decode(m).ok_or("undecodable entry"))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter();
     let head = msgs.next().ok_or("no pagemap head")?;
     let pages_id = varint(&head, 1)
         .and_then(|id| u32::try_from(id).ok())
@@ -130,17 +119,14 @@ pub fn parse(img: &[u8]) -> Result<Pagemap, &'static str> {
 /// Writes a pagemap image as criu does (flags always given, so no `in_parent`).
 pub fn render(p: &Pagemap) -> Vec<u8> {
     let mut out = p.magic.to_vec();
-    let mut put = |msg: Vec<u8>| {
-        out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-        out.extend_from_slice(&msg);
-    };
-    put(encode(&[(1, Value::Varint(p.pages_id.into()))]));
+    put_entry(&mut out, &encode(&[(1, Value::Varint(p.pages_id.into()))]));
     for e in &p.entries {
-        put(encode(&[
+        let msg = encode(&[
             (1, Value::Varint(e.vaddr)),
             (2, Value::Varint(e.nr_pages)),
             (4, Value::Varint(e.flags.into())),
-        ]));
+        ]);
+        put_entry(&mut out, &msg);
     }
     out
 }
@@ -155,11 +141,7 @@ pub fn lazy_vmas(mm: &[u8]) -> Result<Vec<(u64, u64)>, &'static str> {
     const MAP_LOCKED: u64 = 0x2000;
     const MAP_HUGETLB: u64 = 0x40000;
     const SPECIAL: u64 = (1 << 2) | (1 << 3) | (1 << 12);
-    let len = mm
-        .get(8..12)
-        .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
-        .ok_or("no mm entry")?;
-    let msg = mm.get(12..12 + len).ok_or("truncated mm entry")?;
+    let (_, msg) = first_entry(mm, 2).ok_or("no mm entry, or a truncated one")?;
     let mut out = Vec::new();
     for (n, v) in decode(msg).ok_or("undecodable mm entry")? {
         let (14, Value::Bytes(vma)) = (n, v) else {
@@ -514,8 +496,7 @@ mod tests {
             vec![0x08, 0x80, 0x80, 0x05, 0x10, 0x01, 0x18, 0x01],
             vec![0x08, 0x80, 0xc0, 0x05, 0x10, 0x01],
         ] {
-            img.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-            img.extend_from_slice(&msg);
+            put_entry(&mut img, &msg);
         }
         let p = parse(&img).unwrap();
         assert_eq!(p.pages_id, 1);
@@ -695,8 +676,7 @@ mod tests {
         }
         let msg = encode(&fields);
         let mut out = MAGIC.to_vec();
-        out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-        out.extend_from_slice(&msg);
+        put_entry(&mut out, &msg);
         out
     }
 
