@@ -1025,11 +1025,7 @@ pub fn restore(
 
 fn addr_args(a: &Addr) -> Vec<String> {
     let mut c: Vec<String> = vec![
-        match a.family {
-            Family::Inet => "-4",
-            Family::Inet6 => "-6",
-        }
-        .into(),
+        a.family.flag().into(),
         "addr".into(),
         "add".into(),
         format!("{}/{}", a.local, a.prefixlen),
