@@ -97,7 +97,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         tv_usec: 0,
     };
     // SAFETY: a valid descriptor and a timeval.
-    unsafe {
+    let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
@@ -106,6 +106,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
             std::mem::size_of::<libc::timeval>() as u32,
         )
     };
+    // Without the timeout a quiet port would block recv past the deadline.
+    if rc != 0 {
+        return Err(format!(
+            "cannot set a receive timeout: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     let mut seen = 0;
     let mut buf = [0u8; 2048];
     while seen < wanted {
