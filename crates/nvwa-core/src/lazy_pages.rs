@@ -8,7 +8,8 @@
 //! daemon died early, the kernel would give the process zero-filled pages where its own were
 //! still missing. So the restore is complete only when the daemon has exited having copied
 //! every page; if it did not, nvwa kills the restored tree (wrong memory is worse than a
-//! failed restore) and keeps the images for a retry.
+//! failed restore) and keeps the images, but does not restore them again: the process ran on
+//! the new kernel since they were taken (see `restore::finish_lazy`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ pub enum LazyError {
         after: Duration,
         log: PathBuf,
     },
+    #[error("criu lazy-pages ended before it had filled in the memory of pid {} (was it killed?); the process's memory is incomplete (log: {log})", .pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "))]
+    Unfinished { pids: Vec<i32>, log: PathBuf },
     #[error("criu lazy-pages ended having copied {} of {} pages{}; the process's memory is incomplete (log: {log})", .done.copied, .done.total, .error.as_ref().map(|e| format!(", after: {e}")).unwrap_or_default())]
     Incomplete {
         done: Transferred,
@@ -74,27 +77,63 @@ pub fn finish(dir: &Path, deadline: Duration) -> Result<Transferred, LazyError> 
 }
 
 /// Whether the log of a finished daemon shows every page copied and no error.
+///
+/// The daemon logs "Received PID: P" when a restored process hands it its userfaultfd, and
+/// "P-FD: UFFD transferred pages: (copied/total)" only once that process's pages are all
+/// handled (criu/uffd.c: `ud_open`, `lazy_pages_summary`). So a process received but never
+/// summed up is one whose memory the daemon did not finish: it was killed, or died, on the way
+/// (and its log has no error line then). The daemon exits 0 either way: its log is all there is.
 pub fn judge(text: &str, log: PathBuf) -> Result<Transferred, LazyError> {
     let done = transferred(text);
-    let error = text
+    let mut error = text
         .lines()
         .find(|l| l.contains("Error ("))
         .map(|l| l.trim().to_string());
+    let pids = unfinished(text);
+    if error.is_none() && !pids.is_empty() {
+        return Err(LazyError::Unfinished { pids, log });
+    }
+    if error.is_none() && !text.contains(RECEIVED) {
+        error = Some("the daemon never received a process to fill in".into());
+    }
     if error.is_some() || done.copied != done.total {
         return Err(LazyError::Incomplete { done, error, log });
     }
     Ok(done)
 }
 
+const RECEIVED: &str = "Received PID: ";
+const SUMMARY: &str = "UFFD transferred pages: (";
+
+/// The pids the daemon received and never summed up, in the order received.
+fn unfinished(text: &str) -> Vec<i32> {
+    let received = text.lines().filter_map(|l| {
+        let rest = l.split(RECEIVED).nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit() && c != '-')
+            .next()?
+            .parse::<i32>()
+            .ok()
+    });
+    // "... lazy-pages: P-FD: UFFD transferred pages: (c/t)": P is the word before the mark.
+    let summed: std::collections::HashSet<i32> = text
+        .lines()
+        .filter_map(|l| {
+            let before = l.split(SUMMARY).next().filter(|_| l.contains(SUMMARY))?;
+            let word = before.trim_end().trim_end_matches(':').rsplit(' ').next()?;
+            word.split('-').next()?.parse().ok()
+        })
+        .collect();
+    received.filter(|p| !summed.contains(p)).collect()
+}
+
 /// The daemon's "UFFD transferred pages: (copied/total)" lines, one per process, summed.
 fn transferred(text: &str) -> Transferred {
-    const MARK: &str = "UFFD transferred pages: (";
     let mut sum = Transferred {
         copied: 0,
         total: 0,
     };
     for line in text.lines() {
-        let Some(rest) = line.split(MARK).nth(1) else {
+        let Some(rest) = line.split(SUMMARY).nth(1) else {
             continue;
         };
         let Some((copied, total)) = rest.trim_end().trim_end_matches(')').split_once('/') else {
@@ -151,8 +190,10 @@ mod tests {
     use super::*;
 
     const DONE: &str = "\
-(00.000120) lazy-pages: 1010-1010: UFFD transferred pages: (65536/65536)
-(00.000130) lazy-pages: 1011-1011: UFFD transferred pages: (12/12)
+(00.000050) lazy-pages: Received PID: 1010, uffd: 7
+(00.000060) lazy-pages: Received PID: 1011, uffd: 8
+(00.000120) lazy-pages: 1010-7: UFFD transferred pages: (65536/65536)
+(00.000130) lazy-pages: 1011-8: UFFD transferred pages: (12/12)
 ";
 
     #[test]
@@ -178,6 +219,30 @@ mod tests {
         let failed = format!("{DONE}(00.2) Error (criu/uffd.c:1): uffd: 1010: Can't read event\n");
         let e = judge(&failed, "l".into()).unwrap_err().to_string();
         assert!(e.contains("Can't read event"), "{e}");
+    }
+
+    #[test]
+    fn a_daemon_killed_before_it_summed_up_a_process_is_incomplete() {
+        // Killed while filling 1011: its pages are counted nowhere, so the sums still agree.
+        let killed = DONE.replace(
+            "(00.000130) lazy-pages: 1011-8: UFFD transferred pages: (12/12)\n",
+            "",
+        );
+        let e = judge(&killed, "l".into()).unwrap_err().to_string();
+        assert!(
+            e.contains("before it had filled in the memory of pid 1011"),
+            "{e}"
+        );
+        // Killed before it summed up anything.
+        let e = judge(
+            "(00.000050) lazy-pages: Received PID: 1010, uffd: 7\n",
+            "l".into(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("pid 1010"), "{e}");
+        let e = judge("", "l".into()).unwrap_err().to_string();
+        assert!(e.contains("never received a process"), "{e}");
     }
 
     #[test]
