@@ -816,6 +816,11 @@ mod tests {
             s.procs.add(200, 1, "nginx", GIB / 2);
             s.runs
                 .insert("/usr/sbin/criu check".into(), (0, "Looks good.\n".into()));
+            // lazy_restore is on by default, so check asks criu for userfaultfd.
+            s.runs.insert(
+                "/usr/sbin/criu check --feature uffd-noncoop".into(),
+                (0, "uffd-noncoop is supported\n".into()),
+            );
             s.runs.insert(
                 "/usr/sbin/criu --version".into(),
                 (0, "Version: 3.17.1\n".into()),

@@ -57,7 +57,7 @@ pub const RESTORE_KEY_DOCS: &[(&str, &str)] = &[
     ("enable_quick_kexec", "Load the kernel with openEuler's quick kexec (kexec -q)."),
     ("enable_pin_memory", "Keep the targets' memory in openEuler's pinned memory across the switch."),
     ("pre_dump", "Copy the targets' memory while they still run (criu pre-dump, in passes until their dirty memory stops shrinking, at most 4), so that the freeze writes only the pages dirtied since the last pass: less downtime for applications with much memory that changes little. A pass that fails costs only time: that target is dumped in full. Needs soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); not with enable_pin_memory. Default false."),
-    ("lazy_restore", "Restore pid targets without their memory and let a criu lazy-pages daemon fill it in from the images on demand (userfaultfd) and in the background: a process runs again before its memory is read, so the restore no longer grows with memory. The update counts as restored only once every page is in; a process whose pages could not all be copied is killed and restored again from its images at the next start of the server. Services are always restored in full; without userfaultfd (criu check --feature uffd-noncoop) every target is. With pre_dump, the pages held by the first pass come lazily too (nvwa flags them lazy in the dump's pagemaps and gives the daemon a view of the images: lazy-view/); those the dump or a later pass wrote, i.e. what changed while the passes ran, are read before the process runs. Default false."),
+    ("lazy_restore", "Restore pid targets without their memory and let a criu lazy-pages daemon fill it in from the images on demand (userfaultfd) and in the background: a process runs again before its memory is read, so the restore no longer grows with memory. The update counts as restored only once every page is in; a process whose pages could not all be copied is killed and marked lost: it ran on the new kernel since its images were taken, so they are kept but never restored again (that would replay its work). Services are always restored in full; without userfaultfd (criu check --feature uffd-noncoop) every target is. With pre_dump, the pages held by the first pass come lazily too (nvwa flags them lazy in the dump's pagemaps and gives the daemon a view of the images: lazy-view/); those the dump or a later pass wrote, i.e. what changed while the passes ran, are read before the process runs. Default true."),
     ("enable_debug_mode", "Keep the images after a successful restore (also spelled enbale_debug_mode, as in the original)."),
 ];
 
@@ -143,7 +143,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RestoreConfig {
     pub pids: Vec<i32>,
     pub services: Vec<String>,
@@ -155,6 +155,25 @@ pub struct RestoreConfig {
     /// `lazy_restore`: pid targets' memory comes in after they run (see [`crate::lazy_pages`]).
     pub lazy_restore: bool,
     pub enable_debug_mode: bool,
+}
+
+impl Default for RestoreConfig {
+    /// The original's defaults, except `lazy_restore`: on by default, the fastest restore that
+    /// stays safe on the measured data (see the README, "Downtime"): a pid target runs again
+    /// before its memory is read, without userfaultfd every target is restored in full, and a
+    /// process whose memory cannot be completed is killed, never replayed.
+    fn default() -> Self {
+        RestoreConfig {
+            pids: Vec::new(),
+            services: Vec::new(),
+            restore_net: false,
+            enable_quick_kexec: false,
+            enable_pin_memory: false,
+            pre_dump: false,
+            lazy_restore: true,
+            enable_debug_mode: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -8,7 +8,9 @@
 //! - `abandoned`: the machine restarted before the update committed; the targets died with it and
 //!   their images, never made durable, are deleted without ever being restored.
 //! - `restore_failed`: the update committed and the kernel switched, but some targets could not be
-//!   restored; their images are kept for a retry (restarting the server).
+//!   restored; their images are kept for a retry (restarting the server). A target restored
+//!   lazily that was killed after it ran again (`lost`) is not retried: its images are kept for
+//!   the operator.
 //!
 //! The journal lives in `<criu_dir>/journal.json` and is replaced atomically (write, fsync, rename,
 //! fsync dir) at every transition, so a crash or the kexec itself never leaves it half written.
@@ -149,6 +151,18 @@ pub enum TargetState {
     Resumed,
     Restored,
     Failed(String),
+    /// Restored lazily, it ran again, then its memory could not be completed and it was killed.
+    /// Its images are older than what it did on the new kernel, so nvwa never restores them
+    /// again: that would replay its work from the update's moment (see `restore::finish_lazy`).
+    Lost(String),
+}
+
+impl TargetState {
+    /// Whether a restore on the new kernel still has this target to do: not once it is restored,
+    /// and never for one that was lost after it ran again.
+    pub fn awaits_restore(&self) -> bool {
+        !matches!(self, TargetState::Restored | TargetState::Lost(_))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

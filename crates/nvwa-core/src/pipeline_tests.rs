@@ -825,7 +825,7 @@ fn without_userfaultfd_every_target_is_restored_in_full_and_the_server_says_why(
 }
 
 #[test]
-fn a_process_whose_memory_stayed_incomplete_is_killed_and_its_images_kept_for_a_retry() {
+fn a_process_whose_memory_stayed_incomplete_is_killed_and_lost_and_never_replayed() {
     let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100, 300]);
     cfg.restore.lazy_restore = true;
@@ -847,10 +847,29 @@ fn a_process_whose_memory_stayed_incomplete_is_killed_and_its_images_kept_for_a_
     let j = journal(&cfg);
     assert_eq!(j.phase, Phase::RestoreFailed);
     assert_eq!(j.targets[0].state, TargetState::Restored);
-    // The next start of the server restores it again, lazily, and completes.
+    assert!(
+        matches!(&j.targets[1].state, TargetState::Lost(why) if why.contains("not restored again")),
+        "{:?}",
+        j.targets[1].state
+    );
+    // It ran on the new kernel since its images were taken: the next start of the server does
+    // not replay them, and the update stays failed, saying so.
     let again = new_boot();
-    restore(&again, &cfg).unwrap();
-    assert!(again.called(&Call::RestoreLazy("300".into())));
-    assert!(!again.called(&Call::Restore("100".into())));
-    assert_eq!(journal(&cfg).phase, Phase::Restored);
+    let err = restore(&again, &cfg).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RestoreFailed);
+    assert!(
+        err.to_string().contains("lost after they ran again"),
+        "{err}"
+    );
+    assert!(!again.calls().iter().any(|c| matches!(
+        c,
+        Call::Restore(_) | Call::RestoreLazy(_) | Call::KillTree(_)
+    )));
+    assert!(cfg
+        .server
+        .criu_dir
+        .join("300")
+        .join("inventory.img")
+        .exists());
+    assert_eq!(journal(&cfg).phase, Phase::RestoreFailed);
 }

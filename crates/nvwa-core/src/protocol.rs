@@ -63,7 +63,8 @@ pub enum ErrorKind {
     /// The update failed before the kernel switch and was undone: every target runs on the old
     /// kernel (or, after a crash, the saved images were discarded).
     RolledBack,
-    /// A restore on the new kernel failed for some targets; their images are kept for a retry.
+    /// A restore on the new kernel failed for some targets; their images are kept for a retry
+    /// (a target lost after it ran again is kept but not retried).
     RestoreFailed,
     /// Anything else (an I/O error, a bug); the message and the server's log say what.
     Internal,

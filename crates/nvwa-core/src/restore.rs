@@ -141,7 +141,7 @@ fn restore_all(
 ) -> Result<String, UpdateError> {
     let criu = Criu::new(&cfg.server.criu_exe);
     let pending: Vec<usize> = (0..j.targets.len())
-        .filter(|&i| j.targets[i].state != TargetState::Restored)
+        .filter(|&i| j.targets[i].state.awaits_restore())
         .collect();
     // Before spawning anything (criu included), push new pids above every saved one.
     let all_ids: Vec<i32> = pending
@@ -287,7 +287,15 @@ fn restore_all(
             _ => None,
         })
         .collect();
-    if failed.is_empty() && net_problems.is_empty() {
+    let lost: Vec<String> = j
+        .targets
+        .iter()
+        .filter_map(|t| match &t.state {
+            TargetState::Lost(why) => Some(format!("{} (pid {}): {why}", t.name, t.pid)),
+            _ => None,
+        })
+        .collect();
+    if failed.is_empty() && lost.is_empty() && net_problems.is_empty() {
         if !cfg.restore.enable_debug_mode {
             if let Err(e) = crate::net::remove_state(&cfg.server.criu_dir) {
                 r.message(format!("cannot remove the saved network state: {e}"));
@@ -321,6 +329,13 @@ fn restore_all(
             "{} target(s) not restored, images kept for a retry (restart the nvwa server): {}",
             failed.len(),
             failed.join("; ")
+        ));
+    }
+    if !lost.is_empty() {
+        parts.push(format!(
+            "{} target(s) lost after they ran again, not restored again: {}",
+            lost.len(),
+            lost.join("; ")
         ));
     }
     if !net_problems.is_empty() {
@@ -397,8 +412,13 @@ enum RestoreFailure {
 }
 
 /// Waits until the lazy-pages daemon of a restored pid target has filled its memory in. A
-/// target whose memory stayed incomplete is killed (it would run on zero-filled pages) and
-/// fails with its images kept, for a retry at the server's next start.
+/// target whose memory stayed incomplete is killed: it would run on zero-filled pages.
+///
+/// Unlike a failed restore, it is not restored again at the server's next start. It has run on
+/// the new kernel (answered peers, written files) since its images were taken; restoring them
+/// would replay that work from the update's moment, and its TCP connections with sequence numbers
+/// its peers have left behind. So it is `lost`: its images stay for the operator, who knows
+/// whether a replay is acceptable.
 fn finish_lazy(m: &dyn Machine, cfg: &Config, t: &mut Target, r: &Reporter) {
     let dir = image_dir(cfg, t);
     let deadline = criu_deadline(cfg.server.restore_timeout_s, t.rss_bytes);
@@ -420,10 +440,11 @@ fn finish_lazy(m: &dyn Machine, cfg: &Config, t: &mut Target, r: &Reporter) {
         Err(e) => {
             m.kill_tree(t.pid);
             let why = format!(
-                "{e}; the restored process was killed, its images are kept for a retry (restart the nvwa server), or set lazy_restore: false"
+                "{e}; the process had run again and was killed, as its memory is incomplete. Its images in {} are kept but not restored again: they predate what it did on this kernel, and a restore would replay that. Start the application anew, or restore them with criu by hand if a replay is acceptable; set lazy_restore: false to restore every page before a process runs",
+                dir.display()
             );
-            r.target(t, "failed", Some(why.clone()));
-            t.state = TargetState::Failed(why);
+            r.target(t, "lost", Some(why.clone()));
+            t.state = TargetState::Lost(why);
         }
     }
 }

@@ -108,7 +108,7 @@ pub fn drop_ins(cfg: &Config, j: &Journal, boot: &str, nvwa_exe: &Path) -> Vec<(
     let net = crate::net::saved(&cfg.server.criu_dir);
     j.targets
         .iter()
-        .filter(|t| t.kind == TargetKind::Service && t.state != TargetState::Restored)
+        .filter(|t| t.kind == TargetKind::Service && t.state.awaits_restore())
         .map(|t| {
             let identifier = t.service.as_ref().map_or("", |s| s.identifier.as_str());
             let sandboxed = t.service.as_ref().is_some_and(|s| s.sandboxed());

@@ -235,7 +235,7 @@ pub fn install_saved(dir: &Path) -> Result<Option<String>, TcpError> {
 /// committed (it is abandoned, its targets died with the old kernel: a lock would only keep
 /// their peers waiting) or that is over. Returns one line per target with a lock.
 pub fn install_for_restore(criu_dir: &Path, boot: &str) -> Result<Vec<String>, PreError> {
-    use crate::journal::{Journal, Phase, TargetState};
+    use crate::journal::{Journal, Phase};
     if std::fs::symlink_metadata(criu_dir).is_err() {
         return Ok(Vec::new());
     }
@@ -252,11 +252,7 @@ pub fn install_for_restore(criu_dir: &Path, boot: &str) -> Result<Vec<String>, P
         return Ok(Vec::new());
     }
     let mut lines = Vec::new();
-    for t in j
-        .targets
-        .iter()
-        .filter(|t| t.state != TargetState::Restored)
-    {
+    for t in j.targets.iter().filter(|t| t.state.awaits_restore()) {
         let dir = criu_dir.join(&t.name);
         if let Some(table) = install_saved(&dir).map_err(|source| PreError::Install {
             target: t.name.clone(),

@@ -32,8 +32,8 @@ pub enum Strategy {
     /// `pre_dump: true`: criu copies the targets' memory in passes while they run; the freeze
     /// writes only what changed since the last pass.
     PreDump,
-    /// `lazy_restore: true`: the targets run again before their memory is back; a criu
-    /// lazy-pages daemon fills it in from the images.
+    /// `lazy_restore: true` (nvwa's default): the targets run again before their memory is
+    /// back; a criu lazy-pages daemon fills it in from the images.
     Lazy,
     /// Both: a small freeze and a restore that leaves the pre-dumped pages to the daemon too.
     PreDumpLazy,
@@ -73,12 +73,17 @@ impl Strategy {
             })
     }
 
-    /// Lines for nvwa-restore.yaml (none: baseline is nvwa's default).
+    /// What `nvwa-lab bench` compares when no strategy is given: the original's sequence and
+    /// nvwa's default (`lazy_restore` on, `pre_dump` off).
+    pub const DEFAULT: &'static [Strategy] = &[Strategy::Baseline, Strategy::Lazy];
+
+    /// Lines for nvwa-restore.yaml: every key spelled out, so that a strategy means the same
+    /// whatever nvwa's defaults are.
     fn config(self) -> &'static str {
         match self {
-            Strategy::Baseline => "",
-            Strategy::PreDump => "pre_dump: true\n",
-            Strategy::Lazy => "lazy_restore: true\n",
+            Strategy::Baseline => "pre_dump: false\nlazy_restore: false\n",
+            Strategy::PreDump => "pre_dump: true\nlazy_restore: false\n",
+            Strategy::Lazy => "pre_dump: false\nlazy_restore: true\n",
             Strategy::PreDumpLazy => "pre_dump: true\nlazy_restore: true\n",
         }
     }

@@ -61,8 +61,9 @@ enum Cmd {
         cases: Vec<String>,
         /// Strategies to compare (repeatable or comma-separated): baseline (the original's
         /// sequence: load, dump all, kexec, restore after boot), pre-dump (pre_dump: true:
-        /// memory copied in passes while the targets run), lazy (lazy_restore: true: memory
-        /// filled in after the targets run), pre-dump+lazy (both); default all
+        /// memory copied in passes while the targets run), lazy (lazy_restore: true, nvwa's
+        /// default: memory filled in after the targets run), pre-dump+lazy (both); default
+        /// baseline and lazy
         #[arg(long = "strategy", value_name = "STRATEGY", value_delimiter = ',')]
         strategies: Vec<String>,
         /// Runs of each case with each strategy; the table shows median, min and max
@@ -279,7 +280,7 @@ fn bench(
             .collect::<Result<_>>()?
     };
     let strategies = if strategies.is_empty() {
-        Strategy::ALL.to_vec()
+        Strategy::DEFAULT.to_vec()
     } else {
         strategies
             .iter()

@@ -27,7 +27,8 @@ Exit status:
   5  busy: another request or an unfinished update owns the machine (for `status`: one is running)
   6  rolled back: the update failed before the kernel switch; every target runs on the old kernel
      (for `status`: also an update abandoned because the machine restarted before it committed)
-  7  restore failed on the new kernel for some targets; their images are kept for a retry"
+  7  restore failed on the new kernel for some targets; their images are kept for a retry
+     (not for a target `lost`: restored lazily, it ran again before its memory failed)"
     };
 }
 

@@ -42,6 +42,7 @@ fn state(s: &TargetState) -> String {
         TargetState::Resumed => "resumed".into(),
         TargetState::Restored => "restored".into(),
         TargetState::Failed(why) => format!("failed: {why}"),
+        TargetState::Lost(why) => format!("lost: {why}"),
     }
 }
 
