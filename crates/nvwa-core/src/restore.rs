@@ -279,22 +279,21 @@ fn restore_all(
         finish_lazy(m, cfg, &mut j.targets[i], r);
     }
 
-    let failed: Vec<String> = j
-        .targets
-        .iter()
-        .filter_map(|t| match &t.state {
-            TargetState::Failed(why) => Some(format!("{} (pid {}): {why}", t.name, t.pid)),
-            _ => None,
-        })
-        .collect();
-    let lost: Vec<String> = j
-        .targets
-        .iter()
-        .filter_map(|t| match &t.state {
-            TargetState::Lost(why) => Some(format!("{} (pid {}): {why}", t.name, t.pid)),
-            _ => None,
-        })
-        .collect();
+    // "name (pid P): why" for each target whose state `pick` returns a reason of.
+    let listed = |pick: fn(&TargetState) -> Option<&String>| -> Vec<String> {
+        j.targets
+            .iter()
+            .filter_map(|t| pick(&t.state).map(|why| format!("{} (pid {}): {why}", t.name, t.pid)))
+            .collect()
+    };
+    let failed = listed(|s| match s {
+        TargetState::Failed(why) => Some(why),
+        _ => None,
+    });
+    let lost = listed(|s| match s {
+        TargetState::Lost(why) => Some(why),
+        _ => None,
+    });
     if failed.is_empty() && lost.is_empty() && net_problems.is_empty() {
         if !cfg.restore.enable_debug_mode {
             if let Err(e) = crate::net::remove_state(&cfg.server.criu_dir) {

@@ -596,6 +596,72 @@ pub fn summarize(runs: &[Run]) -> Vec<Row> {
     rows
 }
 
+/// A ratio of two medians of the same run, as the targets are stated.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Ratio {
+    /// What is divided by what, e.g. "downtime 1g lazy / 1g baseline".
+    pub what: String,
+    pub value: f64,
+}
+
+/// The ratios the downtime targets are about, from the medians of one bench: per case, each
+/// strategy's downtime and freeze (`dump`) against `baseline`'s; per strategy, the downtime of
+/// each larger case against `64m`'s (does the downtime grow with memory?).
+pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
+    let med = |r: &Row, k: &str| r.ms.get(k).map(|s| s.median).filter(|m| *m > 0.0);
+    let find = |case: &str, strategy: Strategy| {
+        rows.iter()
+            .find(|r| r.case == case && r.strategy == strategy)
+    };
+    let mut out = Vec::new();
+    for r in rows.iter().filter(|r| r.strategy != Strategy::Baseline) {
+        let Some(base) = find(r.case, Strategy::Baseline) else {
+            continue;
+        };
+        for k in ["downtime", "dump"] {
+            if let (Some(a), Some(b)) = (med(r, k), med(base, k)) {
+                out.push(Ratio {
+                    what: format!(
+                        "{k} {case} {s} / {case} baseline",
+                        case = r.case,
+                        s = r.strategy.name()
+                    ),
+                    value: a / b,
+                });
+            }
+        }
+    }
+    for r in rows.iter().filter(|r| r.case != "64m") {
+        let Some(small) = find("64m", r.strategy) else {
+            continue;
+        };
+        if let (Some(a), Some(b)) = (med(r, "downtime"), med(small, "downtime")) {
+            out.push(Ratio {
+                what: format!(
+                    "downtime {case} {s} / 64m {s}",
+                    case = r.case,
+                    s = r.strategy.name()
+                ),
+                value: a / b,
+            });
+        }
+    }
+    out
+}
+
+/// The ratios as lines of text, or nothing when the bench had no pair to compare.
+pub fn render_ratios(ratios: &[Ratio]) -> String {
+    if ratios.is_empty() {
+        return String::new();
+    }
+    let w = ratios.iter().map(|r| r.what.len()).max().unwrap_or(0);
+    let mut s = String::from("\nratios of medians, measured side by side in this run:\n");
+    for r in ratios {
+        s.push_str(&format!("  {:<w$}  {:.2}×\n", r.what, r.value));
+    }
+    s
+}
+
 fn secs(ms: f64) -> String {
     format!("{:.2}", ms / 1000.0)
 }
@@ -787,6 +853,8 @@ pub struct Report {
     pub repeat: u32,
     pub runs: Vec<Run>,
     pub summary: Vec<Row>,
+    /// The downtime targets' ratios, from `summary` ([`ratios`]).
+    pub ratios: Vec<Ratio>,
     /// What each figure means (key → meaning).
     pub phases: BTreeMap<String, String>,
 }
@@ -867,6 +935,7 @@ pub fn run(lab: &Lab, o: &Options, progress: &mut dyn FnMut(&Run)) -> Result<Rep
         strategies: o.strategies.clone(),
         repeat: o.repeat,
         runs,
+        ratios: ratios(&summary),
         summary,
         phases: PHASES
             .iter()
@@ -1053,10 +1122,50 @@ mod tests {
         assert!(table.contains("median of 2 run(s)"), "{table}");
         assert!(table.contains("10.00–12.00"), "{table}");
         assert!(table.lines().any(|l| l.starts_with("64m")), "{table}");
+        // One strategy only: nothing to divide by baseline; 1g against 64m is there.
+        let r = ratios(&rows);
+        assert_eq!(
+            r,
+            vec![Ratio {
+                what: "downtime 1g baseline / 64m baseline".into(),
+                value: 30000.0 / 11000.0
+            }]
+        );
+        assert!(render_ratios(&r).contains("downtime 1g baseline / 64m baseline  2.73×"));
         let svg = render_svg(&rows, "a <test>");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("a &lt;test&gt;"), "{svg}");
         assert!(svg.contains("64m · baseline"), "{svg}");
+    }
+
+    #[test]
+    fn ratios_compare_each_strategy_with_baseline_and_each_size_with_64m() {
+        let lazy = |case: &'static str, d: i64, dump: i64| {
+            let mut r = run_of(case, 1, &[("downtime", d), ("dump", dump)], true);
+            r.strategy = Strategy::Lazy;
+            r
+        };
+        let runs = [
+            run_of("64m", 1, &[("downtime", 20000), ("dump", 2000)], true),
+            lazy("64m", 10000, 1000),
+            run_of("1g", 1, &[("downtime", 40000), ("dump", 10000)], true),
+            lazy("1g", 12000, 5000),
+        ];
+        let got: Vec<(String, f64)> = ratios(&summarize(&runs))
+            .into_iter()
+            .map(|r| (r.what, r.value))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("downtime 64m lazy / 64m baseline".into(), 0.5),
+                ("dump 64m lazy / 64m baseline".into(), 0.5),
+                ("downtime 1g lazy / 1g baseline".into(), 0.3),
+                ("dump 1g lazy / 1g baseline".into(), 0.5),
+                ("downtime 1g baseline / 64m baseline".into(), 2.0),
+                ("downtime 1g lazy / 64m lazy".into(), 1.2),
+            ]
+        );
     }
 
     #[test]

@@ -333,6 +333,7 @@ fn bench(
         println!("{text}");
     } else {
         print!("{}", bench::render_table(&report.summary));
+        print!("{}", bench::render_ratios(&report.ratios));
         println!("{}", report.note);
     }
     eprintln!(
