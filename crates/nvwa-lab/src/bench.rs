@@ -196,6 +196,8 @@ done
 lab_save PIDS "$pids"
 lab_save PID_LIST "$(echo $pids | sed 's/ /, /g')"
 echo "workloads: $pids"
+# Where each log stands before the update: the pause is measured from there on.
+for log in $LAB_STATE/w*.log; do wc -l < $log > $log.start; done
 echo "NVWA-LAB {{\"event\":\"bench\",\"step\":\"anchor\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}}" >/dev/console
 '''
 
@@ -210,6 +212,15 @@ expect = "success"
 name = "every workload kept its pid, memory and log offset"
 run = '''
 echo "NVWA-LAB {{\"event\":\"bench\",\"step\":\"anchor\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}}" >/dev/console
+# The longest a workload stood still on the old kernel once the update began: the largest gap
+# between two of its ticks there ("tick N pid P kernel K ms WALL"; the gap into the freeze
+# ends on the new kernel and is not counted).
+pause=0
+for log in $LAB_STATE/w*.log; do
+  g=$(awk -v from=$(cat $log.start) '$1 == "tick" {{ if (k == "") k = $6; if (NR > from && $6 == k && p != "" && $8 - p > m) m = $8 - p; if ($6 == k) p = $8 }} END {{ print m + 0 }}' $log)
+  [ "$g" -le "$pause" ] || pause=$g
+done
+echo "NVWA-LAB {{\"event\":\"bench\",\"step\":\"pause\",\"ms\":$pause}}" >/dev/console
 n=0
 for p in $PIDS; do
   n=$((n + 1))
@@ -268,6 +279,11 @@ pub const PHASES: &[(&str, &str, &str)] = &[
         "pre_dump",
         "pre-dump",
         "criu's pre-dump passes while the targets run (kernel_loaded → frozen): not downtime",
+    ),
+    (
+        "pause",
+        "pause",
+        "the longest a target stood still on the old kernel before its freeze (the largest gap between two of its ticks, 0.1 s apart when nothing stops it): criu's pre-dump passes stop it while they collect its pages",
     ),
     (
         "dump",
@@ -471,6 +487,10 @@ pub fn measure(lines: &[Stamped], bare_lines: &[Stamped]) -> BTreeMap<String, i6
     let zero_new_later = bench("anchor").get(1).copied().and_then(zero);
     put("clock_check", span(zero_new, zero_new_later));
 
+    put(
+        "pause",
+        bench("pause").first().and_then(|(_, v)| v["ms"].as_i64()),
+    );
     let at = |step: &str| bench(step).first().map(|(at, _)| *at);
     put("criu_dump", span(at("dump-start"), at("dump-done")));
     let criu_restore = span(at("restore-start"), at("restore-done"));
@@ -989,6 +1009,10 @@ mod tests {
                 40000,
                 r#"NVWA-LAB {"event":"bench","step":"anchor","uptime":10.01}"#,
             ),
+            (
+                40100,
+                r#"NVWA-LAB {"event":"bench","step":"pause","ms":850}"#,
+            ),
             (41000, r#"NVWA-LAB {"event":"bench","step":"dump-start"}"#),
             (43000, r#"NVWA-LAB {"event":"bench","step":"dump-done"}"#),
             (
@@ -1043,6 +1067,7 @@ mod tests {
         assert_eq!(parts, ms["downtime"], "the phases add up to the downtime");
         assert_eq!(get("downtime_journal"), Some(9000));
         assert_eq!(get("clock_check"), Some(-10));
+        assert_eq!(get("pause"), Some(850));
         assert_eq!(get("criu_dump"), Some(2000));
         assert_eq!(get("criu_restore"), Some(3000));
         assert_eq!(get("bare_handoff"), Some(1000));
