@@ -816,10 +816,15 @@ mod tests {
             s.procs.add(200, 1, "nginx", GIB / 2);
             s.runs
                 .insert("/usr/sbin/criu check".into(), (0, "Looks good.\n".into()));
-            // lazy_restore is on by default, so check asks criu for userfaultfd.
+            // pre_dump and lazy_restore are on by default, so check asks criu for memory
+            // tracking and userfaultfd.
             s.runs.insert(
                 "/usr/sbin/criu check --feature uffd-noncoop".into(),
                 (0, "uffd-noncoop is supported\n".into()),
+            );
+            s.runs.insert(
+                "/usr/sbin/criu check --feature mem_dirty_track".into(),
+                (0, "mem_dirty_track is supported\n".into()),
             );
             s.runs.insert(
                 "/usr/sbin/criu --version".into(),
@@ -1044,6 +1049,7 @@ mod tests {
     fn pre_dump_asks_criu_for_memory_tracking_and_warns_without_it() {
         let mut fx = fixture();
         let mut sys = FakeSystem::healthy();
+        fx.cfg.restore.pre_dump = false;
         let report = run(&fx, &sys);
         assert!(report
             .lines
@@ -1436,6 +1442,8 @@ mod tests {
     fn pin_memory_requested_but_absent() {
         let mut fx = fixture();
         fx.cfg.restore.enable_pin_memory = true;
+        // As parse_restore leaves it when pre_dump is not given.
+        fx.cfg.restore.pre_dump = false;
         let mut sys = FakeSystem::healthy();
         assert_fails(&run(&fx, &sys), "pin memory", "stock kernel");
         // Boot parameter alone is not enough: the device is needed too.

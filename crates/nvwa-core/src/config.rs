@@ -56,7 +56,7 @@ pub const RESTORE_KEY_DOCS: &[(&str, &str)] = &[
     ("restore_net", "Carry the network configuration over: addresses, routes of every table, policy rules and the firewall (nftables tables; iptables-legacy tables where the machine has them) are saved before the targets are frozen and restored on the new boot before any target, matched to interfaces by name. Left out: what the kernel or a DHCP/RA client makes by itself, and criu's CRIU-* lock tables. What the new boot already has is skipped; an entry that conflicts or whose interface is missing is named, the targets are restored anyway, and the update ends restore_failed until a server restart restores it. Needs ip (iproute2) and, for the firewall, nft. See NETWORK STATE."),
     ("enable_quick_kexec", "Load the kernel with openEuler's quick kexec (kexec -q)."),
     ("enable_pin_memory", "Keep the targets' memory in openEuler's pinned memory across the switch."),
-    ("pre_dump", "Copy the targets' memory while they still run (criu pre-dump, in passes until their dirty memory stops shrinking, at most 4), so that the freeze writes only the pages dirtied since the last pass: less downtime for applications with much memory that changes little. A pass that fails costs only time: that target is dumped in full. Needs soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); not with enable_pin_memory. Default false."),
+    ("pre_dump", "Copy the targets' memory while they still run (criu pre-dump, in passes until their dirty memory stops shrinking, at most 4), so that the freeze writes only the pages dirtied since the last pass: less downtime for applications with much memory that changes little. A pass that fails costs only time: that target is dumped in full. Each pass stops the targets only while criu walks their mappings (--pre-dump-mode=read: the pages are read while they run). Needs soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); not with enable_pin_memory. Default true (false when enable_pin_memory is set)."),
     ("lazy_restore", "Restore pid targets without their memory and let a criu lazy-pages daemon fill it in from the images on demand (userfaultfd) and in the background: a process runs again before its memory is read, so the restore no longer grows with memory. The update counts as restored only once every page is in; a process whose pages could not all be copied is killed and marked lost: it ran on the new kernel since its images were taken, so they are kept but never restored again (that would replay its work). Services are always restored in full; without userfaultfd (criu check --feature uffd-noncoop) every target is. With pre_dump, the pages held by the first pass come lazily too (nvwa flags them lazy in the dump's pagemaps and gives the daemon a view of the images: lazy-view/); those the dump or a later pass wrote, i.e. what changed while the passes ran, are read before the process runs. Default true."),
     ("enable_debug_mode", "Keep the images after a successful restore (also spelled enbale_debug_mode, as in the original)."),
 ];
@@ -158,10 +158,11 @@ pub struct RestoreConfig {
 }
 
 impl Default for RestoreConfig {
-    /// The original's defaults, except `lazy_restore`: on by default, the fastest restore that
-    /// stays safe on the measured data (see the README, "Downtime"): a pid target runs again
-    /// before its memory is read, without userfaultfd every target is restored in full, and a
-    /// process whose memory cannot be completed is killed, never replayed.
+    /// The original's defaults, except `pre_dump` and `lazy_restore`, both on: the fastest
+    /// combination that stays safe on the measured data (README, "The bench"). A failed
+    /// pre-dump pass only costs time; a pid target runs again before its memory is read,
+    /// without userfaultfd every target is restored in full, and a process whose memory cannot
+    /// be completed is killed, never replayed. Pre-dump gives way to `enable_pin_memory`.
     fn default() -> Self {
         RestoreConfig {
             pids: Vec::new(),
@@ -169,7 +170,7 @@ impl Default for RestoreConfig {
             restore_net: false,
             enable_quick_kexec: false,
             enable_pin_memory: false,
-            pre_dump: false,
+            pre_dump: true,
             lazy_restore: true,
             enable_debug_mode: false,
         }
@@ -452,6 +453,7 @@ pub fn parse_restore(text: &str, path: &Path) -> Result<RestoreConfig, ConfigErr
     let mut cfg = RestoreConfig::default();
     // The first debug-mode spelling seen, to detect the two spellings disagreeing.
     let mut debug_seen: Option<(String, Position, bool)> = None;
+    let mut pre_dump_given = false;
     for entry in parse_entries(text, path)? {
         let ctx = Ctx {
             path,
@@ -463,7 +465,10 @@ pub fn parse_restore(text: &str, path: &Path) -> Result<RestoreConfig, ConfigErr
             "restore_net" => cfg.restore_net = ctx.bool()?,
             "enable_quick_kexec" => cfg.enable_quick_kexec = ctx.bool()?,
             "enable_pin_memory" => cfg.enable_pin_memory = ctx.bool()?,
-            "pre_dump" => cfg.pre_dump = ctx.bool()?,
+            "pre_dump" => {
+                cfg.pre_dump = ctx.bool()?;
+                pre_dump_given = true;
+            }
             "lazy_restore" => cfg.lazy_restore = ctx.bool()?,
             DEBUG_KEY | DEBUG_KEY_ORIGINAL => {
                 let value = ctx.bool()?;
@@ -487,6 +492,11 @@ pub fn parse_restore(text: &str, path: &Path) -> Result<RestoreConfig, ConfigErr
                 ))
             }
         }
+    }
+    // Pin memory keeps the pages in place, leaving pre-dump nothing to copy ahead: the default
+    // gives way to it. Both set to true is refused (policy::Refusal::PreDumpWithPinMemory).
+    if cfg.enable_pin_memory && !pre_dump_given {
+        cfg.pre_dump = false;
     }
     Ok(cfg)
 }
@@ -929,6 +939,22 @@ enbale_debug_mode: false   # sic
             parse_restore(ORIGINAL_RESTORE, &p()).unwrap(),
             RestoreConfig::default()
         );
+    }
+
+    #[test]
+    fn pre_dump_is_on_by_default_and_gives_way_to_pin_memory_unless_given() {
+        let p = Path::new("/etc/nvwa/nvwa-restore.yaml");
+        let d = parse_restore("pids: [1]\n", p).unwrap();
+        assert!(d.pre_dump && d.lazy_restore);
+        let pin = parse_restore("pids: [1]\nenable_pin_memory: true\n", p).unwrap();
+        assert!(!pin.pre_dump);
+        // Given explicitly, both stay true: the update refuses the pair, naming both keys.
+        let both =
+            parse_restore("pids: [1]\npre_dump: true\nenable_pin_memory: true\n", p).unwrap();
+        assert!(both.pre_dump && both.enable_pin_memory);
+        let late =
+            parse_restore("pids: [1]\nenable_pin_memory: true\npre_dump: true\n", p).unwrap();
+        assert!(late.pre_dump);
     }
 
     #[test]

@@ -216,9 +216,19 @@ impl Criu {
         // A pass's own directory: one left behind would mix two passes' pages.
         create_image_dir(dir, false)?;
         let pid_s = pid.to_string();
-        let mut args: Vec<String> = ["pre-dump", "-t", &pid_s, "--track-mem"]
-            .map(String::from)
-            .into();
+        // `read`: the tree is frozen only while criu walks its mappings and clears the
+        // soft-dirty bits; the pages are read with process_vm_readv once it runs again (a page
+        // written meanwhile is dirty, so the next pass or the dump copies it again). criu's
+        // default, `splice`, keeps the tree frozen until every page is in its pipes.
+        let mut args: Vec<String> = [
+            "pre-dump",
+            "-t",
+            &pid_s,
+            "--track-mem",
+            "--pre-dump-mode=read",
+        ]
+        .map(String::from)
+        .into();
         if let Some(prev) = prev {
             args.extend(["--prev-images-dir".into(), prev.to_string()]);
         }
@@ -710,11 +720,13 @@ mod tests {
         let seen = std::fs::read_to_string(&args).unwrap();
         let lines: Vec<&str> = seen.lines().collect();
         assert!(
-            lines[0].starts_with("pre-dump -t 42 --track-mem -D"),
+            lines[0].starts_with("pre-dump -t 42 --track-mem --pre-dump-mode=read -D"),
             "{seen}"
         );
         assert!(
-            lines[1].starts_with("pre-dump -t 42 --track-mem --prev-images-dir ../pre-1 -D"),
+            lines[1].starts_with(
+                "pre-dump -t 42 --track-mem --pre-dump-mode=read --prev-images-dir ../pre-1 -D"
+            ),
             "{seen}"
         );
         assert!(

@@ -513,6 +513,8 @@ fn pin_memory_brackets_the_dumps_and_its_absence_rolls_back() {
     let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100]);
     cfg.restore.enable_pin_memory = true;
+    // As parse_restore leaves it when pre_dump is not given.
+    cfg.restore.pre_dump = false;
     let m = FakeMachine::with_pids(&[100]);
     let _ = run_update(&m, &cfg, "6.12-new");
     let calls = m.calls();
@@ -526,6 +528,7 @@ fn pin_memory_brackets_the_dumps_and_its_absence_rolls_back() {
     let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100]);
     cfg.restore.enable_pin_memory = true;
+    cfg.restore.pre_dump = false;
     let m = FakeMachine::with_pids(&[100]);
     m.inject(Fault::PinClear);
     let (res, _) = run_update(&m, &cfg, "6.12-new");

@@ -61,9 +61,9 @@ enum Cmd {
         cases: Vec<String>,
         /// Strategies to compare (repeatable or comma-separated): baseline (the original's
         /// sequence: load, dump all, kexec, restore after boot), pre-dump (pre_dump: true:
-        /// memory copied in passes while the targets run), lazy (lazy_restore: true, nvwa's
-        /// default: memory filled in after the targets run), pre-dump+lazy (both); default
-        /// baseline and lazy
+        /// memory copied in passes while the targets run), lazy (lazy_restore: true: memory
+        /// filled in after the targets run), pre-dump+lazy (both, nvwa's default); default
+        /// baseline and pre-dump+lazy
         #[arg(long = "strategy", value_name = "STRATEGY", value_delimiter = ',')]
         strategies: Vec<String>,
         /// Runs of each case with each strategy; the table shows median, min and max
