@@ -228,9 +228,9 @@ fn saved_table(path: &Path) -> Result<Option<(String, String)>, TcpError> {
 ///
 /// criu's table drops only the connections in its sets (`conns4`, `conns6`), one element per
 /// established connection it dumped; with both sets empty it drops nothing, so putting it back
-/// would cost the boot two libnftables calls per target for no effect (`nvwa pre` took 3–4 s for
-/// the 16 targets of the lab's bench, under TCG). criu's restore deletes its table without checking that it was
-/// there (`network_unlock` ignores the result).
+/// would cost the boot two libnftables calls per target for no effect (`nvwa pre` took 3–4 s
+/// for the 16 targets of the lab's bench, under TCG). criu's restore deletes its table without
+/// checking that it was there (`network_unlock` ignores the result).
 pub fn install_saved(dir: &Path) -> Result<Option<String>, TcpError> {
     let Some((table, text)) = saved_table(&dir.join(LOCK_FILE))? else {
         return Ok(None);

@@ -635,36 +635,25 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             .find(|r| r.case == case && r.strategy == strategy)
     };
     let mut out = Vec::new();
+    // `k` of `r` over `k` of `by`, named "{k} {case} {strategy} / {by_name}".
+    let mut push = |k: &str, r: &Row, by: &Row, by_name: String| {
+        if let (Some(a), Some(b)) = (med(r, k), med(by, k)) {
+            out.push(Ratio {
+                what: format!("{k} {} {} / {by_name}", r.case, r.strategy.name()),
+                value: a / b,
+            });
+        }
+    };
     for r in rows.iter().filter(|r| r.strategy != Strategy::Baseline) {
-        let Some(base) = find(r.case, Strategy::Baseline) else {
-            continue;
-        };
-        for k in ["downtime", "dump"] {
-            if let (Some(a), Some(b)) = (med(r, k), med(base, k)) {
-                out.push(Ratio {
-                    what: format!(
-                        "{k} {case} {s} / {case} baseline",
-                        case = r.case,
-                        s = r.strategy.name()
-                    ),
-                    value: a / b,
-                });
+        if let Some(base) = find(r.case, Strategy::Baseline) {
+            for k in ["downtime", "dump"] {
+                push(k, r, base, format!("{} baseline", r.case));
             }
         }
     }
     for r in rows.iter().filter(|r| r.case != "64m") {
-        let Some(small) = find("64m", r.strategy) else {
-            continue;
-        };
-        if let (Some(a), Some(b)) = (med(r, "downtime"), med(small, "downtime")) {
-            out.push(Ratio {
-                what: format!(
-                    "downtime {case} {s} / 64m {s}",
-                    case = r.case,
-                    s = r.strategy.name()
-                ),
-                value: a / b,
-            });
+        if let Some(small) = find("64m", r.strategy) {
+            push("downtime", r, small, format!("64m {}", r.strategy.name()));
         }
     }
     out
