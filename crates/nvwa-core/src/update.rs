@@ -388,6 +388,8 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
             .map_err(Abort::Kernel)?;
         self.advance(Phase::KernelLoaded)?;
         self.prepare_images()?;
+        // Asked before the freeze: criu's probe is a run of its own, no part of the downtime.
+        let nftables_lock = self.network_lock_support();
         if cfg.restore.pre_dump {
             // A stop asked for meanwhile cancels the passes and then the update, at the freeze.
             self.pre_dump_targets();
@@ -404,7 +406,7 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
             m.pin_memory(PinOp::Clear).map_err(Abort::PinMemory)?;
         }
         self.advance(Phase::Frozen)?;
-        self.dump_targets()?;
+        self.dump_targets(nftables_lock)?;
         if cfg.restore.enable_pin_memory {
             m.pin_memory(PinOp::Finish).map_err(Abort::PinMemory)?;
         }
@@ -493,11 +495,11 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
     }
 
     /// Dumps every target, recording each result; the first failure aborts the update.
-    fn dump_targets(&mut self) -> Result<(), Abort> {
-        let cfg = self.cfg;
-        let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
-        // Probed once per update: with nftables, the lock outlives the kexec (see `tcp`).
-        let nftables_lock = match self.m.nftables_lock_support(&criu) {
+    /// Whether criu can lock the targets' connections with nftables, probed once per update:
+    /// with nftables, the lock outlives the kexec (see `tcp`).
+    fn network_lock_support(&self) -> bool {
+        let criu = Criu::new(&self.cfg.server.criu_exe);
+        match self.m.nftables_lock_support(&criu) {
             Ok(()) => true,
             Err(why) => {
                 self.r.message(format!(
@@ -505,7 +507,12 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
                 ));
                 false
             }
-        };
+        }
+    }
+
+    fn dump_targets(&mut self, nftables_lock: bool) -> Result<(), Abort> {
+        let cfg = self.cfg;
+        let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
         let results = dump_all(self.m, cfg, &criu, &self.j.targets, self.r, nftables_lock);
         let mut first_failure = None;
         for (t, res) in self.j.targets.iter_mut().zip(results) {
