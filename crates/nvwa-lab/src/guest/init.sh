@@ -69,7 +69,8 @@ fi
 # each step's end on this kernel's clock.
 step() { ev "{\"event\":\"init-step\",\"step\":\"$1\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"; }
 
-# Kernel modules criu and the persistent memory need, in dependency order.
+# Kernel modules criu and the persistent memory need, in dependency order, staged without their
+# signatures (nvwa-lab's modules::strip_signature: checking them is slow under TCG).
 while IFS= read -r m; do
     insmod "$m" 2>/tmp/insmod.err || grep -q 'File exists' /tmp/insmod.err ||
         { echo "insmod $m: $(cat /tmp/insmod.err)" | out modules; }
