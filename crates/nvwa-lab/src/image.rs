@@ -300,20 +300,6 @@ impl GuestImage {
         }
     }
 
-    /// Writes the image as a kexec'd kernel's initramfs: the cpio archive compressed with lz4's
-    /// legacy frame at level 9, as initramfs-tools writes it with `COMPRESS=lz4`. The x86
-    /// purgatory SHA-256-checks every byte kexec_file_load loaded before it jumps, and under the
-    /// lab's TCG that costs more than the 6.12 kernel takes to unpack lz4 (see the README's
-    /// bench section: fewer bytes to hash, unpacked almost as fast as a plain cpio; zstd, gzip and
-    /// xz unpack slower). Returns the compressed size in bytes.
-    pub fn write_initramfs(&self, out: &Path) -> Result<u64> {
-        let cpio = out.with_extension(format!("cpio-{}", std::process::id()));
-        self.write_cpio(&cpio)?;
-        let result = compress_lz4(&cpio, out);
-        let _ = std::fs::remove_file(&cpio);
-        result
-    }
-
     fn write_cpio_to(&self, path: &Path) -> Result<u64> {
         let file =
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -356,34 +342,6 @@ impl GuestImage {
             .with_context(|| format!("syncing {}", path.display()))?;
         Ok(size)
     }
-}
-
-/// How long lz4 may take for an image (about 30 MB: well under a second on the host).
-const LZ4_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
-
-/// `lz4 -9 -l`: the legacy frame is the only lz4 format the kernel's initramfs unpacker reads.
-fn compress_lz4(cpio: &Path, out: &Path) -> Result<u64> {
-    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
-    let mut cmd = Command::new("lz4");
-    cmd.args(["-q", "-9", "-l", "-f"]).arg(cpio).arg(&tmp);
-    if let Err(e) = crate::exec::run(&mut cmd, LZ4_DEADLINE) {
-        let _ = std::fs::remove_file(&tmp);
-        let missing = e
-            .chain()
-            .filter_map(|c| c.downcast_ref::<std::io::Error>())
-            .any(|io| io.kind() == std::io::ErrorKind::NotFound);
-        if missing {
-            bail!(
-                "`lz4` is needed to compress the guest's initramfs {}; install it: apt-get install lz4",
-                out.display()
-            );
-        }
-        return Err(e.context(format!("compressing {} with lz4", cpio.display())));
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
-    Ok(std::fs::metadata(out)
-        .with_context(|| format!("reading {}", out.display()))?
-        .len())
 }
 
 #[cfg(test)]
@@ -445,29 +403,6 @@ mod tests {
         assert_eq!(tmp.mode, 0o041_777);
         let sh = entries.iter().find(|e| e.name == "bin/sh").unwrap();
         assert_eq!(sh.data, b"busybox");
-    }
-
-    #[test]
-    fn the_kexec_initramfs_is_the_same_archive_in_an_lz4_legacy_frame() {
-        let mut img = GuestImage::new();
-        img.add_bytes("etc/x", b"x".repeat(100_000), 0o644);
-        let t = tempfile::tempdir().unwrap();
-        let out = t.path().join("initramfs.img");
-        let size = img.write_initramfs(&out).unwrap();
-        let buf = std::fs::read(&out).unwrap();
-        assert_eq!(size as usize, buf.len());
-        // The legacy frame's magic (the kernel's unpacker recognises no other lz4 frame).
-        assert_eq!(buf[..4], [0x02, 0x21, 0x4c, 0x18]);
-        assert!(buf.len() < 100_000, "{} bytes: not compressed", buf.len());
-        let plain = std::process::Command::new("lz4")
-            .args(["-dc"])
-            .arg(&out)
-            .output()
-            .expect("lz4 is installed (apt-get install lz4)");
-        assert!(plain.status.success(), "{plain:?}");
-        assert_eq!(parse(&plain.stdout), read_image(&img));
-        let left: Vec<_> = std::fs::read_dir(t.path()).unwrap().collect();
-        assert_eq!(left.len(), 1, "only the image is left: {left:?}");
     }
 
     #[test]

@@ -188,7 +188,7 @@ impl Lab {
     pub fn build_images(&self, s: &Scenario, dir: &Path) -> Result<(PathBuf, PathBuf)> {
         let ing = &self.ingredients;
         let inner = dir.join(format!("initramfs-{}.img", ing.new.version));
-        guest::image_for(ing, &self.bins, &ing.new, s)?.write_initramfs(&inner)?;
+        guest::image_for(ing, &self.bins, &ing.new, s)?.write_cpio(&inner)?;
         let mut outer = guest::image_for(ing, &self.bins, &ing.old, s)?;
         outer.add_file(
             &format!("/boot/vmlinuz-{}", ing.new.version),
