@@ -18,9 +18,10 @@ pub const RESTORE_LOG: &str = "restore.log";
 pub const PRE_DUMP_LOG: &str = "pre-dump.log";
 pub const PIDFILE: &str = "restored.pid";
 
-/// The original's options, kept so images and behaviour match it.
+/// The original's options, kept so images and behaviour match it. Its `--tcp-established` is
+/// [`TCP_ESTABLISHED`], which a dump leaves out for a tree without connections
+/// ([`Connections::Refused`]).
 const COMMON: &[&str] = &[
-    "--tcp-established",
     "--ext-unix-sk",
     "--file-locks",
     "--shell-job",
@@ -28,6 +29,9 @@ const COMMON: &[&str] = &[
     "--skip-in-flight",
     "-v4",
 ];
+
+/// Established TCP connections are dumped (in repair mode) and restored.
+const TCP_ESTABLISHED: &str = "--tcp-established";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriuError {
@@ -88,6 +92,14 @@ impl CriuError {
         matches!(self, CriuError::Failed { summary, .. }
             if summary.contains("File exists") || summary.contains("-17"))
     }
+
+    /// A dump without `--tcp-established` ([`Connections::Refused`]) found a connected TCP
+    /// socket in the frozen tree (criu: "Connected TCP socket, consider using
+    /// --tcp-established option").
+    pub fn found_connection(&self) -> bool {
+        matches!(self, CriuError::Failed { summary, .. }
+            if summary.contains("Connected TCP socket"))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -119,9 +131,24 @@ pub struct DumpOptions {
     /// pass are written (`--prev-images-dir` with `--track-mem`); the restore reads the rest
     /// through the `parent` links.
     pub prev_images: Option<String>,
-    /// `--network-lock nftables`: established connections are locked in a table that nvwa can
-    /// save and put back on the new boot (see `tcp`); otherwise criu's default, iptables.
-    pub nftables_lock: bool,
+    /// What the dump does with the tree's TCP connections.
+    pub connections: Connections,
+}
+
+/// How a dump treats the TCP connections of its tree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Connections {
+    /// `--tcp-established`, locked with criu's default method (iptables).
+    #[default]
+    Locked,
+    /// `--tcp-established --network-lock nftables`: locked in a table that nvwa saves and puts
+    /// back on the new boot (see `tcp`).
+    LockedNftables,
+    /// Without `--tcp-established`: nvwa found no connection in the tree. Once criu has frozen
+    /// it, criu refuses a connection that appeared meanwhile ([`CriuError::found_connection`]).
+    /// criu's nftables lock creates its table, chains and sets even for a tree without
+    /// connections, and its libnftables calls serialise between parallel dumps.
+    Refused,
 }
 
 /// One `criu pre-dump` pass: what it wrote and how long the target was frozen for it.
@@ -189,7 +216,7 @@ impl Criu {
                 prev.clone(),
             ]);
         }
-        if opts.nftables_lock {
+        if opts.connections == Connections::LockedNftables {
             args.extend(["--network-lock".into(), "nftables".into()]);
         }
         let run = Run {
@@ -199,6 +226,7 @@ impl Criu {
             deadline: opts.deadline,
             deadline_key: "dump_timeout",
             cancellable: true,
+            tcp_established: opts.connections != Connections::Refused,
         };
         self.run_for(&opts, run, dir, &args)
     }
@@ -242,6 +270,7 @@ impl Criu {
             deadline: opts.deadline,
             deadline_key: "dump_timeout",
             cancellable: true,
+            tcp_established: true,
         };
         let ms = self.run_for(opts, run, dir, &args)?;
         Ok(PreDumpPass {
@@ -260,6 +289,7 @@ impl Criu {
             deadline: opts.deadline,
             deadline_key: "restore_timeout",
             cancellable: false,
+            tcp_established: true,
         };
         // The restored tree stays in the cgroup of whoever runs criu: a service's unit (its
         // restore runs there) or nvwa.service for pid targets. The cgroups of the old boot are
@@ -351,6 +381,7 @@ impl Criu {
             deadline,
             deadline_key: "restore_timeout",
             cancellable: false,
+            tcp_established: true,
         };
         let mut cmd = Command::new(&self.exe);
         cmd.args(["lazy-pages", "-d", "--pidfile", PIDFILE])
@@ -451,7 +482,11 @@ impl Criu {
 
     /// Runs `cmd` (criu with its action's arguments and `-D`) with the log and common options.
     fn finish(&self, mut cmd: Command, run: Run, dir: &Path) -> Result<u64, CriuError> {
-        cmd.args(["-o", run.log]).args(COMMON);
+        cmd.args(["-o", run.log]);
+        if run.tcp_established {
+            cmd.arg(TCP_ESTABLISHED);
+        }
+        cmd.args(COMMON);
         let cancel = self.cancel.as_deref().filter(|_| run.cancellable);
         let log = dir.join(run.log);
         let out = exec::run_cancellable(&mut cmd, run.deadline, cancel).map_err(|e| match e {
@@ -503,6 +538,22 @@ fn create_image_dir(dir: &Path, recursive: bool) -> Result<(), CriuError> {
         })
 }
 
+/// Removes what a failed dump wrote into `dir` (its files and its `parent` link), keeping the
+/// directories in it (the pre-dump passes).
+pub fn clear_images(dir: &Path) -> Result<(), CriuError> {
+    let failed = |source| CriuError::ImageDir {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(failed)? {
+        let entry = entry.map_err(failed)?;
+        if !entry.file_type().map_err(failed)?.is_dir() {
+            std::fs::remove_file(entry.path()).map_err(failed)?;
+        }
+    }
+    Ok(())
+}
+
 /// Bytes of memory pages in an image directory (its pages-*.img files).
 fn page_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
@@ -528,6 +579,8 @@ struct Run {
     /// The nvwa-server.yaml key that sets `deadline`, for the message when it passes.
     deadline_key: &'static str,
     cancellable: bool,
+    /// [`TCP_ESTABLISHED`] among the options.
+    tcp_established: bool,
 }
 
 /// The lines of a criu log that say why it failed, most specific first.
@@ -612,6 +665,59 @@ mod tests {
             log: "/x".into(),
         };
         assert!(e.is_pid_collision());
+    }
+
+    #[test]
+    fn a_connection_found_by_a_dump_that_refuses_them_is_recognised() {
+        let failed = |summary: &str| CriuError::Failed {
+            action: "dump",
+            object: "pid 42".into(),
+            code: 1,
+            summary: summary.into(),
+            log: "/x".into(),
+        };
+        assert!(failed("Error (criu/sk-inet.c:191): inet: Connected TCP socket, consider using --tcp-established option.").found_connection());
+        assert!(!failed("Error (criu/cr-dump.c:1): Can't dump pid 42").found_connection());
+    }
+
+    #[test]
+    fn a_dump_treats_connections_as_asked_and_the_others_always_restore_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, args) = recording_criu(dir.path());
+        let images = dir.path().join("svc");
+        let criu = Criu::new(&fake);
+        for connections in [
+            Connections::Locked,
+            Connections::LockedNftables,
+            Connections::Refused,
+        ] {
+            let opts = DumpOptions {
+                deadline: Duration::from_secs(5),
+                connections,
+                ..Default::default()
+            };
+            criu.dump(42, &images, opts).unwrap();
+        }
+        let restore = RestoreOptions {
+            deadline: Duration::from_secs(5),
+            ..Default::default()
+        };
+        criu.restore(&images, &restore).unwrap();
+        let seen = std::fs::read_to_string(&args).unwrap();
+        let runs: Vec<(bool, bool)> = seen
+            .lines()
+            .map(|l| {
+                (
+                    l.contains(" --tcp-established "),
+                    l.contains(" --network-lock nftables "),
+                )
+            })
+            .collect();
+        assert_eq!(
+            runs,
+            [(true, false), (true, true), (false, false), (true, false)],
+            "{seen}"
+        );
     }
 
     /// A criu that appends its arguments to `args` (one run per line) and succeeds: a restore

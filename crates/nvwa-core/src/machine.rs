@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::journal::JournalError;
 
 use crate::boot::{self, BootError, KernelFiles};
-use crate::criu::{Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
+use crate::criu::{Connections, Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
 use crate::criu_image::{self, ImageError};
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::{self, KexecError};
@@ -46,8 +46,12 @@ pub trait Machine: Send + Sync {
     /// Every pid and thread id of the tree rooted at `pid`.
     fn tree_ids(&self, pid: i32) -> Vec<i32>;
     /// Checkpoints and leaves the tree stopped; returns milliseconds spent. With
-    /// `opts.nftables_lock`, the lock criu left is saved beside the images ([`crate::tcp`]).
+    /// [`Connections::LockedNftables`], the lock criu left is saved beside the images
+    /// ([`crate::tcp`]).
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError>;
+    /// Whether a process of the tree rooted at `pid` holds a connected TCP socket (when in
+    /// doubt, yes).
+    fn holds_tcp_connection(&self, pid: i32) -> bool;
     /// Whether criu can lock the targets' TCP connections with nftables; `Err` says why not.
     fn nftables_lock_support(&self, criu: &Criu) -> Result<(), String>;
     /// Before a dumped tree (rooted at `pid`, with `ids`) runs again on the old kernel: deletes
@@ -188,12 +192,15 @@ impl Machine for RealMachine {
         process::tree_ids(pid)
     }
     fn dump(&self, criu: &Criu, pid: i32, dir: &Path, opts: DumpOptions) -> Result<u64, CriuError> {
-        let locked = opts.nftables_lock;
+        let locked = opts.connections == Connections::LockedNftables;
         let ms = criu.dump(pid, dir, opts)?;
         if locked {
             tcp::save_lock(dir, pid).map_err(|source| CriuError::NetworkLock { pid, source })?;
         }
         Ok(ms)
+    }
+    fn holds_tcp_connection(&self, pid: i32) -> bool {
+        tcp::tree_holds_connection(pid)
     }
     fn nftables_lock_support(&self, criu: &Criu) -> Result<(), String> {
         criu.check_feature("network_lock_nftables")

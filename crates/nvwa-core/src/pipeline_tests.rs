@@ -699,6 +699,80 @@ fn without_criu_nftables_lock_the_dumps_use_criu_default_and_say_what_that_means
 }
 
 #[test]
+fn a_tree_without_connections_is_dumped_without_them_and_one_with_them_locked() {
+    let dir = crate::trust::trusted_tempdir();
+    let cfg = config(dir.path(), &[100, 200]);
+    let m = FakeMachine::with_pids(&[100, 200]);
+    m.inject(Fault::NoConnection(100));
+    // The double's jump fails: what matters here is how the dumps ran.
+    let (res, events) = run_update(&m, &cfg, "6.12-new");
+    assert!(res.unwrap_err().to_string().contains("jump"));
+    let calls = m.calls();
+    assert!(m.called(&Call::DumpRefusingConnections(100)), "{calls:?}");
+    assert!(!m.called(&Call::DumpLocked(100)), "{calls:?}");
+    assert!(m.called(&Call::DumpLocked(200)), "{calls:?}");
+    assert!(!m.called(&Call::DumpRefusingConnections(200)), "{calls:?}");
+    // The operator is told which.
+    let told = |name: &str, what: &str| {
+        events.iter().any(|e| {
+            matches!(e, Progress::Target { target, state, detail: Some(d), .. }
+                if target == name && state == "dumped" && d.ends_with(what))
+        })
+    };
+    assert!(told("100", "ms, no TCP connection"), "{events:?}");
+    assert!(told("200", "ms, its TCP connections locked"), "{events:?}");
+}
+
+#[test]
+fn a_connection_that_appears_during_the_dump_gets_the_tree_dumped_again_in_full_and_locked() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100]);
+    cfg.restore.pre_dump = true;
+    let mut m = FakeMachine::with_pids(&[100]);
+    m.inject(Fault::NoConnection(100));
+    m.inject(Fault::ConnectionAppears(100));
+    // What each dump found in the image directory: the failed one's pages must be gone.
+    let images = cfg.server.criu_dir.join("100");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen2, images2) = (Arc::clone(&seen), images.clone());
+    m.on_dump = Some(Box::new(move |_| {
+        seen2.lock().unwrap().push((
+            images2.join("pages-1.img").exists(),
+            images2.join("pre-3").is_dir(),
+        ));
+    }));
+    let (res, events) = run_update(&m, &cfg, "6.12-new");
+    // The update went on to the (fake, failing) jump.
+    assert!(res.unwrap_err().to_string().contains("jump"));
+    let calls = m.calls();
+    let dumps: Vec<&Call> = calls
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Call::DumpOnto(..) | Call::DumpRefusingConnections(_) | Call::DumpLocked(_)
+            )
+        })
+        .collect();
+    assert_eq!(
+        dumps,
+        [
+            &Call::DumpOnto(100, "pre-3".into()),
+            &Call::DumpRefusingConnections(100),
+            &Call::DumpLocked(100),
+        ],
+        "{calls:?}"
+    );
+    // The passes stay (they are the journal's record); the failed dump's files do not.
+    assert_eq!(*seen.lock().unwrap(), [(false, true), (false, true)]);
+    let told = events.iter().any(|e| {
+        matches!(e, Progress::Target { target, state, detail: Some(d), .. }
+        if target == "100" && state == "dumped" && d.contains("TCP connection appeared") && d.contains("in full"))
+    });
+    assert!(told, "{events:?}");
+}
+
+#[test]
 fn pre_dump_passes_run_before_the_freeze_and_the_dump_writes_only_what_followed() {
     let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100, 200]);

@@ -306,7 +306,7 @@ pub fn running_with_dir_fd(dir: &std::path::Path) -> Vec<i32> {
 }
 
 /// The socket inode behind a `/proc/<pid>/fd/<n>` link target (`socket:[123]`).
-fn socket_inode(link: &str) -> Option<u64> {
+pub(crate) fn socket_inode(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?
         .strip_suffix(']')?
         .parse()

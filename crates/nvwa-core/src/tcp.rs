@@ -15,6 +15,7 @@
 //! The tables are handled through libnftables, the library criu itself locks with: it is there
 //! wherever criu's nftables lock works, and the `nft` program often is not.
 
+use std::collections::BTreeSet;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -399,6 +400,51 @@ fn for_each_tcp_socket(ids: &[i32], mut f: impl FnMut(i32)) {
     }
 }
 
+/// Whether a process of the tree rooted at `root` holds a connected TCP socket (in any state
+/// but listening or closed): what criu dumps only with `--tcp-established`, and locks. A
+/// process whose descriptors or socket tables cannot be read counts as holding one.
+pub fn tree_holds_connection(root: i32) -> bool {
+    crate::process::tree_pids(root)
+        .into_iter()
+        .any(holds_connection)
+}
+
+fn holds_connection(pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return true;
+    };
+    let sockets: BTreeSet<u64> = fds
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| crate::process::socket_inode(&l.to_string_lossy()))
+        .collect();
+    if sockets.is_empty() {
+        return false;
+    }
+    // The tables of the process's network namespace; one without IPv6 has no tcp6.
+    ["tcp", "tcp6"].iter().any(|table| {
+        match std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
+            Ok(text) => lists_connection(&text, &sockets),
+            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+        }
+    })
+}
+
+/// Whether a socket table (`/proc/net/tcp` or `tcp6`) lists one of `sockets` (inodes) in a state
+/// other than LISTEN (`0A`) and CLOSE (`07`).
+fn lists_connection(table: &str, sockets: &BTreeSet<u64>) -> bool {
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let inode = fields.get(9).and_then(|i| i.parse::<u64>().ok());
+        match (fields.get(3), inode) {
+            (Some(state), Some(inode)) => {
+                sockets.contains(&inode) && !matches!(*state, "0A" | "07")
+            }
+            _ => false,
+        }
+    })
+}
+
 /// Held around the restore of one image set: while a set with connections saved without window
 /// scaling is restored, `net.ipv4.tcp_window_scaling` is 0, and no other restore of
 /// established connections runs (it would restore them with a window clamped to 64 KiB).
@@ -596,6 +642,23 @@ fn open_restore_lock(path: &Path, mode: LockMode) -> std::io::Result<RestoreLock
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_is_any_socket_of_the_tree_neither_listening_nor_closed() {
+        // /proc/net/tcp: a listener (inode 100), an established connection (200), a closed
+        // socket (300), and one in TIME_WAIT, which no descriptor holds (inode 0).
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 100 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:D2F4 01 00000000:00000000 00:00000000 00000000     0        0 200 1 0000000000000000 20 4 30 10 -1
+   2: 00000000:0000 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 300 1 0000000000000000 100 0 0 10 0
+   3: 0100007F:D2F6 0100007F:1F90 06 00000000:00000000 03:00000D2E 00000000     0        0 0 3 0000000000000000
+";
+        let held = |inodes: &[u64]| inodes.iter().copied().collect::<BTreeSet<u64>>();
+        assert!(!lists_connection(table, &held(&[100, 300])));
+        assert!(lists_connection(table, &held(&[100, 200])));
+        assert!(!lists_connection(table, &held(&[999])));
+        assert!(!lists_connection("", &held(&[200])));
+    }
 
     #[test]
     fn a_lock_without_connections_is_not_put_back() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::boot::{BootError, KernelFiles};
 use crate::config::{Config, RestoreConfig, ServerConfig};
-use crate::criu::{Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
+use crate::criu::{Connections, Criu, CriuError, DumpOptions, PreDumpPass, RestoreOptions};
 use crate::journal::JournalError;
 use crate::journal::{ExternalFile, StdStream};
 use crate::kexec::KexecError;
@@ -70,6 +70,8 @@ pub enum Call {
     OrderlyKexec(Vec<String>, Vec<i32>),
     /// This pid was dumped with criu's nftables network lock.
     DumpLocked(i32),
+    /// This pid was dumped without `--tcp-established`: nvwa found no connection in its tree.
+    DumpRefusingConnections(i32),
     /// The network lock saved in this image directory was released on the old kernel.
     ReleaseNet(PathBuf),
     /// The network configuration was read.
@@ -110,6 +112,12 @@ pub enum Fault {
     OrderlyKexec,
     /// criu cannot lock the network with nftables.
     NoNftablesLock,
+    /// The tree of this pid holds no connected TCP socket (the double's trees hold one unless
+    /// told so).
+    NoConnection(i32),
+    /// A connection appears in this pid's tree once nvwa has looked: a dump refusing
+    /// connections fails on it.
+    ConnectionAppears(i32),
     /// `ip`/`nft` cannot be run to read the network.
     NetRead,
     /// Every network command fails.
@@ -356,8 +364,21 @@ impl Machine for FakeMachine {
         if self.faulty(Fault::Dump(pid)) {
             return Err(criu_failure(pid, dir));
         }
+        if o.connections == Connections::Refused {
+            self.log(Call::DumpRefusingConnections(pid));
+            if self.faulty(Fault::ConnectionAppears(pid)) {
+                std::fs::write(dir.join("pages-1.img"), "half").unwrap();
+                return Err(CriuError::Failed {
+                    action: "dump",
+                    object: format!("pid {pid}"),
+                    code: 1,
+                    summary: "Error (criu/sk-inet.c:191): inet: Connected TCP socket, consider using --tcp-established option.".into(),
+                    log: dir.join(crate::criu::DUMP_LOG),
+                });
+            }
+        }
         std::fs::write(dir.join("inventory.img"), "img").unwrap();
-        if o.nftables_lock {
+        if o.connections == Connections::LockedNftables {
             self.log(Call::DumpLocked(pid));
             std::fs::write(
                 dir.join(crate::tcp::LOCK_FILE),
@@ -367,6 +388,9 @@ impl Machine for FakeMachine {
         }
         self.stopped.lock().unwrap().extend(self.tree_ids(pid));
         Ok(7)
+    }
+    fn holds_tcp_connection(&self, pid: i32) -> bool {
+        !self.faulty(Fault::NoConnection(pid))
     }
     fn nftables_lock_support(&self, _: &Criu) -> Result<(), String> {
         if self.faulty(Fault::NoNftablesLock) {

@@ -3,7 +3,8 @@
 //!
 //! echo:     nvwa-lab-workload echo --port P --log PATH   (serves until killed; P 0: any free
 //!           port, named in its "listening" line)
-//! connect:  nvwa-lab-workload connect --port P           (a line must come back; exit 0)
+//! connect:  nvwa-lab-workload connect --port P [--hold]  (a line must come back; exit 0, or with
+//!           --hold say "holding pid N" and keep the connection open until killed)
 //! lock:     nvwa-lab-workload lock --file F --log PATH   (holds both locks until killed)
 //! try-lock: nvwa-lab-workload try-lock --file F          (exit 0 when both locks are free,
 //!           1 when either is held, saying by whom)
@@ -72,6 +73,13 @@ pub fn connect(args: &[String]) -> Result<(), String> {
         return Err(format!("sent {probe:?}, got {back:?}"));
     }
     println!("port {port} answered");
+    if args.iter().any(|a| a == "--hold") {
+        println!("holding pid {}", std::process::id());
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     Ok(())
 }
 
