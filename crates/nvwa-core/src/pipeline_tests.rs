@@ -886,6 +886,55 @@ fn a_lazy_restore_is_recorded_once_every_page_is_in_and_only_then_drops_the_imag
 }
 
 #[test]
+fn a_small_target_is_restored_in_full_while_the_others_come_lazily() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 300]);
+    cfg.restore.lazy_restore = true;
+    let old = FakeMachine::with_pids(&[100, 300]);
+    old.inject(Fault::Small(300));
+    crate::testing::save_on_old_boot(
+        &cfg,
+        crate::testing::targets(&old, &[100, 300]),
+        Phase::Committed,
+    );
+    let new = new_boot();
+    restore(&new, &cfg).unwrap();
+    let calls = new.calls();
+    assert!(new.called(&Call::RestoreLazy("100".into())), "{calls:?}");
+    assert!(new.called(&Call::FinishLazy("100".into())), "{calls:?}");
+    assert!(new.called(&Call::Restore("300".into())), "{calls:?}");
+    assert!(!new.called(&Call::RestoreLazy("300".into())), "{calls:?}");
+    assert!(!new.called(&Call::FinishLazy("300".into())), "{calls:?}");
+    assert_eq!(journal(&cfg).phase, Phase::Restored);
+}
+
+#[test]
+fn a_small_target_is_not_pre_dumped_and_the_operator_is_told() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 200]);
+    cfg.restore.pre_dump = true;
+    let m = FakeMachine::with_pids(&[100, 200]);
+    m.inject(Fault::Small(200));
+    // The double's jump fails: what matters here is how the dumps ran.
+    let (res, events) = run_update(&m, &cfg, "6.12-new");
+    assert!(res.unwrap_err().to_string().contains("jump"));
+    let calls = m.calls();
+    assert!(m.called(&Call::DumpOnto(100, "pre-3".into())), "{calls:?}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::PreDump(200, _) | Call::DumpOnto(200, _))),
+        "{calls:?}"
+    );
+    assert!(m.called(&Call::Dump(200)), "{calls:?}");
+    assert!(
+        events.iter().any(|e| matches!(e, Progress::Message { text }
+            if text.starts_with("200 (4 MiB) dumped and restored in full: under 32 MiB"))),
+        "{events:?}"
+    );
+}
+
+#[test]
 fn without_userfaultfd_every_target_is_restored_in_full_and_the_server_says_why() {
     let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100]);

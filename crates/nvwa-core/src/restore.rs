@@ -180,8 +180,10 @@ fn restore_all(
         .iter()
         .partition(|&&i| needs_network(cfg, &j.targets[i], net_saved));
 
+    // Whether the pid targets worth a lazy restore (not small: see config::SMALL_TARGET_BYTES)
+    // get one; criu is asked only if there is such a target.
     let lazy = cfg.restore.lazy_restore
-        && ready.iter().any(|&i| j.targets[i].kind == TargetKind::Pid)
+        && ready.iter().any(|&i| lazy_candidate(&j.targets[i]))
         && match m.lazy_pages_unsupported(&criu) {
             None => true,
             Some(why) => {
@@ -199,6 +201,7 @@ fn restore_all(
             let t = &j.targets[i];
             r.target(t, "restoring", None);
             let criu = &criu;
+            let lazy = lazy && lazy_candidate(t);
             s.spawn(move || restore_one(m, cfg, criu, t, lazy).map(|ok| (ok, now().0)))
         };
         let mut handles: Vec<(usize, _)> = early.iter().map(|&i| (i, spawn(i))).collect();
@@ -241,6 +244,7 @@ fn restore_all(
             // Only a pid target's own criu run can collide; a service's unit retries itself.
             Err(RestoreFailure::Criu(e)) => {
                 let t = &j.targets[i];
+                let lazy = lazy && lazy_candidate(t);
                 retry_collisions(
                     m,
                     &t.tree_ids,
@@ -261,7 +265,7 @@ fn restore_all(
                 t.running_again_wall_ms = Some(running_again);
                 services_restored |= t.kind == TargetKind::Service;
                 r.target(t, "restored", Some(format!("pid {pid}, {ms} ms")));
-                if lazy && t.kind == TargetKind::Pid {
+                if lazy && lazy_candidate(t) {
                     // Its lazy-pages daemon still reads the images.
                     filling.push(i);
                 } else if !cfg.restore.enable_debug_mode {
@@ -446,6 +450,12 @@ fn finish_lazy(m: &dyn Machine, cfg: &Config, t: &mut Target, r: &Reporter) {
             t.state = TargetState::Lost(why);
         }
     }
+}
+
+/// A pid target that is not small ([`crate::config::SMALL_TARGET_BYTES`]): restored lazily with
+/// `lazy_restore`.
+fn lazy_candidate(t: &Target) -> bool {
+    t.kind == TargetKind::Pid && !crate::config::small_target(t.rss_bytes)
 }
 
 /// A pid target's restore options on the new boot: lazy when `lazy`.

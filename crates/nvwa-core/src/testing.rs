@@ -112,6 +112,9 @@ pub enum Fault {
     OrderlyKexec,
     /// criu cannot lock the network with nftables.
     NoNftablesLock,
+    /// The tree of this pid has 4 MiB resident (a small target, see
+    /// `config::SMALL_TARGET_BYTES`); the others have 256 MiB.
+    Small(i32),
     /// The tree of this pid holds no connected TCP socket (the double's trees hold one unless
     /// told so).
     NoConnection(i32),
@@ -719,8 +722,12 @@ impl ProcView for FakeMachine {
     fn describe(&self, pid: i32) -> String {
         format!("fake (pid {pid})")
     }
-    fn tree_rss_bytes(&self, _: i32) -> u64 {
-        4096
+    fn tree_rss_bytes(&self, pid: i32) -> u64 {
+        if self.faulty(Fault::Small(pid)) {
+            4 << 20
+        } else {
+            256 << 20
+        }
     }
     fn own_namespaces(&self, pid: i32) -> Vec<&'static str> {
         self.services

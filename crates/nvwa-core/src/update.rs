@@ -454,7 +454,22 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
     fn pre_dump_targets(&mut self) {
         let (m, cfg, r) = (self.m, self.cfg, self.r);
         let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
-        for t in &self.j.targets {
+        let small: Vec<&Target> = (self.j.targets.iter())
+            .filter(|t| crate::config::small_target(t.rss_bytes))
+            .collect();
+        if !small.is_empty() {
+            r.message(format!(
+                "{} dumped and restored in full: under {} MiB resident, pre-dump passes and a lazy restore cost a target more than they save",
+                small
+                    .iter()
+                    .map(|t| format!("{} ({} MiB)", t.name, t.rss_bytes >> 20))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                crate::config::SMALL_TARGET_BYTES >> 20
+            ));
+        }
+        let passed = |t: &Target| !crate::config::small_target(t.rss_bytes);
+        for t in self.j.targets.iter().filter(|t| passed(t)) {
             r.target(t, "pre-dumping", None);
         }
         let results: Vec<_> = std::thread::scope(|s| {
@@ -464,15 +479,18 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
                 .iter()
                 .map(|t| {
                     let criu = &criu;
-                    s.spawn(move || {
-                        let opts = dump_options(cfg, t);
-                        pre_dump::run(m, criu, t.pid, &image_dir(cfg, t), &opts)
+                    passed(t).then(|| {
+                        s.spawn(move || {
+                            let opts = dump_options(cfg, t);
+                            pre_dump::run(m, criu, t.pid, &image_dir(cfg, t), &opts)
+                        })
                     })
                 })
                 .collect();
-            runs.into_iter().map(|h| h.join()).collect()
+            runs.into_iter().map(|h| h.map(|h| h.join())).collect()
         });
         for (t, res) in self.j.targets.iter_mut().zip(results) {
+            let Some(res) = res else { continue };
             // A panicking pass is a failed pass like any other: the passes only save time.
             match res
                 .map_err(panic_text)
