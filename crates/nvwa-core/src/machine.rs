@@ -82,6 +82,8 @@ pub trait Machine: Send + Sync {
     ) -> Result<(i32, u64), CriuError>;
     /// Why lazy restores cannot work here (criu's `uffd-noncoop` check), if they cannot.
     fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String>;
+    /// Lets criu probe the kernel once before parallel runs ([`Criu::cache_kernel_probes`]).
+    fn cache_criu_probes(&self, criu: &Criu);
     /// Waits for the lazy-pages daemon of a restore from `dir` ([`lazy_pages::finish`]).
     fn finish_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<Transferred, LazyError>;
     /// SIGKILL to the tree rooted at `pid`, reaped or gone within a few seconds.
@@ -241,6 +243,9 @@ impl Machine for RealMachine {
     }
     fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String> {
         criu.check_feature("uffd-noncoop").err()
+    }
+    fn cache_criu_probes(&self, criu: &Criu) {
+        criu.cache_kernel_probes()
     }
     fn finish_lazy_pages(&self, dir: &Path, deadline: Duration) -> Result<Transferred, LazyError> {
         lazy_pages::finish(dir, deadline)

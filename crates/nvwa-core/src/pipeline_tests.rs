@@ -906,6 +906,41 @@ fn a_small_target_is_restored_in_full_while_the_others_come_lazily() {
     assert!(!new.called(&Call::RestoreLazy("300".into())), "{calls:?}");
     assert!(!new.called(&Call::FinishLazy("300".into())), "{calls:?}");
     assert_eq!(journal(&cfg).phase, Phase::Restored);
+    // The lazy check was criu's first run on this boot: no other is needed for its probes.
+    assert!(new.called(&Call::LazyPagesCheck), "{calls:?}");
+    assert!(!new.called(&Call::CacheCriuProbes), "{calls:?}");
+}
+
+#[test]
+fn parallel_full_restores_follow_one_criu_run_that_probes_the_kernel_for_them_all() {
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 300]);
+    cfg.restore.lazy_restore = true;
+    let old = FakeMachine::with_pids(&[100, 300]);
+    old.inject(Fault::Small(100));
+    old.inject(Fault::Small(300));
+    crate::testing::save_on_old_boot(
+        &cfg,
+        crate::testing::targets(&old, &[100, 300]),
+        Phase::Committed,
+    );
+    let new = new_boot();
+    restore(&new, &cfg).unwrap();
+    let calls = new.calls();
+    // No target is worth a lazy restore: criu is not asked about it.
+    assert!(!new.called(&Call::LazyPagesCheck), "{calls:?}");
+    let probed = calls.iter().position(|c| *c == Call::CacheCriuProbes);
+    let first_restore = calls.iter().position(|c| matches!(c, Call::Restore(_)));
+    assert!(probed.is_some() && probed < first_restore, "{calls:?}");
+
+    // One full restore alone probes the kernel itself.
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100]);
+    cfg.restore.lazy_restore = false;
+    saved_on_old_boot(&cfg, &[100], Phase::Committed);
+    let new = new_boot();
+    restore(&new, &cfg).unwrap();
+    assert!(!new.called(&Call::CacheCriuProbes), "{:?}", new.calls());
 }
 
 #[test]

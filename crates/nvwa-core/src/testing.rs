@@ -41,6 +41,10 @@ pub enum Call {
     RestoreLazy(String),
     /// The lazy-pages daemon of these images was waited for.
     FinishLazy(String),
+    /// criu was asked whether it can restore lazily (`uffd-noncoop`).
+    LazyPagesCheck,
+    /// criu ran once to probe the kernel before parallel restores.
+    CacheCriuProbes,
     KillTree(i32),
     Reserve(Option<i32>),
     Pin(PinOp),
@@ -469,7 +473,11 @@ impl Machine for FakeMachine {
         self.alive.lock().unwrap().insert(pid);
         Ok((pid, 5))
     }
+    fn cache_criu_probes(&self, _: &Criu) {
+        self.log(Call::CacheCriuProbes);
+    }
     fn lazy_pages_unsupported(&self, _: &Criu) -> Option<String> {
+        self.log(Call::LazyPagesCheck);
         self.faulty(Fault::NoLazyPages)
             .then(|| "Error: UFFD is not supported".to_string())
     }
