@@ -962,11 +962,21 @@ fn a_small_target_is_not_pre_dumped_and_the_operator_is_told() {
         "{calls:?}"
     );
     assert!(m.called(&Call::Dump(200)), "{calls:?}");
-    assert!(
-        events.iter().any(|e| matches!(e, Progress::Message { text }
-            if text.starts_with("200 (4 MiB) dumped and restored in full: under 32 MiB"))),
-        "{events:?}"
-    );
+    let told = |events: &[Progress]| {
+        events.iter().any(|e| {
+            matches!(e, Progress::Message { text }
+            if text.starts_with("200 (4 MiB) dumped and restored in full: under 32 MiB"))
+        })
+    };
+    assert!(told(&events), "{events:?}");
+
+    // Without pre_dump, lazy_restore alone leaves it out too, and says so.
+    let dir = crate::trust::trusted_tempdir();
+    let mut cfg = config(dir.path(), &[100, 200]);
+    cfg.restore.pre_dump = false;
+    cfg.restore.lazy_restore = true;
+    let (_, events) = run_update(&m, &cfg, "6.12-new");
+    assert!(told(&events), "{events:?}");
 }
 
 #[test]

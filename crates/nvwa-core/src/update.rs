@@ -390,6 +390,9 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
         self.prepare_images()?;
         // Asked before the freeze: criu's probe is a run of its own, no part of the downtime.
         let nftables_lock = self.network_lock_support();
+        if cfg.restore.pre_dump || cfg.restore.lazy_restore {
+            self.name_small_targets();
+        }
         if cfg.restore.pre_dump {
             // A stop asked for meanwhile cancels the passes and then the update, at the freeze.
             self.pre_dump_targets();
@@ -454,20 +457,6 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
     fn pre_dump_targets(&mut self) {
         let (m, cfg, r) = (self.m, self.cfg, self.r);
         let criu = Criu::new(&cfg.server.criu_exe).cancellable(Arc::clone(self.stop));
-        let small: Vec<&Target> = (self.j.targets.iter())
-            .filter(|t| crate::config::small_target(t.rss_bytes))
-            .collect();
-        if !small.is_empty() {
-            r.message(format!(
-                "{} dumped and restored in full: under {} MiB resident, pre-dump passes and a lazy restore cost a target more than they save",
-                small
-                    .iter()
-                    .map(|t| format!("{} ({} MiB)", t.name, t.rss_bytes >> 20))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                crate::config::SMALL_TARGET_BYTES >> 20
-            ));
-        }
         let passed = |t: &Target| !crate::config::small_target(t.rss_bytes);
         for t in self.j.targets.iter().filter(|t| passed(t)) {
             r.target(t, "pre-dumping", None);
@@ -509,6 +498,22 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
                     discard_pre_dumps(&image_dir(cfg, t));
                 }
             }
+        }
+    }
+
+    /// Names the targets that `pre_dump` and `lazy_restore` leave out for their size
+    /// ([`crate::config::SMALL_TARGET_BYTES`]).
+    fn name_small_targets(&self) {
+        let small: Vec<String> = (self.j.targets.iter())
+            .filter(|t| crate::config::small_target(t.rss_bytes))
+            .map(|t| format!("{} ({} MiB)", t.name, t.rss_bytes >> 20))
+            .collect();
+        if !small.is_empty() {
+            self.r.message(format!(
+                "{} dumped and restored in full: under {} MiB resident, pre-dump passes and a lazy restore cost a target more than they save",
+                small.join(", "),
+                crate::config::SMALL_TARGET_BYTES >> 20
+            ));
         }
     }
 
