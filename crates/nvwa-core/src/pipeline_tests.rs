@@ -965,7 +965,7 @@ fn a_small_target_is_not_pre_dumped_and_the_operator_is_told() {
     let told = |events: &[Progress]| {
         events.iter().any(|e| {
             matches!(e, Progress::Message { text }
-            if text.starts_with("200 (4 MiB) dumped and restored in full: under 32 MiB"))
+            if text.starts_with("200 (4.0 MiB) dumped and restored in full: under 32 MiB"))
         })
     };
     assert!(told(&events), "{events:?}");
