@@ -34,7 +34,15 @@ fn phases(events: &[Progress]) -> Vec<Phase> {
 
 /// The journal and images an update of `pids` leaves behind when it stopped in `last`.
 fn saved_on_old_boot(cfg: &crate::config::Config, pids: &[i32], last: Phase) {
+    saved_with_small_targets(cfg, pids, &[], last);
+}
+
+/// [`saved_on_old_boot`], the targets `small` among `pids` with 4 MiB resident.
+fn saved_with_small_targets(cfg: &crate::config::Config, pids: &[i32], small: &[i32], last: Phase) {
     let old = FakeMachine::with_pids(pids);
+    for &pid in small {
+        old.inject(Fault::Small(pid));
+    }
     crate::testing::save_on_old_boot(cfg, crate::testing::targets(&old, pids), last);
 }
 
@@ -890,13 +898,7 @@ fn a_small_target_is_restored_in_full_while_the_others_come_lazily() {
     let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100, 300]);
     cfg.restore.lazy_restore = true;
-    let old = FakeMachine::with_pids(&[100, 300]);
-    old.inject(Fault::Small(300));
-    crate::testing::save_on_old_boot(
-        &cfg,
-        crate::testing::targets(&old, &[100, 300]),
-        Phase::Committed,
-    );
+    saved_with_small_targets(&cfg, &[100, 300], &[300], Phase::Committed);
     let new = new_boot();
     restore(&new, &cfg).unwrap();
     let calls = new.calls();
@@ -916,14 +918,7 @@ fn parallel_full_restores_follow_one_criu_run_that_probes_the_kernel_for_them_al
     let dir = crate::trust::trusted_tempdir();
     let mut cfg = config(dir.path(), &[100, 300]);
     cfg.restore.lazy_restore = true;
-    let old = FakeMachine::with_pids(&[100, 300]);
-    old.inject(Fault::Small(100));
-    old.inject(Fault::Small(300));
-    crate::testing::save_on_old_boot(
-        &cfg,
-        crate::testing::targets(&old, &[100, 300]),
-        Phase::Committed,
-    );
+    saved_with_small_targets(&cfg, &[100, 300], &[100, 300], Phase::Committed);
     let new = new_boot();
     restore(&new, &cfg).unwrap();
     let calls = new.calls();

@@ -201,6 +201,7 @@ fn restore_all(
                 false
             }
         };
+    let lazily = move |t: &Target| lazy && lazy_candidate(t);
 
     // In parallel first; collisions (EEXIST) are retried one at a time. Each target is stamped
     // running again when its own restore ends, not when the last one does.
@@ -209,7 +210,7 @@ fn restore_all(
             let t = &j.targets[i];
             r.target(t, "restoring", None);
             let criu = &criu;
-            let lazy = lazy && lazy_candidate(t);
+            let lazy = lazily(t);
             s.spawn(move || restore_one(m, cfg, criu, t, lazy).map(|ok| (ok, now().0)))
         };
         let mut handles: Vec<(usize, _)> = early.iter().map(|&i| (i, spawn(i))).collect();
@@ -252,7 +253,7 @@ fn restore_all(
             // Only a pid target's own criu run can collide; a service's unit retries itself.
             Err(RestoreFailure::Criu(e)) => {
                 let t = &j.targets[i];
-                let lazy = lazy && lazy_candidate(t);
+                let lazy = lazily(t);
                 retry_collisions(
                     m,
                     &t.tree_ids,
@@ -273,7 +274,7 @@ fn restore_all(
                 t.running_again_wall_ms = Some(running_again);
                 services_restored |= t.kind == TargetKind::Service;
                 r.target(t, "restored", Some(format!("pid {pid}, {ms} ms")));
-                if lazy && lazy_candidate(t) {
+                if lazily(t) {
                     // Its lazy-pages daemon still reads the images.
                     filling.push(i);
                 } else if !cfg.restore.enable_debug_mode {

@@ -242,11 +242,20 @@ impl FakeMachine {
 }
 
 fn criu_failure(pid: i32, dir: &Path) -> CriuError {
+    dump_failure(
+        pid,
+        dir,
+        format!("Error (criu/cr-dump.c:1): Can't dump pid {pid}"),
+    )
+}
+
+/// criu's dump of `pid` into `dir` failed, its log saying `summary`.
+fn dump_failure(pid: i32, dir: &Path, summary: String) -> CriuError {
     CriuError::Failed {
         action: "dump",
         object: format!("pid {pid}"),
         code: 1,
-        summary: format!("Error (criu/cr-dump.c:1): Can't dump pid {pid}"),
+        summary,
         log: dir.join(crate::criu::DUMP_LOG),
     }
 }
@@ -375,13 +384,11 @@ impl Machine for FakeMachine {
             self.log(Call::DumpRefusingConnections(pid));
             if self.faulty(Fault::ConnectionAppears(pid)) {
                 std::fs::write(dir.join("pages-1.img"), "half").unwrap();
-                return Err(CriuError::Failed {
-                    action: "dump",
-                    object: format!("pid {pid}"),
-                    code: 1,
-                    summary: "Error (criu/sk-inet.c:191): inet: Connected TCP socket, consider using --tcp-established option.".into(),
-                    log: dir.join(crate::criu::DUMP_LOG),
-                });
+                return Err(dump_failure(
+                    pid,
+                    dir,
+                    "Error (criu/sk-inet.c:191): inet: Connected TCP socket, consider using --tcp-established option.".into(),
+                ));
             }
         }
         std::fs::write(dir.join("inventory.img"), "img").unwrap();

@@ -506,13 +506,7 @@ impl<'a, 'r> UpdateRun<'a, 'r> {
     fn name_small_targets(&self) {
         let small: Vec<String> = (self.j.targets.iter())
             .filter(|t| crate::config::small_target(t.rss_bytes))
-            .map(|t| {
-                format!(
-                    "{} ({:.1} MiB)",
-                    t.name,
-                    t.rss_bytes as f64 / (1 << 20) as f64
-                )
-            })
+            .map(|t| format!("{} ({})", t.name, crate::policy::human_bytes(t.rss_bytes)))
             .collect();
         if !small.is_empty() {
             self.r.message(format!(
