@@ -13,10 +13,12 @@
 //! echo, connect, lock, try-lock: holders of sockets and file locks (see net_lock.rs)
 //! tcp-client: a client on the host whose connection must survive the switch (tcp_client.rs)
 //! tcp-window: the receive windows this machine advertises from a port, on the wire (tcp_window.rs)
+//! load-modules: nvwa-lab-workload load-modules LIST  (the lab's kernel modules; load_modules.rs)
 //! as-user: nvwa-lab-workload as-user NAME CMD [ARGS...]
 //!         (run CMD as the user NAME of /etc/passwd: its uid and gid, no supplementary groups,
 //!         HOME/USER/LOGNAME set; no setuid bit anywhere, so only root can use it)
 
+mod load_modules;
 mod net_lock;
 mod tcp_client;
 mod tcp_window;
@@ -45,8 +47,9 @@ fn main() {
         Some("try-lock") => net_lock::try_lock(&args[1..]),
         Some("tcp-client") => tcp_client::run(&args[1..]),
         Some("tcp-window") => tcp_window::run(&args[1..]),
+        Some("load-modules") => load_modules::run(&args[1..]),
         _ => Err(
-            "usage: nvwa-lab-workload run|verify|echo|connect|lock|try-lock|tcp-client|tcp-window|as-user [options] (see the source header)".into(),
+            "usage: nvwa-lab-workload run|verify|echo|connect|lock|try-lock|tcp-client|tcp-window|load-modules|as-user [options] (see the source header)".into(),
         ),
     };
     if let Err(e) = result {

@@ -24,7 +24,7 @@ pub const GROUP: &str = "root:x:0:\nlab:x:1000:\n";
 
 /// Modules criu needs (socket diagnostics, netfilter for locking the network, tun, veth) and the
 /// legacy persistent memory that keeps the images across the kexec. crc32c_generic is a soft
-/// dependency of libcrc32c that insmod does not follow; `?` marks what some kernels lack.
+/// dependency of libcrc32c that loading by path does not follow; `?` marks what some kernels lack.
 pub const MODULES: &[&str] = &[
     "crc32c_generic?",
     "libcrc32c",

@@ -70,11 +70,9 @@ fi
 step() { ev "{\"event\":\"init-step\",\"step\":\"$1\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"; }
 
 # Kernel modules criu and the persistent memory need, in dependency order, staged without their
-# signatures (nvwa-lab's modules::strip_signature: checking them is slow under TCG).
-while IFS= read -r m; do
-    insmod "$m" 2>/tmp/insmod.err || grep -q 'File exists' /tmp/insmod.err ||
-        { echo "insmod $m: $(cat /tmp/insmod.err)" | out modules; }
-done < "/lib/modules/$K/nvwa-lab/load-order"
+# signatures (nvwa-lab's modules::strip_signature: checking them is slow under TCG), loaded by one
+# process, which also names any module that was slow to load.
+nvwa-lab-workload load-modules "/lib/modules/$K/nvwa-lab/load-order" 2>&1 | out modules
 ip link set lo up
 step modules
 
