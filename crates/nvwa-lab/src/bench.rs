@@ -940,7 +940,8 @@ pub fn run(lab: &Lab, o: &Options, progress: &mut dyn FnMut(&Run)) -> Result<Rep
     let summary = summarize(&runs);
     Ok(Report {
         note: format!(
-            "QEMU TCG (single-threaded), 2 vCPUs; host with {} CPU(s), possibly shared; {} repetition(s)",
+            "QEMU TCG (single-threaded, {} MiB translation cache), 2 vCPUs; host with {} CPU(s), possibly shared; {} repetition(s)",
+            vm::TB_CACHE_MIB,
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             o.repeat
         ),
