@@ -348,6 +348,10 @@ pub const PHASES: &[(&str, &str, &str)] = &[
 
 /// Figures kept in the JSON besides the table's.
 const EXTRA: &[&str] = &[
+    "start_modules",
+    "start_mount",
+    "start_pre",
+    "start_server",
     "bare_handoff",
     "bare_boot",
     "criu_dump",
@@ -457,7 +461,23 @@ pub fn measure(lines: &[Stamped], bare_lines: &[Stamped]) -> BTreeMap<String, i6
     put("sync", span(host("dumped"), host("committed")));
     put("handoff", span(host("committed"), zero_new));
     put("boot", span(zero_new, init_new));
-    put("nvwa_start", span(init_new, host("booted")));
+    let nvwa_start = span(init_new, host("booted"));
+    put("nvwa_start", nvwa_start);
+    // Where "nvwa start" went: the new kernel's init stamps the end of each step of its boot on
+    // that kernel's clock (`init-step`); the server's part is what the steps leave.
+    let init_new_uptime = inits.get(1).and_then(|(_, v)| uptime_ms(v));
+    let step = |name: &str| -> Option<i64> {
+        let from = init_new?;
+        events
+            .iter()
+            .find(|(at, v)| *at >= from && v["event"] == "init-step" && v["step"] == name)
+            .and_then(|(_, v)| uptime_ms(v))
+    };
+    put("start_modules", span(init_new_uptime, step("modules")));
+    put("start_mount", span(step("modules"), step("mount")));
+    put("start_pre", span(step("mount"), step("pre")));
+    let lab_boot = span(init_new_uptime, step("pre"));
+    put("start_server", span(lab_boot, nvwa_start));
     // The last target running again: the journal records it on the wall clock, placed here
     // through the `booted` stamp (both taken on the new boot). With lazy_restore it comes
     // before `restored`, which waits for the memory to be complete.
@@ -990,6 +1010,10 @@ mod tests {
                 r#"NVWA-LAB {"event":"init","kernel":"6.1","uptime":1.00}"#,
             ),
             (
+                2300,
+                r#"NVWA-LAB {"event":"init-step","step":"modules","uptime":1.30}"#,
+            ),
+            (
                 10500,
                 r#"NVWA-LAB {"event":"bench","step":"anchor","uptime":9.50}"#,
             ),
@@ -997,6 +1021,18 @@ mod tests {
             (
                 32500,
                 r#"NVWA-LAB {"event":"init","kernel":"6.12","uptime":2.50}"#,
+            ),
+            (
+                33000,
+                r#"NVWA-LAB {"event":"init-step","step":"modules","uptime":3.00}"#,
+            ),
+            (
+                33100,
+                r#"NVWA-LAB {"event":"init-step","step":"mount","uptime":3.10}"#,
+            ),
+            (
+                33300,
+                r#"NVWA-LAB {"event":"init-step","step":"pre","uptime":3.30}"#,
             ),
             (39000, &journal_line),
             (
@@ -1052,6 +1088,10 @@ mod tests {
         assert_eq!(get("handoff"), Some(30000 - 16110));
         assert_eq!(get("boot"), Some(2500));
         assert_eq!(get("nvwa_start"), Some(34000 - 32500));
+        assert_eq!(get("start_modules"), Some(500));
+        assert_eq!(get("start_mount"), Some(100));
+        assert_eq!(get("start_pre"), Some(200));
+        assert_eq!(get("start_server"), Some(1500 - 800));
         assert_eq!(get("restore"), Some(4000));
         assert_eq!(get("downtime"), Some(38000 - 13010));
         let parts: i64 = ["dump", "sync", "handoff", "boot", "nvwa_start", "restore"]
