@@ -464,7 +464,8 @@ pub fn measure(lines: &[Stamped], bare_lines: &[Stamped]) -> BTreeMap<String, i6
     let nvwa_start = span(init_new, host("booted"));
     put("nvwa_start", nvwa_start);
     // Where "nvwa start" went: the new kernel's init stamps the end of each step of its boot on
-    // that kernel's clock (`init-step`); the server's part is what the steps leave.
+    // that kernel's clock (`init-step`); what the steps leave is the scenario's setup and the
+    // server's start until `booted`.
     let init_new_uptime = inits.get(1).and_then(|(_, v)| uptime_ms(v));
     let step = |name: &str| -> Option<i64> {
         let from = init_new?;
