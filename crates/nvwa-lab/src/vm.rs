@@ -25,9 +25,9 @@ pub const DEFAULT_PMEM_MIB: u32 = 768;
 ///
 /// QEMU keeps, for every guest page it translated code from, the list of its translated blocks,
 /// and every guest write to such a page walks that list. A block is keyed by its virtual address,
-/// so each run of a position-independent program (criu, nvwa; randomised load addresses) adds
-/// blocks for the same library and program pages; with 1 GiB, nothing drops them before the
-/// cache fills. After an old boot that ran many of them, the lists ran to thousands of blocks,
+/// so each run of a position-independent program (criu, nvwa; randomised load addresses) can add
+/// blocks for the same library and program pages (the likeliest source of the long lists); with
+/// 1 GiB, nothing drops them before the cache fills. After an old boot that ran many of them, the lists ran to thousands of blocks,
 /// and the kexec'd kernel, reusing those pages as data, was slowed down by QEMU walking them:
 /// under `perf`, QEMU spent over 60 % of its time in that walk (`page_collection_lock` and the
 /// loop around it), and ext4's module load took 5.4 s, 9.2 s and 46.7 s, or criu's restore of a
