@@ -24,12 +24,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for path in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         count += 1;
         let began = Instant::now();
-        match load(path) {
-            Ok(()) => {}
-            Err(e) => {
-                failed += 1;
-                println!("{path}: {e}");
-            }
+        if let Err(e) = load(path) {
+            failed += 1;
+            println!("{path}: {e}");
         }
         let took = began.elapsed();
         if took >= SLOW {

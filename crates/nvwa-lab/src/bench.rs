@@ -474,11 +474,11 @@ pub fn measure(lines: &[Stamped], bare_lines: &[Stamped]) -> BTreeMap<String, i6
             .find(|(at, v)| *at >= from && v["event"] == "init-step" && v["step"] == name)
             .and_then(|(_, v)| uptime_ms(v))
     };
-    put("start_modules", span(init_new_uptime, step("modules")));
-    put("start_mount", span(step("modules"), step("mount")));
-    put("start_pre", span(step("mount"), step("pre")));
-    let lab_boot = span(init_new_uptime, step("pre"));
-    put("start_server", span(lab_boot, nvwa_start));
+    let (modules, mount, pre) = (step("modules"), step("mount"), step("pre"));
+    put("start_modules", span(init_new_uptime, modules));
+    put("start_mount", span(modules, mount));
+    put("start_pre", span(mount, pre));
+    put("start_server", span(span(init_new_uptime, pre), nvwa_start));
     // The last target running again: the journal records it on the wall clock, placed here
     // through the `booted` stamp (both taken on the new boot). With lazy_restore it comes
     // before `restored`, which waits for the memory to be complete.

@@ -1,6 +1,7 @@
 //! Kernel module dependency resolution from `modules.dep` / `modules.builtin`,
 //! and decompression of `.ko.xz` / `.ko.zst` / `.ko.gz` files so that the guest
-//! can load them with busybox `insmod`.
+//! can load them with finit_module(2) (`nvwa-lab-workload load-modules`), which takes
+//! uncompressed modules only unless told otherwise.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -27,8 +27,8 @@ pub const DEFAULT_PMEM_MIB: u32 = 768;
 /// and every guest write to such a page walks that list. A block is keyed by its virtual address,
 /// so each run of a position-independent program (criu, nvwa; randomised load addresses) can add
 /// blocks for the same library and program pages (the likeliest source of the long lists); with
-/// 1 GiB, nothing drops them before the cache fills. After an old boot that ran many of them, the lists ran to thousands of blocks,
-/// and the kexec'd kernel, reusing those pages as data, was slowed down by QEMU walking them:
+/// 1 GiB, nothing drops them before the cache fills. After an old boot that ran many of them,
+/// the kexec'd kernel, reusing those pages as data, was slowed down by QEMU walking the lists:
 /// under `perf`, QEMU spent over 60 % of its time in that walk (`page_collection_lock` and the
 /// loop around it), and ext4's module load took 5.4 s, 9.2 s and 46.7 s, or criu's restore of a
 /// 4 MiB process 38.6 s, where they usually take 0.2 s and 0.9 s. With a 64 MiB cache, which
@@ -118,9 +118,14 @@ impl VmSpec {
             TcgThreads::Single => "single",
         };
         let accel = format!("tcg,thread={threads},tb-size={TB_CACHE_MIB}");
-        let mut args: Vec<String> = vec!["-accel".into(), accel, "-cpu".into(), "max".into()];
-        args.push("-m".into());
-        args.push(format!("{}M", self.memory_mib));
+        let mut args: Vec<String> = vec![
+            "-accel".into(),
+            accel,
+            "-cpu".into(),
+            "max".into(),
+            "-m".into(),
+            format!("{}M", self.memory_mib),
+        ];
         if let Some(ram) = &self.ram_file {
             // share=on: the guest's writes reach the file, not a private copy of it.
             args.push("-object".into());
