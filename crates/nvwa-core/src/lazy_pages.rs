@@ -83,10 +83,16 @@ pub fn finish(dir: &Path, deadline: Duration) -> Result<Transferred, LazyError> 
 /// handled (criu/uffd.c: `ud_open`, `lazy_pages_summary`). So a process received but never
 /// summed up is one whose memory the daemon did not finish: it was killed, or died, on the way
 /// (and its log has no error line then). The daemon exits 0 either way: its log is all there is.
+///
+/// Only errors from the first process received on count. Before it, the daemon probes the
+/// kernel when it is the boot's first criu run, and criu logs as errors what it tolerates there
+/// (a missing `iptables`, which it runs to load netfilter modules: criu/kerndat.c); a daemon that
+/// failed for good before it received a process never received one, which is judged below.
 pub fn judge(text: &str, log: PathBuf) -> Result<Transferred, LazyError> {
     let done = transferred(text);
     let mut error = text
         .lines()
+        .skip_while(|l| !l.contains(RECEIVED))
         .find(|l| l.contains("Error ("))
         .map(|l| l.trim().to_string());
     let pids = unfinished(text);
@@ -219,6 +225,23 @@ mod tests {
         let failed = format!("{DONE}(00.2) Error (criu/uffd.c:1): uffd: 1010: Can't read event\n");
         let e = judge(&failed, "l".into()).unwrap_err().to_string();
         assert!(e.contains("Can't read event"), "{e}");
+    }
+
+    #[test]
+    fn what_criu_tolerated_while_it_probed_the_kernel_is_no_error_of_the_transfer() {
+        // The daemon as the boot's first criu run, on a machine without iptables.
+        let probed = format!(
+            "(00.038729) Error (criu/util.c:642): exited, status=1\n\
+             (00.040100) Error (criu/util.c:642): exited, status=1\n{DONE}"
+        );
+        assert_eq!(judge(&probed, "l".into()).unwrap().total, 65548);
+        // The same line once a process was received is the transfer's.
+        let late = DONE.replace(
+            "(00.000120)",
+            "(00.000110) Error (criu/util.c:642): exited, status=1\n(00.000120)",
+        );
+        let e = judge(&late, "l".into()).unwrap_err().to_string();
+        assert!(e.contains("util.c:642"), "{e}");
     }
 
     #[test]

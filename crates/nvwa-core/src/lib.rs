@@ -32,6 +32,7 @@ pub mod service;
 pub mod systemd;
 pub mod tcp;
 pub mod trust;
+pub mod uffd;
 pub mod update;
 
 #[cfg(test)]

@@ -80,8 +80,8 @@ pub trait Machine: Send + Sync {
         dir: &Path,
         opts: &RestoreOptions,
     ) -> Result<(i32, u64), CriuError>;
-    /// Why lazy restores cannot work here (criu's `uffd-noncoop` check), if they cannot.
-    fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String>;
+    /// Why lazy restores cannot work on this kernel, if they cannot ([`crate::uffd`]).
+    fn lazy_pages_unsupported(&self) -> Option<String>;
     /// Lets criu probe the kernel once before parallel runs ([`Criu::cache_kernel_probes`]).
     fn cache_criu_probes(&self, criu: &Criu);
     /// Waits for the lazy-pages daemon of a restore from `dir` ([`lazy_pages::finish`]).
@@ -241,8 +241,8 @@ impl Machine for RealMachine {
         let _window = tcp::WindowScaling::for_restore(dir);
         criu.restore(dir, opts)
     }
-    fn lazy_pages_unsupported(&self, criu: &Criu) -> Option<String> {
-        criu.check_feature("uffd-noncoop").err()
+    fn lazy_pages_unsupported(&self) -> Option<String> {
+        crate::uffd::lazy_restore_unsupported()
     }
     fn cache_criu_probes(&self, criu: &Criu) {
         criu.cache_kernel_probes()

@@ -184,15 +184,15 @@ fn restore_all(
     // get one; criu is asked only if there is such a target.
     let ask_lazy = cfg.restore.lazy_restore && ready.iter().any(|&i| lazy_candidate(&j.targets[i]));
     // criu's first run on this boot probes the kernel and caches what it found: parallel
-    // restores would each probe it. The lazy check is such a run.
+    // restores would each probe it.
     let pid_restores = (ready.iter())
         .filter(|&&i| j.targets[i].kind == TargetKind::Pid)
         .count();
-    if !ask_lazy && pid_restores > 1 {
+    if pid_restores > 1 {
         m.cache_criu_probes(&criu);
     }
     let lazy = ask_lazy
-        && match m.lazy_pages_unsupported(&criu) {
+        && match m.lazy_pages_unsupported() {
             None => true,
             Some(why) => {
                 r.message(format!(

@@ -483,7 +483,7 @@ impl Machine for FakeMachine {
     fn cache_criu_probes(&self, _: &Criu) {
         self.log(Call::CacheCriuProbes);
     }
-    fn lazy_pages_unsupported(&self, _: &Criu) -> Option<String> {
+    fn lazy_pages_unsupported(&self) -> Option<String> {
         self.log(Call::LazyPagesCheck);
         self.faulty(Fault::NoLazyPages)
             .then(|| "Error: UFFD is not supported".to_string())

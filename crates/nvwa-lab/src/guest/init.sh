@@ -98,9 +98,11 @@ if [ $COLD_BOOT = 1 ]; then
         ev '{"event":"cold-boot-error","error":"/var/nvwa/lab/setup-done, made durable before the update, is missing after the power cut: the persistent memory did not keep its files"}'
         finish 1
     fi
-# Busybox prefers its own applets to $PATH: e2fsprogs' mke2fs is called by its full path.
+# Busybox prefers its own applets to $PATH: e2fsprogs' mke2fs is called by its full path. It
+# zeroes the inode tables and the journal itself: left to the kernel (lazy_itable_init), each
+# mount would start ext4lazyinit, which was still zeroing on the new kernel while it restored.
 elif ! mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null && ! mount -t ext4 /dev/pmem0 /var/nvwa 2>/dev/null; then
-    /usr/sbin/mke2fs -q -F -t ext4 -b 4096 /dev/pmem0 2>&1 | out init
+    /usr/sbin/mke2fs -q -F -t ext4 -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 /dev/pmem0 2>&1 | out init
     mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null || mount -t ext4 /dev/pmem0 /var/nvwa 2>&1 | out init
 fi
 if ! grep -q ' /var/nvwa ' /proc/mounts; then
