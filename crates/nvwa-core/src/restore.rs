@@ -196,7 +196,7 @@ fn restore_all(
             None => true,
             Some(why) => {
                 r.message(format!(
-                    "lazy_restore: criu cannot restore lazily here ({why}); restoring every target in full"
+                    "lazy_restore: this kernel cannot serve a lazy restore ({why}); restoring every target in full"
                 ));
                 false
             }

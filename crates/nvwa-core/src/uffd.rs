@@ -4,12 +4,12 @@
 //! criu's lazy-pages daemon fills a restored process's memory through userfaultfd(2), and follows
 //! the process's own changes to its memory map through the non-cooperative events: a fork, an
 //! mremap(2), an munmap(2), an madvise(MADV_DONTNEED). Without them a page could be copied to an
-//! address the process no longer uses. criu asks the kernel exactly this (`kerndat_uffd` and
-//! `uffd_noncooperative` in criu/uffd.c); asking it here saves a whole criu run at the start of
-//! every restore, on the new kernel's critical path (0.17–0.26 s under the lab's TCG, where criu
-//! had already probed that kernel).
+//! address the process no longer uses. criu asks the kernel exactly this (`kerndat_uffd` in
+//! criu/kerndat.c, `uffd_noncooperative` in criu/uffd.c); asking it here saves a whole criu run
+//! at the start of every restore, on the new kernel's critical path (0.17–0.26 s under the lab's
+//! TCG, where criu had already probed that kernel).
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// `UFFD_API` of linux/userfaultfd.h: the API version userfaultfd has had since it exists.
 const UFFD_API: u64 = 0xAA;
@@ -18,7 +18,7 @@ const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 /// criu's `NEED_UFFD_API_FEATURES`.
-pub const NEEDED_FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
+const NEEDED_FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
     | UFFD_FEATURE_EVENT_REMAP
     | UFFD_FEATURE_EVENT_UNMAP
     | UFFD_FEATURE_EVENT_REMOVE;
@@ -56,7 +56,7 @@ pub fn lazy_restore_unsupported() -> Option<String> {
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API reads and writes one struct uffdio_api, which `api` is.
-    if let Err(e) = unsafe { uffdio_api(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut api) } {
+    if let Err(e) = unsafe { uffdio_api(fd.as_raw_fd(), &mut api) } {
         return Some(format!("userfaultfd's UFFDIO_API failed: {e}"));
     }
     missing_features(api.api, api.features)

@@ -4,6 +4,8 @@
 
 # The serial console the runner reads (server.sh sets /dev/ttyS0).
 LAB_CONSOLE=${LAB_CONSOLE:-/dev/console}
+# nvwa's journal file, in the criu_dir of the guest's nvwa-server.yaml (server.sh sets its own).
+LAB_JOURNAL=${LAB_JOURNAL:-/var/nvwa/running/journal.json}
 
 # NVWA-LAB {json}: a structured event; NVWA-LAB-OUT tag: text: output of a step, for the report.
 ev() { echo "NVWA-LAB $1"; }
@@ -53,7 +55,7 @@ lab_wait_restore() {
 # the server started ran while criu restored). The journal's own phase is the file's first
 # "phase" key (its fields come before its targets and timeline).
 lab_journal_unsettled() {
-    [ -f /var/nvwa/running/journal.json ] || return 1
+    [ -f "$LAB_JOURNAL" ] || return 1
     while IFS= read -r l; do
         case $l in *'"phase":'*)
             rest=$SETTLED
@@ -64,7 +66,7 @@ lab_journal_unsettled() {
                 rest=${rest#*|}
             done ;;
         esac
-    done </var/nvwa/running/journal.json
+    done <"$LAB_JOURNAL"
     return 1
 }
 

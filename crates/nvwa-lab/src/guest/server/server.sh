@@ -13,6 +13,8 @@ exec </dev/null >/dev/ttyS0 2>&1
 K=$(uname -r)
 export LAB_STATE=/var/lib/nvwa-lab
 LAB_CONSOLE=/dev/ttyS0
+# nvwa's journal, in the criu_dir of this guest's nvwa-server.yaml.
+LAB_JOURNAL=/var/lib/nvwa/journal.json
 . /lab/lib.sh
 finish() {
     sync
