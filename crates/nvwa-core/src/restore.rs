@@ -181,7 +181,7 @@ fn restore_all(
         .partition(|&&i| needs_network(cfg, &j.targets[i], net_saved));
 
     // Whether the pid targets worth a lazy restore (not small: see config::SMALL_TARGET_BYTES)
-    // get one; criu is asked only if there is such a target.
+    // get one; the kernel is asked only if there is such a target.
     let ask_lazy = cfg.restore.lazy_restore && ready.iter().any(|&i| lazy_candidate(&j.targets[i]));
     // criu's first run on this boot probes the kernel and caches what it found: parallel
     // restores would each probe it.

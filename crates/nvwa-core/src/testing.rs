@@ -41,7 +41,7 @@ pub enum Call {
     RestoreLazy(String),
     /// The lazy-pages daemon of these images was waited for.
     FinishLazy(String),
-    /// criu was asked whether it can restore lazily (`uffd-noncoop`).
+    /// The kernel was asked whether it can serve a lazy restore (`uffd.rs`).
     LazyPagesCheck,
     /// criu ran once to probe the kernel before parallel restores.
     CacheCriuProbes,
