@@ -10,12 +10,6 @@ use crate::protocol::{ErrorKind, Failure, Progress, Request};
 use crate::restore;
 use crate::update::{self, Reporter, UpdateError};
 
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error("{0}")]
-    Config(String),
-}
-
 pub struct Daemon {
     pub config_dir: PathBuf,
     machine: Arc<dyn Machine>,
@@ -50,14 +44,10 @@ fn publish(cfg: &config::Config) {
 }
 
 impl Daemon {
-    /// A daemon for the real machine; fails if the configuration does not load, so a server
-    /// never starts on a broken config.
-    pub fn new(config_dir: PathBuf) -> Result<Daemon, DaemonError> {
-        config::load(&config_dir).map_err(|e| DaemonError::Config(e.to_string()))?;
-        Ok(Daemon::with_machine(
-            config_dir,
-            Arc::new(RealMachine::default()),
-        ))
+    /// A daemon for the real machine, from the configuration the server started with (so a
+    /// server never starts on a broken config); later requests read it afresh.
+    pub fn new(cfg: &config::Config) -> Daemon {
+        Daemon::with_machine(cfg.dir.clone(), Arc::new(RealMachine::default()))
     }
 
     pub fn with_machine(config_dir: PathBuf, machine: Arc<dyn Machine>) -> Daemon {
@@ -80,11 +70,13 @@ impl Daemon {
         self.lock()
     }
 
-    /// Runs `f` unless another request owns the machine. The configuration is read afresh, so
-    /// an operator's edit of nvwa-restore.yaml applies to the next request without a restart.
+    /// Runs `f` unless another request owns the machine. The configuration is read afresh
+    /// unless `loaded` is given, so an operator's edit of nvwa-restore.yaml applies to the next
+    /// request without a restart.
     fn exclusive(
         &self,
         what: &'static str,
+        loaded: Option<config::Config>,
         f: impl FnOnce(&config::Config) -> Result<String, UpdateError>,
     ) -> Result<String, Failure> {
         let _guard = match self.busy.try_lock() {
@@ -102,16 +94,25 @@ impl Daemon {
         if self.stop.load(Ordering::SeqCst) {
             return Err(failure(UpdateError::Stopping(what)));
         }
-        let cfg = config::load(&self.config_dir).map_err(|e| failure(e.into()))?;
+        let cfg = match loaded {
+            Some(cfg) => cfg,
+            None => config::load(&self.config_dir).map_err(|e| failure(e.into()))?,
+        };
         let outcome = f(&cfg).map_err(failure);
         publish(&cfg);
         outcome
     }
 
-    /// Restores every saved image set (once, at server start).
-    pub fn restore_saved(&self, progress: &mut dyn FnMut(Progress)) -> Result<String, Failure> {
+    /// Restores every saved image set (once, at server start) with the configuration the
+    /// server has just read: the restore is on the new boot's critical path, and reading it
+    /// again would only delay the targets.
+    pub fn restore_saved(
+        &self,
+        cfg: config::Config,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<String, Failure> {
         let r = Reporter::new(progress);
-        self.exclusive("restore", |cfg| {
+        self.exclusive("restore", Some(cfg), |cfg| {
             restore::restore_saved(self.machine.as_ref(), cfg, &r)
         })
     }
@@ -124,11 +125,11 @@ impl Daemon {
     ) -> Result<String, Failure> {
         let r = Reporter::new(progress);
         match request {
-            Request::Update { version } => self.exclusive("update", |cfg| {
+            Request::Update { version } => self.exclusive("update", None, |cfg| {
                 update::run(self.machine.as_ref(), cfg, &version, &r, &self.stop)
             }),
             Request::Init => {
-                self.exclusive("init", |cfg| update::init(self.machine.as_ref(), cfg))
+                self.exclusive("init", None, |cfg| update::init(self.machine.as_ref(), cfg))
             }
             // The original's client asked its server; ours restores inside the unit, where
             // the restored process must live, so the server has nothing to do here.
@@ -171,6 +172,26 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Busy);
         drop(guard);
         assert!(d.handle(Request::Exit, &mut sink).is_ok());
+    }
+
+    #[test]
+    fn the_restore_at_start_uses_the_configuration_the_server_read() {
+        // The configuration directory is gone after the server read it: a second read would
+        // fail, so a restore that succeeds did not read it again.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::testing::config(dir.path(), &[]);
+        let d = Daemon::with_machine(
+            dir.path().join("gone"),
+            Arc::new(FakeMachine::with_pids(&[])),
+        );
+        let mut sink = |_p: Progress| {};
+        assert_eq!(
+            d.restore_saved(cfg, &mut sink).unwrap(),
+            "nothing to restore"
+        );
+        // Any other request reads it afresh.
+        let err = d.handle(Request::Init, &mut sink).unwrap_err();
+        assert!(err.message.contains("gone"), "{err}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::pre_dump;
 use crate::protocol::{ErrorKind, Progress};
 use crate::trust::{self, TrustError, TrustedKind};
 
-pub use crate::daemon::{Daemon, DaemonError};
+pub use crate::daemon::Daemon;
 
 /// Written into every image directory nvwa creates, with the target's name: `nvwa init` without
 /// a journal removes only directories that carry it.

@@ -243,7 +243,8 @@ pub(crate) mod tests {
         assert!(PASSWD.lines().any(|l| l.starts_with("lab:x:1000:1000:")));
         assert!(GROUP.lines().any(|l| l == "lab:x:1000:"));
         assert!(
-            INIT.contains("lab_as_user() { nvwa-lab-workload as-user lab"),
+            INIT.contains("lab_as_user() {")
+                && INIT.contains("nvwa-lab-workload as-user lab \"$@\""),
             "init.sh must give scenarios lab_as_user"
         );
     }

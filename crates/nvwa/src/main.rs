@@ -284,12 +284,12 @@ impl Handler for DaemonHandler {
 fn run_server(cli: &Cli) -> anyhow::Result<()> {
     let cfg = load_config(cli.config_dir.as_deref())?;
     let dir = cfg.dir.clone();
-    let socket = cli.socket.clone().unwrap_or(cfg.server.socket);
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| cfg.server.socket.clone());
     tracing::info!(config = %dir.display(), socket = %socket.display(), "starting the nvwa server");
-    let daemon = Arc::new(
-        Daemon::new(dir.clone())
-            .with_context(|| format!("cannot start the update daemon ({})", dir.display()))?,
-    );
+    let daemon = Arc::new(Daemon::new(&cfg));
     let server = Server::bind(&socket)?;
     stop_on_signals(Arc::clone(&daemon), server.stopper())?;
     server::notify_ready();
@@ -300,7 +300,7 @@ fn run_server(cli: &Cli) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("nvwa-restore".into())
         .spawn(move || {
-            let outcome = restorer.restore_saved(&mut |p| {
+            let outcome = restorer.restore_saved(cfg, &mut |p| {
                 tracing::info!("restore: {}", render::progress(&p));
             });
             match outcome {

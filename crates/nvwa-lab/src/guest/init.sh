@@ -32,7 +32,7 @@ exec </dev/console >/dev/console 2>&1
 # update left on the kernel command line.
 nvwa pre >/dev/null
 
-K=$(uname -r)
+read -r K </proc/sys/kernel/osrelease
 . /lab/lib.sh
 finish() {
     sync
@@ -42,9 +42,16 @@ finish() {
 
 # The uptime lets the host place this kernel's clock zero on its own clock: the kexec handoff
 # ends there, and the boot to /init is the uptime (see nvwa-lab's bench).
-ev "{\"event\":\"init\",\"kernel\":\"$K\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"
+lab_now
+ev "{\"event\":\"init\",\"kernel\":\"$K\",\"uptime\":$LAB_NOW}"
+# From here until the server restores, every process this script starts is counted in the
+# bench's "nvwa start" and takes the one emulated CPU from the boot: shell builtins wherever
+# they do (under TCG a busybox applet's fork and exec takes about 10 ms).
+read -r LAB_CMDLINE </proc/cmdline
+# lab_cmdline_has WORD: the kernel command line has WORD (nvwa_lab.boot=cold, say).
+lab_cmdline_has() { case " $LAB_CMDLINE " in *" $1 "*) return 0 ;; esac; return 1; }
 # The boot of the bench's bare kexec (below): reaching /init is all it measures.
-if grep -q 'nvwa_lab.boot=floor' /proc/cmdline; then
+if lab_cmdline_has nvwa_lab.boot=floor; then
     ev "{\"event\":\"boot\",\"stage\":\"floor\",\"kernel\":\"$K\"}"
     # Where the kernel spent its boot, for comparison with the update's (the serial log).
     dmesg | out dmesg-floor
@@ -53,7 +60,7 @@ fi
 
 # The bench's bare kexec (crates/nvwa-lab/src/bench.rs): a fresh boot of the old kernel jumps at
 # once into the update's kernel and initramfs, with nothing to save.
-if grep -q 'nvwa_lab.boot=bare' /proc/cmdline; then
+if lab_cmdline_has nvwa_lab.boot=bare; then
     . /lab/scenario.sh
     if kexec -s -l "/boot/vmlinuz-$LAB_NEW_KERNEL" --initrd="/boot/initramfs-$LAB_NEW_KERNEL.img" \
         --reuse-cmdline --append=nvwa_lab.boot=floor >/tmp/kexec.out 2>&1; then
@@ -67,7 +74,7 @@ fi
 
 # Where the boot goes between /init and the server (the serial log; the bench's "nvwa start"):
 # each step's end on this kernel's clock.
-step() { ev "{\"event\":\"init-step\",\"step\":\"$1\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"; }
+step() { lab_now; ev "{\"event\":\"init-step\",\"step\":\"$1\",\"uptime\":$LAB_NOW}"; }
 
 # Kernel modules criu and the persistent memory need, in dependency order, staged without their
 # signatures (nvwa-lab's modules::strip_signature: checking them is slow under TCG), loaded by one
@@ -84,9 +91,9 @@ if [ ! -b /dev/pmem0 ]; then
     finish 1
 fi
 step pmem
-mkdir -p /var/nvwa
+[ -d /var/nvwa ] || mkdir -p /var/nvwa
 COLD_BOOT=0
-grep -q 'nvwa_lab.boot=cold' /proc/cmdline && COLD_BOOT=1
+lab_cmdline_has nvwa_lab.boot=cold && COLD_BOOT=1
 if [ $COLD_BOOT = 1 ]; then
     # After a power cut the persistent memory must come back as it was: formatting it here would
     # hide exactly what this boot is meant to show.
@@ -105,33 +112,52 @@ elif ! mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null && ! mount -t ext4 
     /usr/sbin/mke2fs -q -F -t ext4 -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 /dev/pmem0 2>&1 | out init
     mount -t ext4 -o dax /dev/pmem0 /var/nvwa 2>/dev/null || mount -t ext4 /dev/pmem0 /var/nvwa 2>&1 | out init
 fi
-if ! grep -q ' /var/nvwa ' /proc/mounts; then
+mounted=
+while IFS= read -r line; do
+    case $line in *' /var/nvwa '*) mounted=$line ;; esac
+done </proc/mounts
+if [ -z "$mounted" ]; then
     echo "cannot mount /dev/pmem0 on /var/nvwa: nothing would survive the kexec" | out init
     finish 1
 fi
-grep ' /var/nvwa ' /proc/mounts | out init
+echo "$mounted" | out init
 step mount
 # nvwa-pre.service's other job, now that the images are mounted and before the network is up:
 # put back the lock of the saved TCP connections (the pids were reserved above already).
-nvwa pre 2>&1 | grep -v -e '^pids up to' -e '^no pid reservation' | out pre
+nvwa pre 2>&1 | while IFS= read -r line; do
+    case $line in 'pids up to'* | 'no pid reservation'*) ;; *) echo "$line" ;; esac
+done | out pre
 step pre
 # QEMU's user-mode network: the host reaches the guest through the scenario's port forwards.
 if [ -e /sys/class/net/eth0 ]; then
     ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
 fi
 export LAB_STATE=/var/nvwa/lab
-mkdir -p "$LAB_STATE" /var/nvwa/log
-# The unprivileged user's home (lab_as_user); the initramfs makes everything root's.
-mkdir -p /home/lab && chown lab:lab /home/lab && chmod 0700 /home/lab
-touch "$LAB_STATE/vars"
+# Made on the old kernel's first boot; the persistent memory keeps them.
+[ -d "$LAB_STATE" ] && [ -d /var/nvwa/log ] || mkdir -p "$LAB_STATE" /var/nvwa/log
+: >>"$LAB_STATE/vars"
 
 . /lab/scenario.sh
 
-start_server() {
+# launch_server: start the nvwa server in the background; LAB_SERVER_PID is its pid.
+launch_server() {
     nvwa server >>"/var/nvwa/log/server-$K.log" 2>&1 &
+    LAB_SERVER_PID=$!
+}
+
+# server_started: end the run, with the server's log, unless the server runs and listens.
+server_started() {
+    lab_server_alive && [ -S /run/nvwa/nvwa.socket ] && return 0
+    echo "the nvwa server is not running: it exited, or never listened on /run/nvwa/nvwa.socket" | out server
+    cat "/var/nvwa/log/server-$K.log" | out server
+    finish 1
+}
+
+start_server() {
+    launch_server
     i=0
-    while [ ! -S /run/nvwa/nvwa.socket ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
-    [ -S /run/nvwa/nvwa.socket ] || { echo "the nvwa server did not start" | out server; cat "/var/nvwa/log/server-$K.log" | out server; finish 1; }
+    while [ ! -S /run/nvwa/nvwa.socket ] && lab_server_alive && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+    server_started
 }
 
 # lab_power_cut [WHY]: cut the power now, as a power failure would: no sync, no unmount. The
@@ -139,8 +165,12 @@ start_server() {
 # Also /usr/sbin/lab-power-cut, for wrappers that the nvwa server runs.
 lab_power_cut() { /usr/sbin/lab-power-cut "$@"; }
 
-# lab_as_user CMD...: run CMD as the unprivileged user `lab` (uid and gid 1000, no other groups).
-lab_as_user() { nvwa-lab-workload as-user lab "$@"; }
+# lab_as_user CMD...: run CMD as the unprivileged user `lab` (uid and gid 1000, no other groups),
+# in its home, made on first use (the initramfs makes everything root's).
+lab_as_user() {
+    [ -d /home/lab ] || { mkdir -p /home/lab && chown lab:lab /home/lab && chmod 0700 /home/lab; }
+    nvwa-lab-workload as-user lab "$@"
+}
 
 lab_restart_server() {
     nvwa exit >/dev/null
@@ -149,7 +179,7 @@ lab_restart_server() {
     start_server
 }
 
-if grep -q nvwa_lab.shell=1 /proc/cmdline; then
+if lab_cmdline_has nvwa_lab.shell=1; then
     start_server
     echo "nvwa lab shell on $K (nvwa server running, state on /var/nvwa); 'poweroff -f' to leave"
     setsid cttyhack sh -l
@@ -165,8 +195,11 @@ settle_and_check() {
     rc=$?
     out before_restore </tmp/before.out
     ev "{\"event\":\"before-restore\",\"rc\":$rc}"
-    start_server
+    # Not start_server: its wait for the socket would run `sleep` while the server starts and
+    # restores. The journal says when the restore is done; the socket is looked at afterwards.
+    launch_server
     phase=$(lab_wait_restore)
+    server_started
     ev "{\"event\":\"restored\",\"phase\":\"$phase\"}"
     echo "NVWA-LAB {\"event\":\"journal\",\"journal\":$(nvwa status --json | tr -d '\n')}"
     run_checks

@@ -10,6 +10,8 @@ LAB_JOURNAL=${LAB_JOURNAL:-/var/nvwa/running/journal.json}
 # NVWA-LAB {json}: a structured event; NVWA-LAB-OUT tag: text: output of a step, for the report.
 ev() { echo "NVWA-LAB $1"; }
 out() { tag=$1; while IFS= read -r line; do echo "NVWA-LAB-OUT $tag: $line"; done; }
+# lab_now: LAB_NOW is this kernel's uptime in seconds, read without starting a process.
+lab_now() { read -r LAB_NOW _ </proc/uptime; }
 
 # The journal's terminal phases: the update is settled. `failed` is what older nvwa wrote for
 # restore_failed.
@@ -28,6 +30,7 @@ lab_wait_restore() {
     # (polled every 0.1 s, a 1 GiB restore took 38.7 s against 11 s for criu alone in the same
     # boot; polled every second, 20 s against 16 s: single runs, shared host).
     while [ $i -lt 300 ]; do
+        lab_server_alive || break
         if lab_journal_unsettled; then
             sleep 1
             i=$((i + 1))
@@ -47,6 +50,15 @@ lab_wait_restore() {
     done
     echo "${phase:-none}"
     return 1
+}
+
+# lab_server_alive: false once the server this script started (LAB_SERVER_PID, if set) has
+# exited; a zombie has exited too. Builtins only, like lab_journal_unsettled.
+lab_server_alive() {
+    [ -n "${LAB_SERVER_PID:-}" ] || return 0
+    [ -r "/proc/$LAB_SERVER_PID/stat" ] || return 1
+    read -r _ _ state _ <"/proc/$LAB_SERVER_PID/stat"
+    [ "$state" != Z ]
 }
 
 # lab_journal_unsettled: true while nvwa's journal file says that an update is under way. A
