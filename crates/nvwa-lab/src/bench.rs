@@ -199,7 +199,7 @@ lab_save PID_LIST "$(echo $pids | sed 's/ /, /g')"
 echo "workloads: $pids"
 # Where each log stands before the update: the pause is measured from there on.
 for log in $LAB_STATE/w*.log; do wc -l < $log > $log.start; done
-echo "NVWA-LAB {{\"event\":\"bench\",\"step\":\"anchor\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}}" >/dev/console
+lab_now; echo "NVWA-LAB {{\"event\":\"bench\",\"step\":\"anchor\",\"uptime\":$LAB_NOW}}" >/dev/console
 '''
 
 [[files]]
@@ -212,7 +212,7 @@ expect = "success"
 [[check]]
 name = "every workload kept its pid, memory and log offset"
 run = '''
-echo "NVWA-LAB {{\"event\":\"bench\",\"step\":\"anchor\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}}" >/dev/console
+lab_now; echo "NVWA-LAB {{\"event\":\"bench\",\"step\":\"anchor\",\"uptime\":$LAB_NOW}}" >/dev/console
 # The longest a workload stood still on the old kernel once the update began: the largest gap
 # between two of its ticks there ("tick N pid P kernel K ms WALL"; the gap into the freeze
 # ends on the new kernel and is not counted).

@@ -283,12 +283,11 @@ impl Handler for DaemonHandler {
 
 fn run_server(cli: &Cli) -> anyhow::Result<()> {
     let cfg = load_config(cli.config_dir.as_deref())?;
-    let dir = cfg.dir.clone();
     let socket = cli
         .socket
         .clone()
         .unwrap_or_else(|| cfg.server.socket.clone());
-    tracing::info!(config = %dir.display(), socket = %socket.display(), "starting the nvwa server");
+    tracing::info!(config = %cfg.dir.display(), socket = %socket.display(), "starting the nvwa server");
     let daemon = Arc::new(Daemon::new(&cfg));
     let server = Server::bind(&socket)?;
     stop_on_signals(Arc::clone(&daemon), server.stopper())?;
